@@ -1,0 +1,68 @@
+"""patchscopes: ask a language model, in plain text, what its hidden states contain."""
+
+from patchscopes.capture import EMBEDDINGS, capture
+from patchscopes.errors import (
+    CacheError,
+    LayerError,
+    MappingError,
+    ModelNotInstalledError,
+    PatchscopeError,
+    PositionError,
+    PromptError,
+    SpecError,
+    UnknownArchitectureError,
+    UnknownModelError,
+)
+from patchscopes.lenses import AffineLens, Lens, LogitLens
+from patchscopes.mappings import AffineFitter, AffineMap, Identity
+from patchscopes.models import REGISTRY, ArchSpec, ModelHandle, from_model, load_model
+from patchscopes.positions import Placeholder, Substring
+from patchscopes.presets import ENTITY_DESCRIPTION, LOGIT_LENS, PRESETS, TOKEN_IDENTITY, Preset, attribute, custom
+from patchscopes.scope import Generate, NextToken, Patchscope, PatchscopeResult, Source, Target, run, run_many
+from patchscopes.sweep import sweep
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EMBEDDINGS",
+    "ENTITY_DESCRIPTION",
+    "LOGIT_LENS",
+    "PRESETS",
+    "REGISTRY",
+    "TOKEN_IDENTITY",
+    "AffineFitter",
+    "AffineLens",
+    "AffineMap",
+    "ArchSpec",
+    "CacheError",
+    "Generate",
+    "Identity",
+    "LayerError",
+    "Lens",
+    "LogitLens",
+    "MappingError",
+    "ModelHandle",
+    "ModelNotInstalledError",
+    "NextToken",
+    "Patchscope",
+    "PatchscopeError",
+    "PatchscopeResult",
+    "Placeholder",
+    "PositionError",
+    "Preset",
+    "PromptError",
+    "Source",
+    "SpecError",
+    "Substring",
+    "Target",
+    "UnknownArchitectureError",
+    "UnknownModelError",
+    "attribute",
+    "capture",
+    "custom",
+    "from_model",
+    "load_model",
+    "run",
+    "run_many",
+    "sweep",
+]

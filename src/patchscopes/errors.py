@@ -1,0 +1,43 @@
+"""Project exceptions: each message names the bad value and what would be valid."""
+
+from __future__ import annotations
+
+
+class PatchscopeError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UnknownModelError(PatchscopeError, ValueError):
+    """A model name is neither a registry name, a local directory nor a loadable hub id."""
+
+
+class ModelNotInstalledError(PatchscopeError, RuntimeError):
+    """A registry model whose weight package is not installed."""
+
+
+class CacheError(PatchscopeError, RuntimeError):
+    """A converted-weights cache could not be built or verified."""
+
+
+class UnknownArchitectureError(PatchscopeError, ValueError):
+    """No adapter knows where this architecture keeps its blocks, norm and unembedding."""
+
+
+class LayerError(PatchscopeError, IndexError):
+    """A layer index outside the model's blocks."""
+
+
+class PositionError(PatchscopeError, IndexError):
+    """A token position outside the prompt, or a substring/placeholder that is not there."""
+
+
+class PromptError(PatchscopeError, ValueError):
+    """An empty or otherwise unusable prompt."""
+
+
+class MappingError(PatchscopeError, ValueError):
+    """A mapping whose shapes, provenance or serialisation do not fit its use."""
+
+
+class SpecError(PatchscopeError, ValueError):
+    """An invalid Patchscope specification (bad option, unserialisable part, …)."""

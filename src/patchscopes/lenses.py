@@ -1,0 +1,181 @@
+"""Lenses: decode a hidden state at layer ℓ as if it were the last layer's output.
+
+Both are Patchscopes with a fixed target (T = S, ℓ* = L−1, i* = i); because the final norm and the
+unembedding act position by position, that target reduces to ``decode(f(h))``, which is what runs here
+(the tests check it equals the full Patchscope).
+
+    >>> df = LogitLens().sweep(lm, ["The capital of France is"])            # doctest: +SKIP
+    >>> lens = AffineLens.fit(lm, texts, layers=range(lm.n_layers))         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from patchscopes.capture import LayerSpec, capture, resolve_layer
+from patchscopes.errors import MappingError
+from patchscopes.mappings import AffineFitter, AffineMap, Identity
+from patchscopes.models.loading import ModelHandle
+from patchscopes.positions import PositionSpec, resolve_positions
+from patchscopes.presets import LOGIT_LENS
+from patchscopes.progress import progress_bar
+from patchscopes.scope import Patchscope
+from patchscopes.sweep import COLUMNS
+
+
+class Lens:
+    """Base class: a per-layer transform into the last layer's space, then the model's decoder head."""
+
+    name = "lens"
+
+    def transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mapping(self, layer: int) -> Any:
+        """The mapping that makes this lens a Patchscope at ``layer``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def logits(self, lm: ModelHandle, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        h = self.transform(layer, hidden.to(lm.device, lm.dtype))
+        return lm.adapter.decode(h).float()
+
+    def patchscope(self, prompt: str, layer: LayerSpec, position: PositionSpec = -1) -> Patchscope:
+        """This lens written as a Patchscope (for checking, or for running through the generic engine)."""
+        return LOGIT_LENS.scope(prompt, layer, position, mapping=self.mapping(layer if isinstance(layer, int) else -1))
+
+    def sweep(
+        self,
+        lm: ModelHandle,
+        prompts: str | Sequence[str],
+        layers: Iterable[LayerSpec] | None = None,
+        position: PositionSpec = -1,
+        top_k: int = 10,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> pd.DataFrame:
+        """One row per prompt × layer, with the same columns as :func:`patchscopes.sweep`."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        layer_list = [resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))]
+        rows = []
+        with progress_bar(len(prompts), self.name, enabled=progress) as advance:
+            for start in range(0, len(prompts), batch_size):
+                part = prompts[start : start + batch_size]
+                toks = [lm.tokenize(p) for p in part]
+                pos = [resolve_positions(position, p, t.offsets) for p, t in zip(part, toks)]
+                states = capture(lm, [t.ids for t in toks], pos, layer_list, batch_size)
+                for j, (prompt, tok, p, st) in enumerate(zip(part, toks, pos, states)):
+                    for li, layer in enumerate(layer_list):
+                        logits = self.logits(lm, layer, st[li])[-1]
+                        probs = torch.softmax(logits, -1)
+                        top = torch.topk(probs, top_k)
+                        tokens = lm.token_strings(top.indices.tolist())
+                        rows.append(
+                            {
+                                "example": start + j,
+                                "source_prompt": prompt,
+                                "source_position": p[-1],
+                                "source_token": lm.token_strings([tok.ids[p[-1]]])[0],
+                                "source_layer": "embeddings" if layer == -1 else layer,
+                                "target_prompt": prompt,
+                                "target_position": p[-1],
+                                "target_layer": lm.n_layers - 1,
+                                "text": tokens[0],
+                                "top_tokens": tokens,
+                                "top_probs": [float(v) for v in top.values],
+                                "top1": tokens[0],
+                                "top1_prob": float(top.values[0]),
+                            }
+                        )
+                    advance(1)
+        return pd.DataFrame(rows, columns=COLUMNS)
+
+
+class LogitLens(Lens):
+    """nostalgebraist's logit lens: the hidden state itself goes through the final norm and unembedding."""
+
+    name = "logit-lens"
+
+    def transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def mapping(self, layer: int) -> Any:
+        return None
+
+
+class AffineLens(Lens):
+    """The paper's "tuned lens": a least-squares affine map h^ℓ → h^{L−1} per layer, then the logit lens."""
+
+    name = "affine-lens"
+
+    def __init__(self, maps: dict[int, AffineMap], model_name: str | None = None) -> None:
+        self.maps = maps
+        self.model_name = model_name
+
+    def transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        if layer not in self.maps:
+            raise MappingError(f"this affine lens has no map for layer {layer}; fitted layers: {sorted(self.maps)}")
+        return self.maps[layer](hidden)
+
+    def mapping(self, layer: int) -> Any:
+        return self.maps[layer] if layer in self.maps else Identity()
+
+    @classmethod
+    def fit(
+        cls,
+        lm: ModelHandle,
+        texts: Sequence[str],
+        layers: Iterable[int] | None = None,
+        max_positions: int = 10_000,
+        ridge: float = 0.0,
+        skip_first: int = 1,
+        batch_size: int = 16,
+        progress: bool = True,
+    ) -> AffineLens:
+        """Fit one map per layer on every position of ``texts`` (after ``skip_first`` tokens), up to ``max_positions``."""
+        layer_list = sorted({resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))})
+        last = lm.n_layers - 1
+        wanted = sorted(set(layer_list) | {last})
+        fitters = {layer: AffineFitter(lm.hidden_size, lm.hidden_size, ridge) for layer in layer_list}
+        seen = 0
+        with progress_bar(len(texts), "fit affine lens", enabled=progress) as advance:
+            for start in range(0, len(texts), batch_size):
+                if seen >= max_positions:
+                    break
+                part = texts[start : start + batch_size]
+                toks = [lm.tokenize(t).ids for t in part]
+                pos = [list(range(min(skip_first, len(t) - 1), len(t))) for t in toks]
+                states = capture(lm, toks, pos, wanted, batch_size)
+                for st in states:
+                    take = min(st.shape[1], max_positions - seen)
+                    if take <= 0:
+                        break
+                    y = st[wanted.index(last), :take]
+                    for layer in layer_list:
+                        fitters[layer].update(st[wanted.index(layer), :take], y)
+                    seen += take
+                advance(len(part))
+        meta = {"source_model": lm.name, "target_model": lm.name, "target_layer": last}
+        maps = {layer: AffineMap.from_fitter(f, source_layer=layer, **meta) for layer, f in fitters.items()}
+        return cls(maps, model_name=lm.name)
+
+    def save(self, path: str | Path) -> Path:
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        for layer, m in self.maps.items():
+            m.save(directory / f"layer{layer}")
+        (directory / "lens.json").write_text(json.dumps({"type": "affine-lens", "model": self.model_name, "layers": sorted(self.maps)}))
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> AffineLens:
+        directory = Path(path)
+        info = json.loads((directory / "lens.json").read_text())
+        return cls({layer: AffineMap.load(directory / f"layer{layer}") for layer in info["layers"]}, info.get("model"))

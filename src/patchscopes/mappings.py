@@ -1,0 +1,198 @@
+"""Mappings applied to a captured hidden state before it is patched: identity, any callable or
+``torch.nn.Module``, and :class:`AffineMap`, fitted by least squares and saved with its provenance.
+
+    >>> import torch
+    >>> x = torch.randn(200, 8); w = torch.randn(4, 8); b = torch.randn(4)
+    >>> m = AffineMap.fit(x, x @ w.T + b)
+    >>> bool(torch.allclose(m.weight, w, atol=1e-4))
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from patchscopes.errors import MappingError
+
+MappingLike = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Identity(nn.Module):
+    """The identity map (the default)."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def __repr__(self) -> str:
+        return "Identity()"
+
+
+class AffineFitter:
+    """Streaming least squares for ``y ≈ W x + b``: accumulate batches, then :meth:`solve`.
+
+    Memory is O(d_in²) whatever the number of samples (sufficient statistics in float64).
+    """
+
+    def __init__(self, d_in: int, d_out: int, ridge: float = 0.0) -> None:
+        self.d_in, self.d_out, self.ridge = d_in, d_out, ridge
+        self.xtx = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
+        self.xty = torch.zeros(d_in + 1, d_out, dtype=torch.float64)
+        self.n = 0
+        self._digest = hashlib.sha256()
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if x.shape[-1] != self.d_in or y.shape[-1] != self.d_out or x.shape[0] != y.shape[0]:
+            raise MappingError(
+                f"fit data of shapes {tuple(x.shape)} and {tuple(y.shape)} do not match d_in={self.d_in}, d_out={self.d_out}"
+            )
+        xa = torch.cat([x.detach().double().cpu(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
+        self.xtx += xa.T @ xa
+        self.xty += xa.T @ y.detach().double().cpu()
+        self.n += int(x.shape[0])
+        self._digest.update(x.detach().float().cpu().numpy().tobytes()[:4096])
+
+    @property
+    def data_hash(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+    def solve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.n == 0:
+            raise MappingError("no data to fit: call update() with at least one batch")
+        reg = torch.eye(self.d_in + 1, dtype=torch.float64) * self.ridge
+        reg[-1, -1] = 0.0  # never shrink the bias
+        solution = torch.linalg.lstsq(self.xtx + reg, self.xty).solution  # [d_in+1, d_out]
+        return solution[:-1].T.contiguous(), solution[-1].contiguous()
+
+
+def r2_score(predicted: torch.Tensor, target: torch.Tensor) -> float:
+    """Coefficient of determination pooled over all output dimensions."""
+    residual = ((target.double() - predicted.double()) ** 2).sum()
+    total = ((target.double() - target.double().mean(0)) ** 2).sum()
+    return float(1 - residual / total) if total > 0 else float("nan")
+
+
+class AffineMap(nn.Module):
+    """``h ↦ W h + b`` with metadata (models, layers, fit data hash, fit quality) that travels with it."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, metadata: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if weight.dim() != 2 or bias.shape != (weight.shape[0],):
+            raise MappingError(
+                f"affine map needs weight [d_out, d_in] and bias [d_out], got {tuple(weight.shape)}, {tuple(bias.shape)}"
+            )
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", bias.detach().clone())
+        self.metadata: dict[str, Any] = dict(metadata or {})
+
+    @property
+    def d_in(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def d_out(self) -> int:
+        return int(self.weight.shape[0])
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.shape[-1] != self.d_in:
+            raise MappingError(f"affine map expects inputs of size {self.d_in}, got {hidden.shape[-1]}")
+        w = self.weight.to(device=hidden.device, dtype=hidden.dtype)
+        b = self.bias.to(device=hidden.device, dtype=hidden.dtype)
+        return hidden @ w.T + b
+
+    def __repr__(self) -> str:
+        keys = ", ".join(f"{k}={v!r}" for k, v in self.metadata.items() if k in ("source_model", "source_layer", "target_model", "target_layer", "r2"))
+        return f"AffineMap({self.d_in}→{self.d_out}{', ' + keys if keys else ''})"
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, y: torch.Tensor, ridge: float = 0.0, **metadata: Any) -> AffineMap:
+        """Least-squares fit on paired rows of ``x`` [n, d_in] and ``y`` [n, d_out]."""
+        fitter = AffineFitter(x.shape[-1], y.shape[-1], ridge=ridge)
+        fitter.update(x, y)
+        return cls.from_fitter(fitter, **metadata)
+
+    @classmethod
+    def from_fitter(cls, fitter: AffineFitter, **metadata: Any) -> AffineMap:
+        weight, bias = fitter.solve()
+        meta = {"n_fit": fitter.n, "fit_data_hash": fitter.data_hash, "ridge": fitter.ridge, **metadata}
+        return cls(weight.float(), bias.float(), meta)
+
+    def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """R² of the map on held-out pairs."""
+        with torch.no_grad():
+            return r2_score(self(x.float()), y.float())
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``weights.safetensors`` and ``map.json`` into directory ``path``."""
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}, str(directory / "weights.safetensors"))
+        meta = {"type": "affine", "d_in": self.d_in, "d_out": self.d_out, **self.metadata}
+        (directory / "map.json").write_text(json.dumps(meta, indent=2, default=str))
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> AffineMap:
+        directory = Path(path)
+        meta_path, weights_path = directory / "map.json", directory / "weights.safetensors"
+        if not meta_path.is_file() or not weights_path.is_file():
+            raise MappingError(f"{directory} is not a saved affine map (expected map.json and weights.safetensors)")
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(weights_path))
+        meta.pop("type", None)
+        meta.pop("d_in", None)
+        meta.pop("d_out", None)
+        loaded = cls(tensors["weight"], tensors["bias"], meta)
+        loaded.metadata["path"] = str(directory)
+        return loaded
+
+    def check_models(self, source_model: str | None = None, target_model: str | None = None) -> None:
+        """Refuse to run with models other than the ones the map was fitted for."""
+        for role, given in (("source_model", source_model), ("target_model", target_model)):
+            expected = self.metadata.get(role)
+            if given is not None and expected is not None and expected != given:
+                raise MappingError(f"this map was fitted with {role} {expected!r}, not {given!r}; fit a map for {given!r}")
+
+
+def as_mapping(mapping: MappingLike | nn.Module | str | Path | None) -> MappingLike:
+    """Normalise a user mapping: None → identity, a path → a saved :class:`AffineMap`, a callable as is."""
+    if mapping is None:
+        return Identity()
+    if isinstance(mapping, (str, Path)):
+        return AffineMap.load(mapping)
+    if callable(mapping):
+        return mapping
+    raise MappingError(f"a mapping must be None, a callable, an nn.Module or a saved map path, not {type(mapping).__name__}")
+
+
+def mapping_to_json(mapping: Any) -> Any:
+    if mapping is None or isinstance(mapping, Identity):
+        return None
+    if isinstance(mapping, AffineMap) and "path" in mapping.metadata:
+        return {"affine": mapping.metadata["path"]}
+    if isinstance(mapping, (str, Path)):
+        return {"affine": str(mapping)}
+    return {"callable": getattr(mapping, "__qualname__", type(mapping).__name__)}
+
+
+def mapping_from_json(data: Any) -> Any:
+    if data is None:
+        return None
+    if isinstance(data, dict) and "affine" in data:
+        return AffineMap.load(data["affine"])
+    if isinstance(data, dict) and "callable" in data:
+        raise MappingError(
+            f"the spec used a Python callable ({data['callable']}), which JSON cannot hold; "
+            "pass it again with Patchscope.from_json(text, mapping=your_callable)"
+        )
+    raise MappingError(f"unknown mapping in JSON: {data!r}")

@@ -1,0 +1,116 @@
+"""Dequantise a registry GGUF once into a verified safetensors directory.
+
+The cache lives under ``$PATCHSCOPES_CACHE`` (default: ``$XDG_CACHE_HOME/patchscopes`` or
+``~/.cache/patchscopes``). A cache directory is built in a temporary sibling and renamed into place
+only when complete, with a ``manifest.json`` holding each file's size and sha256; a cache that fails
+that check is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from patchscopes.errors import CacheError
+from patchscopes.models.registry import RegistryModel, sha256_file
+
+MANIFEST = "manifest.json"
+CACHE_FORMAT = 1
+
+
+def cache_root() -> Path:
+    """Root of the converted-model cache (``PATCHSCOPES_CACHE`` overrides it)."""
+    env = os.environ.get("PATCHSCOPES_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "patchscopes"
+
+
+def cache_dir(entry: RegistryModel) -> Path:
+    return cache_root() / "models" / entry.name
+
+
+def verify_cache(directory: Path, entry: RegistryModel) -> str | None:
+    """Return None when ``directory`` is a complete cache of ``entry``, else the reason it is not."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (never built, or the build was interrupted)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"unreadable manifest: {exc}"
+    if manifest.get("format") != CACHE_FORMAT or manifest.get("gguf_sha256") != entry.sha256:
+        return "manifest from another format or another GGUF"
+    for name, meta in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has size {path.stat().st_size}, expected {meta['size']}"
+        if sha256_file(path) != meta["sha256"]:
+            return f"{name} does not match its recorded sha256"
+    return None
+
+
+def _log(message: str) -> None:
+    print(f"[patchscopes] {message}", file=sys.stderr, flush=True)
+
+
+def build_cache(entry: RegistryModel) -> Path:
+    """Convert the GGUF of ``entry`` to safetensors (atomically) and return the cache directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = cache_dir(entry)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    _log(f"first use of {entry.name}: dequantising its GGUF into {final} (once; about a minute)")
+    with tempfile.TemporaryDirectory(dir=final.parent, prefix=f".{entry.name}.build-") as tmp:
+        work = Path(tmp)
+        gguf = entry.gguf(work)
+        out = work / "model"
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()
+        }
+        manifest = {"format": CACHE_FORMAT, "model": entry.name, "gguf_sha256": entry.sha256, "files": files}
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(out, final)
+    if (reason := verify_cache(final, entry)) is not None:
+        raise CacheError(f"cache of {entry.name} at {final} failed verification right after building: {reason}")
+    _log(f"{entry.name} cached in {time.time() - started:.0f} s")
+    return final
+
+
+def ensure_cache(entry: RegistryModel) -> Path:
+    """Return a verified cache directory of ``entry``, building or rebuilding it when needed."""
+    directory = cache_dir(entry)
+    if directory.exists():
+        reason = verify_cache(directory, entry)
+        if reason is None:
+            return directory
+        _log(f"cache of {entry.name} at {directory} is damaged ({reason}); rebuilding it")
+    return build_cache(entry)
+
+
+def weights_hash(directory: Path) -> str | None:
+    """Combined sha256 of a cache's weight files, as recorded in its manifest."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return None
+    files = json.loads(manifest_path.read_text())["files"]
+    return "".join(meta["sha256"][:16] for name, meta in sorted(files.items()) if name.endswith(".safetensors"))

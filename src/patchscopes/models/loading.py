@@ -1,0 +1,176 @@
+"""``load_model``: one handle (model, tokenizer, adapter) from a registry name, a local path or a hub id."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from patchscopes.errors import PromptError, UnknownModelError
+from patchscopes.models.adapters import Adapter, ArchSpec, spec_for
+from patchscopes.models.cache import ensure_cache, weights_hash
+from patchscopes.models.registry import REGISTRY, find_registry_model
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Tokenized:
+    """Token ids of one prompt with each token's character span in the text."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    text: str
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class ModelHandle:
+    """A loaded causal LM with its tokenizer and architecture adapter.
+
+    >>> from patchscopes import load_model
+    >>> lm = load_model("SmolLM2-135M")          # doctest: +SKIP
+    >>> lm.n_layers, lm.hidden_size              # doctest: +SKIP
+    (30, 576)
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    name: str
+    source: str
+    weights_sha256: str | None = None
+    _cache: dict[str, Tokenized] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return self.adapter.n_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.adapter.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def pad_id(self) -> int:
+        for candidate in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        eos = self.tokenizer.eos_token_id
+        if isinstance(eos, int):
+            ids.add(eos)
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if isinstance(gen_eos, int):
+            ids.add(gen_eos)
+        elif isinstance(gen_eos, list):
+            ids.update(int(i) for i in gen_eos)
+        return ids
+
+    def tokenize(self, text: str) -> Tokenized:
+        """Tokenize with character offsets (special tokens as the tokenizer adds them)."""
+        if not isinstance(text, str) or not text.strip():
+            raise PromptError(f"empty prompt {text!r}: give a prompt with at least one non-space character")
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
+        enc = self.tokenizer(text, return_offsets_mapping=True)
+        result = Tokenized(ids=list(enc["input_ids"]), offsets=[tuple(o) for o in enc["offset_mapping"]], text=text)
+        if len(self._cache) < 4096:
+            self._cache[text] = result
+        return result
+
+    def token_strings(self, ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelHandle({self.name!r}, {type(self.model).__name__}, layers={self.n_layers}, "
+            f"d={self.hidden_size}, dtype={self.dtype}, device={self.device})"
+        )
+
+
+def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def from_model(
+    model: nn.Module, tokenizer: Any, name: str = "model", adapter: ArchSpec | None = None, source: str = ""
+) -> ModelHandle:
+    """Wrap an already-loaded Hugging Face model and tokenizer (e.g. a tiny random model in tests)."""
+    model.eval()
+    spec = adapter if adapter is not None else spec_for(model)
+    return ModelHandle(model=model, tokenizer=tokenizer, adapter=Adapter(model, spec), name=name, source=source or name)
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    adapter: ArchSpec | None = None,
+    **from_pretrained_kwargs: Any,
+) -> ModelHandle:
+    """Load a causal LM by registry name, local directory or Hugging Face hub id.
+
+    Registry models (``patchscopes models`` lists them) are dequantised once into a verified
+    safetensors cache. Hub ids work offline when their files are in the local Hugging Face cache.
+
+    >>> lm = load_model("SmolLM2-135M")  # doctest: +SKIP
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _resolve_dtype(dtype)
+    entry = find_registry_model(name_or_path)
+    digest: str | None = None
+    if entry is not None:
+        directory = ensure_cache(entry)
+        path, name = str(directory), entry.name
+        digest = weights_hash(directory)
+    elif os.path.isdir(name_or_path):
+        path, name = name_or_path, Path(name_or_path).name
+    elif _looks_like_hub_id(name_or_path):
+        path, name = name_or_path, name_or_path
+    else:
+        raise UnknownModelError(
+            f"unknown model {name_or_path!r}: not a registry model ({', '.join(REGISTRY)}), "
+            "not an existing directory, and not a hub id of the form 'org/name'"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **from_pretrained_kwargs)
+    except OSError as exc:
+        raise UnknownModelError(
+            f"could not load model {name_or_path!r}: {exc}. Known registry models: {', '.join(REGISTRY)}; "
+            "hub ids need network access or a local Hugging Face cache"
+        ) from exc
+    if "device_map" not in from_pretrained_kwargs:
+        model.to(device)
+    handle = from_model(model, tokenizer, name=name, adapter=adapter, source=path)
+    handle.weights_sha256 = digest
+    return handle
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) in (1, 2) and all(p and not p.startswith(".") for p in parts) and " " not in name

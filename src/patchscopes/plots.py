@@ -1,0 +1,102 @@
+"""Heatmaps over (source layer, target layer), layer curves and layer-by-layer text tables (matplotlib).
+
+    >>> fig = heatmap(df, value="top1_prob")        # doctest: +SKIP
+    >>> fig.savefig("grid.png")                       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+_NEXT_ENTRY = re.compile(r",\s+[^,:\n]{1,60}:")
+
+
+def first_entry(text: str) -> str:
+    """The generated text up to the first newline or the start of the next few-shot entry (``, Name:``)."""
+    text = text.strip()
+    text = text.split("\n", 1)[0]
+    match = _NEXT_ENTRY.search(text)
+    if match:
+        text = text[: match.start()]
+    return text.lstrip(":").strip()
+
+
+def _layer_key(layer: Any) -> float:
+    return -1.0 if layer == "embeddings" else float(layer)
+
+
+def heatmap(
+    df: pd.DataFrame,
+    value: str = "top1_prob",
+    title: str | None = None,
+    aggregate: str = "mean",
+    cmap: str = "viridis",
+    ax: Any = None,
+) -> Figure:
+    """Mean of ``value`` per (source layer, target layer) as a heatmap; rows are target layers."""
+    table = df.pivot_table(index="target_layer", columns="source_layer", values=value, aggfunc=aggregate)
+    table = table.reindex(sorted(table.columns, key=_layer_key), axis=1).sort_index(ascending=False)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(1.0 + 0.28 * table.shape[1], 1.0 + 0.25 * table.shape[0]))
+    else:
+        fig = ax.figure
+    image = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap=cmap)
+    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], fontsize=7, rotation=90)
+    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index], fontsize=7)
+    ax.set_xlabel("source layer ℓ")
+    ax.set_ylabel("target layer ℓ*")
+    ax.set_title(title or f"{aggregate} {value}")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def layer_curves(
+    df: pd.DataFrame, value: str, by: str, layer: str = "source_layer", title: str | None = None, ylabel: str | None = None
+) -> Figure:
+    """Mean ``value`` per layer, one line per group in column ``by``."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, part in df.groupby(by):
+        curve = part.groupby(layer)[value].mean()
+        curve = curve.reindex(sorted(curve.index, key=_layer_key))
+        ax.plot([_layer_key(i) for i in curve.index], curve.to_numpy(), marker="o", markersize=3, label=str(name))
+    ax.set_xlabel(layer.replace("_", " "))
+    ax.set_ylabel(ylabel or value)
+    ax.set_title(title or f"{value} by {layer}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def text_table(rows: Sequence[Sequence[str]], header: Sequence[str], title: str = "") -> Figure:
+    """A layer-by-layer table of decoded text rendered as a figure."""
+    fig, ax = plt.subplots(figsize=(11, 0.6 + 0.24 * (len(rows) + 1)))
+    ax.axis("off")
+    cells = [[str(c)[:70] for c in row] for row in rows]
+    table = ax.table(cellText=cells, colLabels=list(header), loc="center", cellLoc="left", colLoc="left")
+    table.auto_set_font_size(False)
+    table.set_fontsize(7)
+    table.auto_set_column_width(list(range(len(header))))
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(target, dpi=130)
+    plt.close(fig)
+    return target

@@ -1,0 +1,132 @@
+"""Many Patchscopes in one call: prompts × source layers × target layers → a tidy DataFrame.
+
+Columns (one row per prompt × ℓ × ℓ*): ``example, source_prompt, source_position, source_token,
+source_layer, target_prompt, target_position, target_layer, text, top_tokens, top_probs, top1,
+top1_prob`` plus whatever ``extra`` adds.
+
+    >>> df = sweep(lm, ["Diana, Princess of Wales"], TOKEN_IDENTITY)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+
+from patchscopes.capture import LayerSpec
+from patchscopes.errors import SpecError
+from patchscopes.models.loading import ModelHandle
+from patchscopes.positions import PositionSpec
+from patchscopes.presets import Preset, custom
+from patchscopes.progress import progress_bar
+from patchscopes.scope import SAME, Decoding, Patchscope, PatchscopeResult, run_many
+
+COLUMNS = [
+    "example",
+    "source_prompt",
+    "source_position",
+    "source_token",
+    "source_layer",
+    "target_prompt",
+    "target_position",
+    "target_layer",
+    "text",
+    "top_tokens",
+    "top_probs",
+    "top1",
+    "top1_prob",
+]
+
+
+def result_row(example: int, result: PatchscopeResult) -> dict[str, Any]:
+    scope = result.scope
+    return {
+        "example": example,
+        "source_prompt": scope.source.prompt,
+        "source_position": result.source_positions[-1] if len(result.source_positions) == 1 else result.source_positions,
+        "source_token": "".join(result.source_tokens),
+        "source_layer": result.source_layer,
+        "target_prompt": scope.target.prompt if scope.target.prompt is not None else scope.source.prompt,
+        "target_position": result.target_positions[-1] if len(result.target_positions) == 1 else result.target_positions,
+        "target_layer": result.target_layer,
+        "text": result.text,
+        "top_tokens": result.top_tokens,
+        "top_probs": result.top_probs,
+        "top1": result.top_tokens[0],
+        "top1_prob": result.top_probs[0],
+    }
+
+
+def build_scopes(
+    model: ModelHandle,
+    prompts: Sequence[str],
+    preset: Preset,
+    source_layers: Sequence[LayerSpec] | None,
+    target_layers: Sequence[LayerSpec] | str | None,
+    position: PositionSpec,
+    mapping: Any,
+    decoding: Decoding | None,
+    target_model: ModelHandle | None = None,
+    positions: Sequence[PositionSpec] | None = None,
+) -> list[tuple[int, Patchscope]]:
+    layers = list(source_layers) if source_layers is not None else list(range(model.n_layers))
+    tlm = target_model or model
+    if positions is not None and len(positions) != len(prompts):
+        raise SpecError(f"positions has {len(positions)} entries for {len(prompts)} prompts; give one per prompt")
+    scopes = []
+    for example, prompt in enumerate(prompts):
+        pos = positions[example] if positions is not None else position
+        for layer in layers:
+            if target_layers is None or target_layers == SAME:
+                tls: list[LayerSpec] = [preset.target_layer if target_layers is None else SAME]
+                if target_layers is None and preset.target_layer == SAME:
+                    tls = list(range(tlm.n_layers))
+            else:
+                tls = list(target_layers)  # type: ignore[arg-type]
+            for tl in tls:
+                m = mapping(layer, tl) if callable(mapping) and getattr(mapping, "per_layer_pair", False) else mapping
+                scopes.append((example, preset.scope(prompt, layer, pos, target_layer=tl, decoding=decoding, mapping=m)))
+    return scopes
+
+
+def sweep(
+    model: ModelHandle,
+    prompts: str | Sequence[str],
+    preset: Preset | str,
+    source_layers: Sequence[LayerSpec] | None = None,
+    target_layers: Sequence[LayerSpec] | str | None = SAME,
+    position: PositionSpec = -1,
+    positions: Sequence[PositionSpec] | None = None,
+    mapping: Any = None,
+    decoding: Decoding | None = None,
+    target_model: ModelHandle | None = None,
+    batch_size: int = 32,
+    extra: Callable[[PatchscopeResult], dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run ``preset`` (or a target prompt with placeholder ``x``) over prompts × source layers × target layers.
+
+    ``source_layers=None`` means every block; ``target_layers="same"`` pairs ℓ* = ℓ (the preset's own
+    rule for the logit lens), ``None`` means every target block, a list gives the grid explicitly.
+    ``position`` applies to every prompt; ``positions`` gives one per prompt instead.
+    ``mapping`` may be one mapping, or a callable ``(ℓ, ℓ*) → mapping`` marked ``per_layer_pair = True``.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(preset, str):
+        preset = custom(preset)
+    if target_layers == SAME and preset.target_layer != SAME:
+        target_layers = [preset.target_layer]
+    scopes = build_scopes(model, prompts, preset, source_layers, target_layers, position, mapping, decoding, target_model, positions)
+    rows: list[dict[str, Any]] = []
+    with progress_bar(len(scopes), f"sweep {preset.name}", enabled=progress) as advance:
+        for start in range(0, len(scopes), max(batch_size * 4, 1)):
+            part = scopes[start : start + batch_size * 4]
+            results = run_many([s for _, s in part], model, target_model, batch_size=batch_size, on_batch=advance)
+            for (example, _), result in zip(part, results):
+                row = result_row(example, result)
+                if extra is not None:
+                    row.update(extra(result))
+                rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS + [c for c in (rows[0] if rows else {}) if c not in COLUMNS])

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tiny import ARCHS, tiny_model  # noqa: E402
+
+from patchscopes.models.registry import find_registry_model  # noqa: E402
+
+REAL_MODEL = "SmolLM2-135M"
+
+
+@pytest.fixture(params=ARCHS)
+def tiny(request: pytest.FixtureRequest):  # noqa: ANN201
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def smol():  # noqa: ANN201
+    entry = find_registry_model(REAL_MODEL)
+    if entry is None or not entry.is_installed():
+        pytest.skip(f"{REAL_MODEL} is not installed: run `patchscopes models install {REAL_MODEL}`")
+    from patchscopes import load_model
+
+    return load_model(REAL_MODEL)
+
+
+@pytest.fixture(params=["tiny-llama", "tiny-gpt2", "tiny-gemma3_text", "smol"])
+def any_model(request: pytest.FixtureRequest):  # noqa: ANN201
+    if request.param == "smol":
+        return request.getfixturevalue("smol")
+    return tiny_model(request.param.removeprefix("tiny-"))
