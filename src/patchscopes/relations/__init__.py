@@ -1,0 +1,1 @@
+"""Relations data and linear relational embeddings / concepts."""
