@@ -1,0 +1,91 @@
+"""Run a checked :class:`~patchscopes.server.plan.Plan` with :func:`patchscopes.sweep.sweep`, a few source
+layers at a time, so that progress streams and a cancelled job stops between chunks."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+
+from patchscopes.plots import first_entry
+from patchscopes.scope import SAME, Generate, PatchscopeResult
+from patchscopes.server.jobs import JobContext
+from patchscopes.server.plan import Plan
+from patchscopes.server.pool import ModelPool
+from patchscopes.sweep import sweep
+
+
+def _clean(value: float) -> float | None:
+    return round(float(value), 6) if math.isfinite(float(value)) else None
+
+
+def layer_chunks(plan: Plan, chunk_cells: int) -> list[list[int]]:
+    """Source layers in groups of about ``chunk_cells`` Patchscopes each (at least one layer per group)."""
+    per_layer = 1 if plan.target_layers == SAME else len(plan.target_layers)
+    size = max(1, chunk_cells // per_layer)
+    return [plan.source_layers[i : i + size] for i in range(0, len(plan.source_layers), size)]
+
+
+@contextmanager
+def model_locks(pool: ModelPool, names: set[str]) -> Iterator[None]:
+    """Hold the run locks of ``names`` (in a fixed order): hooks of two runs never share a model."""
+    with ExitStack() as stack:
+        for name in sorted(names):
+            stack.enter_context(pool.run_locks[name])
+        yield
+
+
+def _row(record: dict[str, Any], generate: bool) -> dict[str, Any]:
+    text = str(record["text"])
+    row = {
+        "source_layer": int(record["source_layer"]),
+        "target_layer": int(record["target_layer"]),
+        "text": text,
+        "summary": first_entry(text) if generate else text,
+        "top_tokens": list(record["top_tokens"]),
+        "top_probs": [_clean(p) for p in record["top_probs"]],
+        "top1": str(record["top1"]),
+        "top1_prob": _clean(record["top1_prob"]),
+    }
+    if "answer_prob" in record:
+        row["answer_prob"] = _clean(record["answer_prob"])
+    return row
+
+
+def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32) -> list[dict[str, Any]]:
+    """All rows of ``plan``; emits ``{"type": "rows", …}`` after each chunk and checks for cancellation."""
+    extra = None
+    if plan.answer_id is not None:
+        answer_id = plan.answer_id
+
+        def extra(result: PatchscopeResult) -> dict[str, Any]:
+            return {"answer_prob": float(torch.softmax(result.logits.float(), dim=-1)[answer_id])}
+
+    generate = isinstance(plan.decoding, Generate)
+    rows: list[dict[str, Any]] = []
+    total = plan.cells
+    ctx.emit({"type": "started", "total": total})
+    for chunk in layer_chunks(plan, chunk_cells):
+        ctx.check()
+        with model_locks(pool, {plan.model.name, plan.target_model.name}):
+            frame = sweep(
+                plan.model,
+                [plan.request.prompt],
+                plan.preset,
+                source_layers=chunk,
+                target_layers=plan.target_layers,
+                position=plan.position,
+                mapping=plan.mapping,
+                decoding=plan.decoding,
+                target_model=plan.target_model if plan.target_model is not plan.model else None,
+                batch_size=min(32, chunk_cells),
+                extra=extra,
+                progress=False,
+            )
+        part = [_row(r, generate) for r in frame.to_dict("records")]
+        rows.extend(part)
+        ctx.emit({"type": "rows", "rows": part, "done": len(rows), "total": total})
+    return rows
