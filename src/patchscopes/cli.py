@@ -28,6 +28,7 @@ console = Console()
 
 #: Modules that contribute commands: each defines ``register(app, eval_app)``. One line per module.
 PLUGINS: list[str] = [
+    "patchscopes.server.cli",
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M"
