@@ -1,0 +1,176 @@
+"""Fit affine maps ``h_B^{ℓ*} ≈ W h_A^ℓ + b`` between two models' layers on the same texts, streaming.
+
+Texts are read in chunks; for each chunk both models' block outputs are captured at paired positions
+(identical positions for one tokenizer, equal end offsets for two, see :mod:`.align`) and folded into
+one :class:`~patchscopes.mappings.AffineFitter` per layer pair, so memory is bounded by the sufficient
+statistics (O(d_A · (d_A + d_B)) per pair) whatever the number of texts. The last ``heldout`` share of
+the texts is never fitted on: each map's R² is measured there.
+
+    >>> from patchscopes import load_model
+    >>> a, b = load_model("SmolLM2-135M"), load_model("Gemma-3-270M")          # doctest: +SKIP
+    >>> report = fit_maps(a, b, texts, pairs=[(6, 4), (12, 8)])                 # doctest: +SKIP
+    >>> report.maps[(6, 4)].metadata["r2"]                                      # doctest: +SKIP
+    0.83
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from patchscopes.capture import LayerSpec, capture, resolve_layer
+from patchscopes.crossmodel.align import aligned_positions
+from patchscopes.errors import MappingError
+from patchscopes.mappings import AffineFitter, AffineMap, r2_score
+from patchscopes.models.loading import ModelHandle
+from patchscopes.progress import progress_bar
+
+LayerPairs = Sequence[tuple[LayerSpec, LayerSpec]]
+
+
+def corpus_sha256(texts: Sequence[str]) -> str:
+    """A short hash of the fit corpus (the texts, in order)."""
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode("utf-8"))
+        digest.update(b"\x00")
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class FitReport:
+    """The fitted maps keyed by resolved ``(ℓ, ℓ*)``, with held-out R² and the counts behind them."""
+
+    maps: dict[tuple[int, int], AffineMap]
+    n_fit_positions: int
+    n_heldout_positions: int
+    corpus_sha256: str
+    seconds: float
+    r2: dict[tuple[int, int], float] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        best = max(self.r2.items(), key=lambda kv: kv[1]) if self.r2 else None
+        return (
+            f"FitReport({len(self.maps)} maps, {self.n_fit_positions} fit / {self.n_heldout_positions} held-out positions, "
+            f"best R² {best})"
+        )
+
+
+def _collect(
+    source: ModelHandle,
+    target: ModelHandle,
+    texts: Sequence[str],
+    src_layers: list[int],
+    tgt_layers: list[int],
+    skip_first: int,
+    batch_size: int,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Hidden states at paired positions, stacked over texts: ``{ℓ: [n, d_A]}``, ``{ℓ*: [n, d_B]}``."""
+    ids_a, ids_b, pos_a, pos_b = [], [], [], []
+    for text in texts:
+        a, b, pa, pb = aligned_positions(text, source, target, skip_first)
+        if pa:
+            ids_a.append(a), ids_b.append(b), pos_a.append(pa), pos_b.append(pb)
+    if not ids_a:
+        return {}, {}
+    cap_a = capture(source, ids_a, pos_a, src_layers, batch_size)
+    cap_b = capture(target, ids_b, pos_b, tgt_layers, batch_size)
+    xs = {layer: torch.cat([c[i] for c in cap_a]).float() for i, layer in enumerate(src_layers)}
+    ys = {layer: torch.cat([c[i] for c in cap_b]).float() for i, layer in enumerate(tgt_layers)}
+    return xs, ys
+
+
+def fit_maps(
+    source: ModelHandle,
+    target: ModelHandle,
+    texts: Sequence[str],
+    pairs: LayerPairs,
+    ridge: float = 0.0,
+    heldout: float = 0.1,
+    skip_first: int = 1,
+    chunk_texts: int = 64,
+    batch_size: int = 16,
+    max_heldout_positions: int = 20000,
+    progress: bool = False,
+) -> FitReport:
+    """One affine map per ``(ℓ, ℓ*)`` in ``pairs`` from ``source`` layer ℓ to ``target`` layer ℓ*.
+
+    ``ridge`` adds ``ridge·I`` to the normal equations (0 = ordinary least squares); ``heldout`` is the share
+    of texts (the last ones) kept out of the fit for R²; ``skip_first`` drops each text's first paired
+    positions (attention sinks). Every map carries its provenance in ``metadata``.
+    """
+    if not texts:
+        raise MappingError("no texts to fit on: pass at least two texts (one is held out)")
+    if not 0 <= heldout < 1:
+        raise MappingError(f"heldout must be a share in [0, 1), got {heldout}")
+    resolved = sorted({(resolve_layer(s, source.n_layers), resolve_layer(t, target.n_layers)) for s, t in pairs})
+    if not resolved:
+        raise MappingError("no layer pairs to fit: pass pairs=[(source_layer, target_layer), ...]")
+    src_layers = sorted({s for s, _ in resolved})
+    tgt_layers = sorted({t for _, t in resolved})
+    n_held = math.ceil(len(texts) * heldout) if heldout > 0 else 0
+    if n_held >= len(texts):
+        raise MappingError(f"{len(texts)} text(s) leave nothing to fit after holding out {n_held}; pass more texts")
+    fit_texts, held_texts = list(texts[: len(texts) - n_held]), list(texts[len(texts) - n_held :])
+    fitters = {pair: AffineFitter(source.hidden_size, target.hidden_size, ridge) for pair in resolved}
+    started = time.perf_counter()
+    n_fit = 0
+    with progress_bar(len(fit_texts) + len(held_texts), f"fit {source.name}→{target.name}", enabled=progress) as advance:
+        for start in range(0, len(fit_texts), chunk_texts):
+            chunk = fit_texts[start : start + chunk_texts]
+            xs, ys = _collect(source, target, chunk, src_layers, tgt_layers, skip_first, batch_size)
+            if xs:
+                n_fit += int(next(iter(xs.values())).shape[0])
+                for s, t in resolved:
+                    fitters[(s, t)].update(xs[s], ys[t])
+            advance(len(chunk))
+        hx: dict[int, list[torch.Tensor]] = {s: [] for s in src_layers}
+        hy: dict[int, list[torch.Tensor]] = {t: [] for t in tgt_layers}
+        n_heldout = 0
+        for start in range(0, len(held_texts), chunk_texts):
+            chunk = held_texts[start : start + chunk_texts]
+            if n_heldout < max_heldout_positions:
+                xs, ys = _collect(source, target, chunk, src_layers, tgt_layers, skip_first, batch_size)
+                for s in xs:
+                    hx[s].append(xs[s])
+                for t in ys:
+                    hy[t].append(ys[t])
+                n_heldout += int(next(iter(xs.values())).shape[0]) if xs else 0
+            advance(len(chunk))
+    if n_fit == 0:
+        raise MappingError("the fit texts gave no paired positions; pass longer texts or lower skip_first")
+    corpus = corpus_sha256(fit_texts)
+    alignment = "same tokenizer" if source.tokenizer is target.tokenizer else "end offset"
+    maps: dict[tuple[int, int], AffineMap] = {}
+    r2: dict[tuple[int, int], float] = {}
+    for s, t in resolved:
+        amap = AffineMap.from_fitter(
+            fitters[(s, t)],
+            source_model=source.name,
+            target_model=target.name,
+            source_weights_sha256=source.weights_sha256,
+            target_weights_sha256=target.weights_sha256,
+            source_layer=s,
+            target_layer=t,
+            corpus_sha256=corpus,
+            n_fit_texts=len(fit_texts),
+            n_heldout_texts=len(held_texts),
+            n_heldout_positions=min(n_heldout, max_heldout_positions),
+            alignment=alignment,
+            skip_first=skip_first,
+        )
+        if n_heldout:
+            x = torch.cat(hx[s])[:max_heldout_positions]
+            y = torch.cat(hy[t])[:max_heldout_positions]
+            with torch.no_grad():
+                r2[(s, t)] = r2_score(amap(x), y)
+            amap.metadata["r2"] = r2[(s, t)]
+        else:
+            amap.metadata["r2"] = None
+        maps[(s, t)] = amap
+    return FitReport(maps, n_fit, min(n_heldout, max_heldout_positions), corpus, time.perf_counter() - started, r2)

@@ -1,0 +1,135 @@
+"""Named affine maps on disk, with their provenance, refused with models they were not fitted for.
+
+A store is a directory (default ``<cache root>/maps``; ``PATCHSCOPES_MAPS`` or the ``root`` argument
+override it) holding one sub-directory per map name (``/`` in a name nests directories), each written by
+:meth:`AffineMap.save <patchscopes.mappings.AffineMap.save>`.
+
+    >>> store = MapStore(tmp_path)                                    # doctest: +SKIP
+    >>> store.save("smol-to-gemma/L06-L04", amap)                     # doctest: +SKIP
+    >>> store.load("smol-to-gemma/L06-L04", source=smol, target=gemma)   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from patchscopes.capture import LayerSpec, resolve_layer
+from patchscopes.errors import MappingError
+from patchscopes.mappings import AffineMap
+from patchscopes.models.cache import cache_root
+from patchscopes.models.loading import ModelHandle
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
+LIST_COLUMNS = ["name", "source_model", "source_layer", "target_model", "target_layer", "r2", "n_fit", "corpus_sha256", "ridge"]
+
+
+class MapProvenanceError(MappingError):
+    """A saved map used with models, weights or layers other than the ones it was fitted for."""
+
+
+def default_root() -> Path:
+    """``PATCHSCOPES_MAPS`` if set, else ``<cache root>/maps``."""
+    env = os.environ.get("PATCHSCOPES_MAPS")
+    return Path(env).expanduser() if env else cache_root() / "maps"
+
+
+def _slug(model_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", model_name)
+
+
+def pair_name(source: str, target: str, source_layer: int, target_layer: int, tag: str = "") -> str:
+    """The conventional name of the map between two models' layers, e.g. ``SmolLM2-135M--Gemma-3-270M/L06-L04``."""
+    group = f"{_slug(source)}--{_slug(target)}" + (f"-{_slug(tag)}" if tag else "")
+    return f"{group}/L{source_layer:02d}-L{target_layer:02d}"
+
+
+def check_provenance(
+    amap: AffineMap,
+    source: ModelHandle,
+    target: ModelHandle,
+    source_layer: LayerSpec | None = None,
+    target_layer: LayerSpec | None = None,
+) -> None:
+    """Raise :class:`MapProvenanceError` unless ``amap`` was fitted from ``source`` to ``target`` (and layers)."""
+    meta = amap.metadata
+    where = meta.get("path", "this map")
+    for role, handle in (("source", source), ("target", target)):
+        expected = meta.get(f"{role}_model")
+        if expected is not None and expected != handle.name:
+            raise MapProvenanceError(
+                f"{where} was fitted with {role} model {expected!r}, not {handle.name!r}; fit a map for {handle.name!r}"
+            )
+        sha = meta.get(f"{role}_weights_sha256")
+        if sha and handle.weights_sha256 and sha != handle.weights_sha256:
+            raise MapProvenanceError(
+                f"{where} was fitted on {role} weights {sha[:12]}…, but {handle.name!r} has weights "
+                f"{handle.weights_sha256[:12]}…; "
+                "refit the map for these weights"
+            )
+    if amap.d_in != source.hidden_size or amap.d_out != target.hidden_size:
+        raise MapProvenanceError(
+            f"{where} maps {amap.d_in}→{amap.d_out} but {source.name}→{target.name} needs "
+            f"{source.hidden_size}→{target.hidden_size}"
+        )
+    for role, given, handle in (("source", source_layer, source), ("target", target_layer, target)):
+        expected = meta.get(f"{role}_layer")
+        if given is not None and expected is not None and resolve_layer(given, handle.n_layers) != expected:
+            raise MapProvenanceError(
+                f"{where} was fitted for {role} layer {expected}, not {given}; "
+                f"load the map of layer {given} (see `patchscopes maps list`)"
+            )
+
+
+class MapStore:
+    """Save, list and load named :class:`AffineMap` artifacts under one root directory."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_root()
+
+    def path(self, name: str) -> Path:
+        if not _NAME.match(name) or ".." in name:
+            raise MappingError(f"map name {name!r} is not valid: use letters, digits, '._+-' and '/' between parts")
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        return (self.path(name) / "map.json").is_file()
+
+    def save(self, name: str, amap: AffineMap, overwrite: bool = False) -> Path:
+        """Write ``amap`` under ``name``; an existing map is kept unless ``overwrite``."""
+        if self.exists(name) and not overwrite:
+            raise MappingError(f"a map named {name!r} already exists in {self.root}; pass overwrite=True or another name")
+        return amap.save(self.path(name))
+
+    def load(
+        self,
+        name: str,
+        source: ModelHandle | None = None,
+        target: ModelHandle | None = None,
+        source_layer: LayerSpec | None = None,
+        target_layer: LayerSpec | None = None,
+    ) -> AffineMap:
+        """Load a map by name; with models given, refuse it unless it was fitted for them."""
+        if not self.exists(name):
+            known = ", ".join(self.names()[:10]) or "none"
+            raise MappingError(f"no map named {name!r} in {self.root} (known: {known}); fit one with `patchscopes maps fit`")
+        amap = AffineMap.load(self.path(name))
+        if source is not None and target is not None:
+            check_provenance(amap, source, target, source_layer, target_layer)
+        return amap
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.relative_to(self.root).as_posix() for p in self.root.rglob("map.json"))
+
+    def list(self) -> pd.DataFrame:
+        """One row per saved map: name, models, layers, held-out R², fit size, corpus hash, ridge."""
+        rows = []
+        for name in self.names():
+            meta = AffineMap.load(self.path(name)).metadata
+            rows.append({"name": name, **{c: meta.get(c) for c in LIST_COLUMNS[1:]}})
+        return pd.DataFrame(rows, columns=LIST_COLUMNS)

@@ -1,0 +1,386 @@
+"""Cross-model Patchscopes (Patchscopes paper §4.4 and App. E): patch model A's hidden states into model B
+through affine maps fitted on the same text.
+
+Two evaluations, both written into a resumable :class:`~patchscopes.results.ResultStore`:
+
+- **next-token Precision@1** over a grid of layer pairs (ℓ, ℓ*): a WikiText snippet runs in A, a random
+  position's state at layer ℓ goes through the map (ℓ→ℓ*) into B's token-identity prompt at ℓ*; a hit is
+  B's top-1 token equal to A's own top-1 next token at that position (token strings, stripped, compared
+  when the tokenizers differ);
+- **entity description** (RougeL by layer): an entity name's last-token state at layer ℓ is described by
+  the paper's few-shot prompt, in three settings as in Fig. 3: A→A, B→B (identity) and A→B (map ℓ→ℓ).
+
+    >>> config = CrossModelConfig("SmolLM2-135M", "Gemma-3-270M", layer_step=6, n_fit_texts=200)   # doctest: +SKIP
+    >>> summary = run_cross_model(config, "runs/cross-model")                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from patchscopes.crossmodel.fit import corpus_sha256, fit_maps
+from patchscopes.crossmodel.store import MapStore, check_provenance, pair_name
+from patchscopes.datasets import data_dir
+from patchscopes.errors import PatchscopeError
+from patchscopes.evals.attribute_data import load_attribute_task
+from patchscopes.mappings import AffineMap
+from patchscopes.models.loading import ModelHandle, load_model
+from patchscopes.patching import trace
+from patchscopes.plots import first_entry
+from patchscopes.presets import ENTITY_DESCRIPTION, TOKEN_IDENTITY
+from patchscopes.results import ResultStore
+from patchscopes.scope import NextToken
+from patchscopes.sweep import sweep
+
+
+class CrossModelError(PatchscopeError, ValueError):
+    """A cross-model evaluation that cannot run as configured."""
+
+
+@dataclass(frozen=True)
+class CrossModelConfig:
+    """Everything a cross-model run depends on (saved in the run directory's ``config.json``)."""
+
+    source: str = "SmolLM2-135M"
+    target: str = "Gemma-3-270M"
+    layer_step: int = 5  # the paper sampled every 5th layer
+    n_fit_texts: int = 400
+    n_eval_texts: int = 100
+    n_entities: int = 40
+    entity_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
+    ridge: float = 0.0
+    heldout: float = 0.1
+    skip_first: int = 1
+    max_new_tokens: int = 20
+    dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 32
+    source_layers: tuple[int, ...] = field(default=())  # empty: every layer_step-th layer, and the last
+    target_layers: tuple[int, ...] = field(default=())
+
+
+def layer_grid(n_layers: int, step: int) -> list[int]:
+    """Every ``step``-th block from 0, plus the last block."""
+    if step < 1:
+        raise CrossModelError(f"layer_step must be at least 1, got {step}")
+    return sorted(set(range(0, n_layers, step)) | {n_layers - 1})
+
+
+def corpus_texts(n: int, seed: int = 0, offset: int = 0) -> list[str]:
+    """``n`` distinct WikiText snippets (the attribute tasks' ``prompt_source`` column), shuffled by ``seed``.
+
+    ``offset`` skips that many snippets of the same shuffle, so ``corpus_texts(100, offset=400)`` is disjoint
+    from ``corpus_texts(400)``.
+    """
+    root = data_dir() / "patchscopes"
+    files = sorted(root.rglob("*.tsv"))
+    if not files:
+        raise CrossModelError(
+            f"no attribute-task TSV files under {root}; set PATCHSCOPES_DATA or run `patchscopes data download`"
+        )
+    seen: dict[str, None] = {}
+    for path in files:
+        for sample in load_attribute_task(path).samples:
+            text = " ".join(sample.prompt_source.split())
+            if len(text) >= 30:
+                seen.setdefault(text, None)
+    texts = sorted(seen)
+    random.Random(seed).shuffle(texts)
+    if offset + n > len(texts):
+        raise CrossModelError(f"asked for {offset + n} snippets, only {len(texts)} available")
+    return texts[offset : offset + n]
+
+
+def load_entities() -> pd.DataFrame:
+    """The packaged entity list (``entity``, ``popularity``, ``description``)."""
+    text = resources.files("patchscopes").joinpath("data/entities.tsv").read_text(encoding="utf-8")
+    return pd.DataFrame(list(csv.DictReader(text.splitlines(), delimiter="\t")))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """RougeL F-measure (stemmed), as in the paper's entity-description evaluation."""
+    from rouge_score import rouge_scorer
+
+    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure)
+
+
+def _norm_token(token: str) -> str:
+    return token.strip().lower()
+
+
+def get_maps(
+    source: ModelHandle,
+    target: ModelHandle,
+    pairs: list[tuple[int, int]],
+    texts: list[str],
+    store: MapStore,
+    tag: str,
+    ridge: float,
+    heldout: float,
+    skip_first: int,
+    progress: bool = False,
+) -> dict[tuple[int, int], AffineMap]:
+    """Maps for ``pairs``: loaded from ``store`` when fitted on the same corpus for these models, else fitted and saved."""
+    corpus = corpus_sha256(texts[: len(texts) - int(len(texts) * heldout + 0.999999)])
+    maps: dict[tuple[int, int], AffineMap] = {}
+    missing = []
+    for s, t in pairs:
+        name = pair_name(source.name, target.name, s, t, tag)
+        if store.exists(name):
+            amap = store.load(name)
+            if amap.metadata.get("corpus_sha256") == corpus and amap.metadata.get("ridge") == ridge:
+                check_provenance(amap, source, target, s, t)
+                maps[(s, t)] = amap
+                continue
+        missing.append((s, t))
+    if missing:
+        report = fit_maps(source, target, texts, missing, ridge=ridge, heldout=heldout, skip_first=skip_first, progress=progress)
+        for (s, t), amap in report.maps.items():
+            store.save(pair_name(source.name, target.name, s, t, tag), amap, overwrite=True)
+            maps[(s, t)] = amap
+    return maps
+
+
+def _per_pair(maps: dict[tuple[int, int], AffineMap]) -> Callable[[int, int], AffineMap]:
+    def mapping(source_layer: int, target_layer: int) -> AffineMap:
+        return maps[(source_layer, target_layer)]
+
+    mapping.per_layer_pair = True  # type: ignore[attr-defined]
+    return mapping
+
+
+def next_token_rows(
+    source: ModelHandle,
+    target: ModelHandle,
+    maps: dict[tuple[int, int], AffineMap],
+    texts: list[str],
+    source_layers: list[int],
+    target_layers: list[int],
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """One row per (text, ℓ, ℓ*): A's own top-1 next token at a random position, B's patched top-1, hit."""
+    rng = random.Random(seed)
+    ids = [source.tokenize(t).ids for t in texts]
+    positions = [rng.randrange(1, len(i)) if len(i) > 1 else 0 for i in ids]
+    own: list[str] = []
+    for i, p in zip(ids, positions):
+        logits, _, _ = trace(source, [i])
+        own.append(source.token_strings([int(logits[0, p].argmax())])[0])
+    df = sweep(
+        source,
+        texts,
+        TOKEN_IDENTITY.with_decoding(NextToken(top_k=5)),
+        source_layers=source_layers,
+        target_layers=target_layers,
+        positions=positions,
+        mapping=_per_pair(maps),
+        target_model=target,
+        batch_size=batch_size,
+        progress=False,
+    )
+    rows = []
+    for r in df.itertuples():
+        expected = own[int(r.example)]
+        rows.append(
+            {
+                "example": int(r.example),
+                "source_position": int(r.source_position),
+                "source_layer": int(r.source_layer),
+                "target_layer": int(r.target_layer),
+                "source_top1": expected,
+                "patched_top1": r.top1,
+                "patched_top1_prob": float(r.top1_prob),
+                "hit": _norm_token(r.top1) == _norm_token(expected),
+            }
+        )
+    return rows
+
+
+def entity_rows(
+    setting: str,
+    model: ModelHandle,
+    target: ModelHandle,
+    entities: pd.DataFrame,
+    layers: list[int],
+    maps: dict[tuple[int, int], AffineMap] | None,
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Entity descriptions from ``model``'s layer ℓ decoded by ``target`` at ℓ* = ℓ (through ``maps`` if given)."""
+    from patchscopes.scope import Generate
+
+    df = sweep(
+        model,
+        list(entities["entity"]),
+        ENTITY_DESCRIPTION.with_decoding(Generate(max_new_tokens=max_new_tokens)),
+        source_layers=layers,
+        target_layers="same",
+        mapping=None if maps is None else _per_pair(maps),
+        target_model=None if target is model else target,
+        batch_size=batch_size,
+        progress=False,
+    )
+    rows = []
+    for r in df.itertuples():
+        entity = entities.iloc[int(r.example)]
+        description = first_entry(str(r.text))
+        rows.append(
+            {
+                "setting": setting,
+                "entity": entity["entity"],
+                "popularity": entity["popularity"],
+                "layer": int(r.source_layer),
+                "generated": description,
+                "rougeL": rouge_l(description, entity["description"]),
+            }
+        )
+    return rows
+
+
+def pick_entities(n: int, seed: int) -> pd.DataFrame:
+    """``n`` entities, half popular and half rare, chosen by ``seed``."""
+    table = load_entities()
+    parts = []
+    for label in ("popular", "rare"):
+        group = table[table.popularity == label]
+        parts.append(group.sample(n=min(len(group), (n + 1) // 2), random_state=seed))
+    return pd.concat(parts, ignore_index=True).head(n) if n else table.head(0)
+
+
+def run_cross_model(
+    config: CrossModelConfig,
+    out: str | Path,
+    maps_root: str | Path | None = None,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, Any]:
+    """Fit (or reuse) the maps, run both evaluations, write tables and ``summary.json`` under ``out``."""
+    source = load_model(config.source, dtype=config.dtype)
+    target = load_model(config.target, dtype=config.dtype)
+    src_layers = list(config.source_layers) or layer_grid(source.n_layers, config.layer_step)
+    tgt_layers = list(config.target_layers) or layer_grid(target.n_layers, config.layer_step)
+    ent_layers = [layer for layer in config.entity_layers if layer < min(source.n_layers, target.n_layers)]
+    pairs = sorted({(s, t) for s in src_layers for t in tgt_layers} | {(layer, layer) for layer in ent_layers})
+    store = ResultStore(
+        out, {"eval": "cross-model", **asdict(config), "source_sha": source.weights_sha256, "target_sha": target.weights_sha256}
+    )
+    maps_store = MapStore(maps_root)
+    fit_texts = corpus_texts(config.n_fit_texts, config.seed)
+    eval_texts = corpus_texts(config.n_eval_texts, config.seed, offset=config.n_fit_texts)
+    tag = f"wiki{config.n_fit_texts}-s{config.seed}" + (f"-r{config.ridge:g}" if config.ridge else "")
+    log(f"maps: {len(pairs)} layer pairs, {len(fit_texts)} fit texts, store {maps_store.root}")
+    maps = get_maps(source, target, pairs, fit_texts, maps_store, tag, config.ridge, config.heldout, config.skip_first, progress)
+    map_rows = [
+        {
+            "source_layer": s,
+            "target_layer": t,
+            "r2": m.metadata.get("r2"),
+            "n_fit": m.metadata.get("n_fit"),
+            "name": pair_name(source.name, target.name, s, t, tag),
+        }
+        for (s, t), m in sorted(maps.items())
+    ]
+    store.append("maps", "all", map_rows)
+    log(f"next-token Precision@1: {len(eval_texts)} texts × {len(src_layers)}×{len(tgt_layers)} layer pairs")
+    chunk = 10
+    for start in range(0, len(eval_texts), chunk):
+        if store.done("next_token", start):
+            continue
+        rows = next_token_rows(
+            source,
+            target,
+            maps,
+            eval_texts[start : start + chunk],
+            src_layers,
+            tgt_layers,
+            config.seed + start,
+            config.batch_size,
+        )
+        for row in rows:
+            row["example"] += start
+        store.append("next_token", start, rows)
+        log(f"  texts {start + len(rows) // max(1, len(src_layers) * len(tgt_layers))}/{len(eval_texts)}")
+    entities = pick_entities(config.n_entities, config.seed)
+    settings = [
+        (f"{source.name}→{source.name}", source, source, None),
+        (f"{target.name}→{target.name}", target, target, None),
+        (f"{source.name}→{target.name}", source, target, maps),
+    ]
+    for setting, model, tmodel, setting_maps in settings:
+        for start in range(0, len(entities), chunk):
+            key = [setting, start]
+            if store.done("entities", key) or not ent_layers:
+                continue
+            part = entities.iloc[start : start + chunk].reset_index(drop=True)
+            store.append(
+                "entities",
+                key,
+                entity_rows(setting, model, tmodel, part, ent_layers, setting_maps, config.max_new_tokens, config.batch_size),
+            )
+        log(f"  entity descriptions: {setting} done")
+    return summarize(store, source, target)
+
+
+def summarize(store: ResultStore, source: ModelHandle, target: ModelHandle) -> dict[str, Any]:
+    """Precision@1 per layer pair, RougeL per (setting, popularity, layer), R² per map; written to ``summary.json``."""
+    nt = store.frame("next_token")
+    ent = store.frame("entities")
+    maps = store.frame("maps")
+    summary: dict[str, Any] = {"source": source.name, "target": target.name}
+    if len(nt):
+        grid = nt.groupby(["source_layer", "target_layer"])["hit"].mean().reset_index()
+        best = grid.loc[grid.hit.idxmax()]
+        diagonal = nt[nt.source_layer * (target.n_layers - 1) == nt.target_layer * (source.n_layers - 1)]
+        summary["next_token"] = {
+            "n_texts": int(nt.example.nunique()),
+            "precision_at_1": {
+                f"{int(r.source_layer)}->{int(r.target_layer)}": round(float(r.hit), 4) for r in grid.itertuples()
+            },
+            "best_pair": [int(best.source_layer), int(best.target_layer)],
+            "best_precision_at_1": round(float(best.hit), 4),
+            "mean_precision_at_1": round(float(nt.hit.mean()), 4),
+            "last_to_last": round(float(diagonal[diagonal.source_layer == source.n_layers - 1].hit.mean()), 4)
+            if len(diagonal)
+            else None,
+        }
+    if len(ent):
+        table = ent.groupby(["setting", "popularity", "layer"])["rougeL"].mean().round(4)
+        summary["entity_rougeL"] = {
+            f"{setting} | {pop}": {int(layer): float(v) for (_, _, layer), v in group.items()}
+            for (setting, pop), group in table.groupby(level=[0, 1])
+        }
+    if len(maps):
+        summary["map_r2"] = {
+            f"{int(r.source_layer)}->{int(r.target_layer)}": round(float(r.r2), 4) for r in maps.itertuples() if r.r2 is not None
+        }
+    store.write_json("summary.json", summary)
+    return summary
+
+
+def plot_results(store: ResultStore, source: str, target: str) -> list[Path]:
+    """Heatmap of Precision@1 and RougeL curves by layer, as PNG files in the run directory."""
+    from patchscopes import plots
+
+    written = []
+    nt = store.frame("next_token")
+    if len(nt):
+        nt["hit"] = nt["hit"].astype(float)
+        fig = plots.heatmap(nt, value="hit", title=f"Precision@1, {source} → {target}")
+        written.append(plots.save(fig, store.directory / "precision_at_1.png"))
+    ent = store.frame("entities")
+    if len(ent):
+        ent["curve"] = ent["setting"] + " (" + ent["popularity"] + ")"
+        fig = plots.layer_curves(
+            ent, value="rougeL", by="curve", layer="layer", title="entity description, RougeL", ylabel="RougeL"
+        )
+        written.append(plots.save(fig, store.directory / "entity_rougeL.png"))
+    return written
