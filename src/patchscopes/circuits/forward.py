@@ -1,0 +1,60 @@
+"""Batched forward passes of a model with some parameters replaced (``torch.func.functional_call``), read
+at the last prompt position: the shared engine of mask training, faithfulness and knowledge edits.
+
+The model's own weights are never written: a replacement dictionary maps parameter names to tensors used
+for this call only.
+
+>>> from patchscopes.circuits.forward import last_logits
+>>> logits = last_logits(lm, [[1, 2, 3]], overrides={})   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.func import functional_call
+
+from patchscopes.batching import left_pad
+
+
+def last_logits(lm, ids: Sequence[Sequence[int]], overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # noqa: ANN001
+    """Next-token logits ``[len(ids), V]`` after each prompt, with parameters in ``overrides`` replaced."""
+    batch = left_pad(ids, lm.pad_id, lm.device)
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+    if overrides:
+        out = functional_call(lm.model, overrides, args=(), kwargs=kwargs, strict=False)
+    else:
+        out = lm.model(**kwargs)
+    return out.logits[:, -1].float()
+
+
+def choice_logits(
+    lm,  # noqa: ANN001
+    ids: Sequence[Sequence[int]],
+    target_ids: Sequence[int],
+    foil_ids: Sequence[int],
+    overrides: dict[str, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``[n, 2]`` logits of target and foil, ``[n, V]`` log-probabilities) after each prompt."""
+    logits = last_logits(lm, ids, overrides)
+    rows = torch.arange(len(ids))
+    pair = torch.stack([logits[rows, torch.tensor(list(target_ids))], logits[rows, torch.tensor(list(foil_ids))]], dim=1)
+    return pair, torch.log_softmax(logits, dim=-1)
+
+
+class frozen:  # noqa: N801 - used as a context manager
+    """Turn off ``requires_grad`` on a model's parameters for a block, then restore it (weights untouched)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.saved: list[tuple[torch.nn.Parameter, bool]] = []
+
+    def __enter__(self) -> None:
+        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.saved:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc: object) -> None:
+        for p, flag in self.saved:
+            p.requires_grad_(flag)

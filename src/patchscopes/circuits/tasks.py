@@ -1,0 +1,296 @@
+"""Circuit tasks generated from templates written for this project (no copied data).
+
+Every example is a two-way next-token choice: the prompt, the right continuation (``target``), the
+wrong one (``foil``) and a ``corrupt`` prompt, a minimal edit of the prompt whose right answer is the
+foil (used by edge attribution patching). Four tasks:
+
+- ``det_noun``: determiner–noun number agreement ("She looked at these" → " cars" / " car");
+- ``subj_verb``: subject–verb agreement across a prepositional phrase ("The keys to the door" → " are" / " is");
+- ``sentiment``: sentiment of a short review phrase (" positive" / " negative");
+- ``hierarchy``: "A robin is a kind of" → " bird" (foil: another category), with :func:`new_facts` giving
+  held-out hyponyms for the knowledge-edit view.
+
+>>> from patchscopes.circuits.tasks import make_task
+>>> task = make_task("subj_verb", n=8, seed=0)
+>>> task.examples[0].target in (" is", " are")
+True
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from patchscopes.errors import PatchscopeError
+
+
+class TaskError(PatchscopeError, ValueError):
+    """An unknown task name or a task left with too few usable examples."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One two-way choice: ``prompt`` → ``target`` (right) versus ``foil`` (wrong)."""
+
+    prompt: str
+    target: str
+    foil: str
+    corrupt: str
+    label: int = 0  # the class of the target (e.g. 1 = plural, positive), for reports
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+
+@dataclass
+class Task:
+    name: str
+    examples: list[Example]
+    description: str = ""
+
+    def split(self, n_train: int, seed: int = 0) -> tuple[list[Example], list[Example]]:
+        """A shuffled (train, held-out) split; the held-out part keeps at least one example."""
+        items = list(self.examples)
+        random.Random(seed).shuffle(items)
+        n_train = min(n_train, len(items) - 1)
+        return items[:n_train], items[n_train:]
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [asdict(e) for e in self.examples]
+
+
+# --- word lists written for this project -------------------------------------------------------------
+NOUNS = [  # singular, plural (regular and irregular)
+    ("car", "cars"),
+    ("dog", "dogs"),
+    ("book", "books"),
+    ("house", "houses"),
+    ("tree", "trees"),
+    ("cat", "cats"),
+    ("chair", "chairs"),
+    ("table", "tables"),
+    ("window", "windows"),
+    ("door", "doors"),
+    ("bird", "birds"),
+    ("flower", "flowers"),
+    ("student", "students"),
+    ("teacher", "teachers"),
+    ("picture", "pictures"),
+    ("computer", "computers"),
+    ("apple", "apples"),
+    ("song", "songs"),
+    ("road", "roads"),
+    ("city", "cities"),
+    ("child", "children"),
+    ("man", "men"),
+    ("woman", "women"),
+    ("person", "people"),
+    ("mouse", "mice"),
+    ("box", "boxes"),
+    ("glass", "glasses"),
+    ("story", "stories"),
+    ("movie", "movies"),
+    ("river", "rivers"),
+    ("horse", "horses"),
+    ("boat", "boats"),
+    ("shirt", "shirts"),
+    ("shoe", "shoes"),
+    ("key", "keys"),
+    ("letter", "letters"),
+    ("paper", "papers"),
+    ("phone", "phones"),
+    ("garden", "gardens"),
+    ("plate", "plates"),
+]
+VERBS_PAST = ["saw", "liked", "found", "bought", "painted", "cleaned", "moved", "noticed", "sold", "wanted"]
+NAMES = ["Anna", "Tom", "Maria", "James", "Lucy", "David", "Sara", "Peter", "Emma", "John", "Nina", "Paul"]
+DETS = {0: ["this", "that"], 1: ["these", "those"]}
+PREP_NOUNS = ["the door", "the garden", "the old house", "the bank", "the station", "the river", "the school", "the shop"]
+SV_VERBS = {0: (" is", " was", " has"), 1: (" are", " were", " have")}
+
+POSITIVE = [
+    "great",
+    "wonderful",
+    "excellent",
+    "delightful",
+    "fantastic",
+    "lovely",
+    "brilliant",
+    "superb",
+    "charming",
+    "enjoyable",
+]
+NEGATIVE = ["terrible", "awful", "boring", "dreadful", "horrible", "dull", "poor", "disappointing", "annoying", "bad"]
+THINGS = ["movie", "book", "meal", "hotel", "concert", "game", "show", "trip", "album", "play", "service", "class"]
+SENTIMENT_SHOTS = "Review: a wonderful film. Sentiment: positive\nReview: an awful meal. Sentiment: negative\n"
+
+HIERARCHY = {  # category → hyponyms written for this project; the last ones per category are held out for edits
+    "bird": ["robin", "sparrow", "eagle", "parrot", "owl", "crow", "pigeon", "swan", "falcon", "penguin"],
+    "fish": ["salmon", "trout", "tuna", "cod", "shark", "carp", "herring", "sardine", "eel", "goldfish"],
+    "tree": ["oak", "pine", "maple", "birch", "willow", "elm", "cedar", "palm", "spruce", "beech"],
+    "fruit": ["apple", "banana", "cherry", "mango", "peach", "pear", "plum", "grape", "lemon", "orange"],
+    "vehicle": ["car", "truck", "bus", "bicycle", "motorcycle", "van", "tractor", "taxi", "scooter", "tram"],
+    "instrument": ["guitar", "piano", "violin", "drum", "flute", "trumpet", "cello", "harp", "saxophone", "clarinet"],
+    "tool": ["hammer", "saw", "wrench", "drill", "screwdriver", "chisel", "shovel", "axe", "rake", "pliers"],
+    "flower": ["rose", "tulip", "daisy", "lily", "orchid", "sunflower", "daffodil", "violet", "poppy", "lavender"],
+    "dog": ["poodle", "beagle", "bulldog", "terrier", "labrador", "collie", "dalmatian", "greyhound", "husky", "pug"],
+    "metal": ["iron", "copper", "gold", "silver", "tin", "zinc", "lead", "nickel", "aluminium", "platinum"],
+}
+HIERARCHY_SHOTS = "A cow is a kind of animal. A shirt is a kind of clothing. "
+N_HELD_OUT = 3  # hyponyms per category kept out of the circuit task, for knowledge edits
+
+
+def _article(word: str) -> str:
+    return "An" if word[0].lower() in "aeiou" else "A"
+
+
+def det_noun(n: int, rng: random.Random) -> list[Example]:
+    out = []
+    for _ in range(n):
+        name, verb = rng.choice(NAMES), rng.choice(VERBS_PAST)
+        sing, plur = rng.choice(NOUNS)
+        number = rng.randint(0, 1)
+        det = rng.choice(DETS[number])
+        other = DETS[1 - number][DETS[number].index(det)]
+        words = (sing, plur)
+        prompt = f"{name} {verb} {det}"
+        out.append(Example(prompt, " " + words[number], " " + words[1 - number], f"{name} {verb} {other}", number))
+    return out
+
+
+def subj_verb(n: int, rng: random.Random) -> list[Example]:
+    out = []
+    for _ in range(n):
+        sing, plur = rng.choice(NOUNS)
+        number = rng.randint(0, 1)
+        attractor = rng.choice(PREP_NOUNS)
+        k = rng.randrange(3)
+        subject = (sing, plur)
+        prompt = f"The {subject[number]} near {attractor}"
+        corrupt = f"The {subject[1 - number]} near {attractor}"
+        out.append(Example(prompt, SV_VERBS[number][k], SV_VERBS[1 - number][k], corrupt, number))
+    return out
+
+
+def sentiment(n: int, rng: random.Random) -> list[Example]:
+    out = []
+    for _ in range(n):
+        positive = rng.randint(0, 1)
+        i = rng.randrange(len(POSITIVE))
+        words = (NEGATIVE[i], POSITIVE[i])
+        thing = rng.choice(THINGS)
+        template = "Review: the {thing} was {adj}. Sentiment:"
+        prompt = SENTIMENT_SHOTS + template.format(thing=thing, adj=words[positive])
+        corrupt = SENTIMENT_SHOTS + template.format(thing=thing, adj=words[1 - positive])
+        labels = (" negative", " positive")
+        out.append(Example(prompt, labels[positive], labels[1 - positive], corrupt, positive))
+    return out
+
+
+def _fact(hyponym: str, category: str, foil: str, corrupt_hyponym: str) -> Example:
+    prompt = f"{HIERARCHY_SHOTS}{_article(hyponym)} {hyponym} is a kind of"
+    corrupt = f"{HIERARCHY_SHOTS}{_article(corrupt_hyponym)} {corrupt_hyponym} is a kind of"
+    categories = sorted(HIERARCHY)
+    return Example(prompt, " " + category, " " + foil, corrupt, categories.index(category), {"hyponym": hyponym})
+
+
+def hierarchy(n: int, rng: random.Random) -> list[Example]:
+    """Known facts (all but the held-out hyponyms); the foil is the category of the corrupt hyponym."""
+    pairs = [(h, c) for c, hs in HIERARCHY.items() for h in hs[:-N_HELD_OUT]]
+    out = []
+    for i in range(n):
+        hyponym, category = pairs[i % len(pairs)] if n <= len(pairs) else rng.choice(pairs)
+        other_hyponym, other = rng.choice([p for p in pairs if p[1] != category])
+        out.append(_fact(hyponym, category, other, other_hyponym))
+    if n <= len(pairs):
+        rng.shuffle(out)
+    return out
+
+
+def new_facts(seed: int = 0) -> list[Example]:
+    """Held-out hyponyms with a *new* (false) category to insert: ``target`` is the new category, ``foil``
+    the true one. They were never part of the circuit task."""
+    rng = random.Random(seed)
+    categories = sorted(HIERARCHY)
+    out = []
+    for category, hyponyms in HIERARCHY.items():
+        for hyponym in hyponyms[-N_HELD_OUT:]:
+            new = rng.choice([c for c in categories if c != category])
+            prompt = f"{HIERARCHY_SHOTS}{_article(hyponym)} {hyponym} is a kind of"
+            out.append(
+                Example(prompt, " " + new, " " + category, prompt, categories.index(new), {"hyponym": hyponym, "true": category})
+            )
+    return out
+
+
+GENERATORS = {"det_noun": det_noun, "subj_verb": subj_verb, "sentiment": sentiment, "hierarchy": hierarchy}
+DESCRIPTIONS = {
+    "det_noun": "determiner–noun number agreement (this/that vs these/those → singular vs plural noun)",
+    "subj_verb": "subject–verb number agreement across a prepositional phrase (is/are, was/were, has/have)",
+    "sentiment": "sentiment of a short two-shot review phrase (positive vs negative)",
+    "hierarchy": "'X is a kind of Y' facts over 10 categories (foil: another category)",
+}
+TASKS = tuple(GENERATORS)
+
+
+def make_task(name: str, n: int = 200, seed: int = 0) -> Task:
+    """Generate ``n`` examples of task ``name`` (one of :data:`TASKS`)."""
+    if name not in GENERATORS:
+        raise TaskError(f"unknown circuit task {name!r}; choose one of {', '.join(TASKS)}")
+    if n < 2:
+        raise TaskError(f"a task needs at least 2 examples (one to train, one held out), got n={n}")
+    return Task(name, GENERATORS[name](n, random.Random(seed)), DESCRIPTIONS[name])
+
+
+@dataclass
+class Encoded:
+    """Examples tokenized for one model: prompt ids, corrupt ids, first token of target and foil."""
+
+    examples: list[Example]
+    ids: list[list[int]]
+    corrupt_ids: list[list[int]]
+    target_ids: list[int]
+    foil_ids: list[int]
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def subset(self, index: list[int]) -> Encoded:
+        return Encoded(
+            [self.examples[i] for i in index],
+            [self.ids[i] for i in index],
+            [self.corrupt_ids[i] for i in index],
+            [self.target_ids[i] for i in index],
+            [self.foil_ids[i] for i in index],
+        )
+
+
+def _first_token(tokenizer: Any, text: str) -> int:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise TaskError(f"continuation {text!r} tokenizes to nothing")
+    return int(ids[0])
+
+
+def encode(lm: Any, examples: list[Example], same_length: bool = False) -> Encoded:
+    """Tokenize examples for ``lm`` (a ModelHandle). Examples whose target and foil share their first token
+    are dropped; with ``same_length`` also those whose corrupt prompt has another token count (EAP needs
+    aligned positions). Raises :class:`TaskError` when nothing is left."""
+    kept: list[Example] = []
+    ids, corrupt, targets, foils = [], [], [], []
+    for ex in examples:
+        p, c = lm.tokenize(ex.prompt).ids, lm.tokenize(ex.corrupt).ids
+        t, f = _first_token(lm.tokenizer, ex.target), _first_token(lm.tokenizer, ex.foil)
+        if t == f or (same_length and len(p) != len(c)):
+            continue
+        kept.append(ex)
+        ids.append(list(p))
+        corrupt.append(list(c))
+        targets.append(t)
+        foils.append(f)
+    if not kept:
+        raise TaskError(
+            f"none of the {len(examples)} examples is usable with {lm.name}'s tokenizer "
+            "(target and foil share a first token, or corrupt prompts differ in length); generate more examples"
+        )
+    return Encoded(kept, ids, corrupt, targets, foils, dropped=len(examples) - len(kept))
