@@ -16,8 +16,10 @@ and its output next to the weights that use them.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,7 +32,7 @@ DeviceMap = Mapping[str, int | str | torch.device]
 _TARGETS = ("cpu", "disk", "meta")
 
 
-def _execution_device(module: nn.Module) -> torch.device:
+def execution_device(module: nn.Module) -> torch.device:
     """Where ``module`` computes: accelerate's hook device for dispatched/offloaded modules, else its weights' device."""
     hook = getattr(module, "_hf_hook", None)
     device = getattr(hook, "execution_device", None)
@@ -51,12 +53,12 @@ def _storage(module: nn.Module) -> str:
 
 def layer_device(lm: ModelHandle, layer: int) -> torch.device:
     """The device a resolved layer's hidden state lives on (block ``layer``; block 0's input for embeddings)."""
-    return _execution_device(lm.adapter.blocks[max(layer, 0)])
+    return execution_device(lm.adapter.blocks[max(layer, 0)])
 
 
 def input_device(lm: ModelHandle) -> torch.device:
     """The device token ids must be on: where the embedding runs (not the first parameter, which may be offloaded)."""
-    return _execution_device(lm.adapter.embed)
+    return execution_device(lm.adapter.embed)
 
 
 def mapping_device(mapping: Any, default: torch.device | str = "cpu") -> torch.device:
@@ -78,6 +80,24 @@ def apply_mapping(mapping: Any, hidden: torch.Tensor, out_device: torch.device |
     return mapped.to(out_device)
 
 
+@dataclass(repr=False)
+class ShardedHandle(ModelHandle):
+    """A :class:`ModelHandle` whose ``device`` is where the embedding runs, not where its first weight rests.
+
+    With the embedding offloaded, the first parameter sits on the meta device; inputs still belong on the
+    embedding's execution device, which accelerate's hook knows.
+    """
+
+    @property
+    def device(self) -> torch.device:
+        return input_device(self)
+
+
+def _sharded(handle: ModelHandle) -> ShardedHandle:
+    fields = {f.name: getattr(handle, f.name) for f in dataclasses.fields(handle)}
+    return ShardedHandle(**fields)
+
+
 def placement(lm: ModelHandle) -> dict[str, Any]:
     """What runs where: per block its execution device and where its weights rest, plus embed/unembed.
 
@@ -85,12 +105,12 @@ def placement(lm: ModelHandle) -> dict[str, Any]:
     accelerate for each call.
     """
     blocks = [
-        {"layer": i, "device": str(_execution_device(b)), "storage": _storage(b)} for i, b in enumerate(lm.adapter.blocks)
+        {"layer": i, "device": str(execution_device(b)), "storage": _storage(b)} for i, b in enumerate(lm.adapter.blocks)
     ]
     return {
         "model": lm.name,
-        "embed": str(_execution_device(lm.adapter.embed)),
-        "unembed": str(_execution_device(lm.adapter.unembed)),
+        "embed": str(execution_device(lm.adapter.embed)),
+        "unembed": str(execution_device(lm.adapter.unembed)),
         "blocks": blocks,
         "device_map": dict(getattr(lm.model, "hf_device_map", {}) or {}),
     }
@@ -154,7 +174,7 @@ def dispatch(
     dispatched = dispatch_model(model, device_map=dict(device_map), main_device=main, offload_dir=folder)
     handle = from_model(dispatched, lm.tokenizer, name=lm.name, adapter=lm.adapter.spec, source=lm.source)
     handle.weights_sha256 = lm.weights_sha256
-    return handle
+    return _sharded(handle)
 
 
 def load_sharded(
@@ -174,17 +194,19 @@ def load_sharded(
         kwargs["max_memory"] = dict(max_memory)
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
-    return load_model(name_or_path, dtype=dtype, **kwargs)
+    return _sharded(load_model(name_or_path, dtype=dtype, **kwargs))
 
 
 __all__ = [
     "apply_mapping",
     "check_device_map",
     "dispatch",
+    "execution_device",
     "input_device",
     "layer_device",
     "load_sharded",
     "mapping_device",
     "placement",
+    "ShardedHandle",
     "split_map",
 ]

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from patchscopes.backends.devices import apply_mapping, layer_device
+from patchscopes.backends.devices import apply_mapping, execution_device, layer_device
 from patchscopes.backends.errors import BackendError
 from patchscopes.batching import chunks
 from patchscopes.errors import MappingError
@@ -83,9 +83,28 @@ def wrap(lm: ModelHandle, remote: Remote = False) -> NNsightModel:
 
     envoy = _WRAPPERS.get(lm.model)
     if envoy is None:
-        envoy = TransformersModel(lm.model, tokenizer=copy.deepcopy(lm.tokenizer))
+        first = next(lm.model.parameters(), None)
+        cls = TransformersModel
+        if first is not None and first.device.type == "meta" and lm.device.type != "meta":
+            cls = _offloaded_class()  # embedding offloaded: nnsight would send the inputs to the meta device
+        envoy = cls(lm.model, tokenizer=copy.deepcopy(lm.tokenizer))
         _WRAPPERS[lm.model] = envoy
     return NNsightModel(lm, envoy, remote)
+
+
+def _offloaded_class() -> type:
+    """nnsight's wrapper, sending inputs to where the embedding runs rather than to the first weight's device."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    class OffloadedTransformersModel(TransformersModel):
+        @property
+        def device(self) -> torch.device:
+            return execution_device(self._module.get_input_embeddings())
+
+        def _remoteable_class(self) -> type:
+            return TransformersModel
+
+    return OffloadedTransformersModel
 
 
 def as_nnsight(model: ModelHandle | NNsightModel, remote: Remote | None = None) -> NNsightModel:
