@@ -18,8 +18,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,11 +48,13 @@ class NNsightModel:
 
     ``remote`` says where its traces run: ``False`` here, ``True`` on NDIF, ``"local"`` through the exact
     serialise/deserialise path of a remote request but executed here (a dry run of the request).
+    ``backend``, when given, makes the nnsight backend of each trace instead (used to record requests).
     """
 
     handle: ModelHandle
     envoy: Any
     remote: Remote = False
+    backend: Callable[[Any, str], Any] | None = None  # (envoy, "source"|"target") -> an nnsight Backend
 
     @property
     def name(self) -> str:
@@ -110,7 +112,7 @@ def _offloaded_class() -> type:
 def as_nnsight(model: ModelHandle | NNsightModel, remote: Remote | None = None) -> NNsightModel:
     """An :class:`NNsightModel` for a handle or an existing wrapper (``remote`` overrides its setting)."""
     if isinstance(model, NNsightModel):
-        return model if remote is None else NNsightModel(model.handle, model.envoy, remote)
+        return model if remote is None else NNsightModel(model.handle, model.envoy, remote, model.backend)
     if isinstance(model, ModelHandle):
         return wrap(model, remote=False if remote is None else remote)
     raise BackendError(f"expected a ModelHandle or NNsightModel, got {type(model).__name__}; load one with load_model(name)")
@@ -130,7 +132,9 @@ def blocks_envoy(nm: NNsightModel) -> Any:
     raise BackendError(f"the nnsight wrapper of {nm.name} has no module at {path!r}; check the adapter's ArchSpec.blocks")
 
 
-def _trace_kwargs(nm: NNsightModel) -> dict[str, Any]:
+def _trace_kwargs(nm: NNsightModel, kind: str) -> dict[str, Any]:
+    if nm.backend is not None:
+        return {"backend": nm.backend(nm.envoy, kind)}
     if nm.remote is True:
         from patchscopes.backends.remote import check_remote_ready
 
@@ -151,7 +155,7 @@ def capture_nnsight(
     deepest = visit[-1]
     blocks = blocks_envoy(nm)
     envoy = nm.envoy
-    kwargs = _trace_kwargs(nm)
+    kwargs = _trace_kwargs(nm, "source")
     nnsight = require_nnsight()
     out: list[torch.Tensor] = []
     for group in chunks(list(range(len(token_ids))), batch_size):
@@ -216,7 +220,7 @@ def decode_patched(nm: NNsightModel, items: Sequence[TargetItem], decoding: Any)
     """Run one batch of patched targets ``(ids, layer, positions, vectors, mode)``; return ``(logits, generated)``."""
     blocks = blocks_envoy(nm)
     envoy = nm.envoy
-    kwargs = {**_trace_kwargs(nm), **_generate_kwargs(nm, decoding)}
+    kwargs = {**_trace_kwargs(nm, "target"), **_generate_kwargs(nm, decoding)}
     nnsight = require_nnsight()
     with envoy.generate(**kwargs) as tracer:
         logits = nnsight.save([])

@@ -1,0 +1,239 @@
+"""Remote execution on NDIF (the National Deep Inference Fabric) through nnsight.
+
+NDIF runs nnsight traces on models it hosts (70B+ included); the weights never leave the server. A
+Patchscope sent there is two requests: the source capture and the patched decode, each an nnsight
+``generate``/``trace`` block serialised by nnsight (its source text plus the tensors it uses). The
+mapping between them runs on the client.
+
+What it needs: an NDIF API key in ``NDIF_API_KEY`` (https://login.ndif.us), network access, and a
+model that NDIF currently hosts (``hosted_models()`` lists them). Without a key,
+:class:`~patchscopes.backends.errors.MissingAPIKeyError` says so before anything is sent.
+
+    >>> from patchscopes.backends.remote import ndif_model
+    >>> from patchscopes.backends.nnsight_backend import run_many_nnsight
+    >>> llama = ndif_model("meta-llama/Llama-3.1-70B")                 # doctest: +SKIP
+    >>> results = run_many_nnsight(scopes, llama)                       # doctest: +SKIP
+
+Offline, :func:`build_requests` builds the exact requests that would be sent (model key, routing
+envelope, serialised payloads), validates them by deserialising each payload with this package hidden,
+as NDIF's server would, and runs the deserialised blocks on a local stand-in model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from patchscopes.backends.errors import BackendError, MissingAPIKeyError, ModelNotHostedError
+from patchscopes.backends.nnsight_backend import NNsightModel, as_nnsight, require_nnsight
+from patchscopes.models.loading import ModelHandle, from_model
+
+API_KEY_ENV = "NDIF_API_KEY"
+TASK = "text-generation"
+WRAPPER = "nnsight.modeling.transformers.TransformersModel"  # the class NDIF rebuilds for a language model
+
+
+def api_key(environ: Mapping[str, str] | None = None) -> str:
+    """The NDIF API key from ``NDIF_API_KEY``, or a :class:`MissingAPIKeyError` saying how to set it."""
+    env = os.environ if environ is None else environ
+    key = (env.get(API_KEY_ENV) or "").strip()
+    if not key:
+        raise MissingAPIKeyError(
+            f"remote execution on NDIF needs an API key in the environment variable {API_KEY_ENV}; "
+            f"get one at https://login.ndif.us and run `export {API_KEY_ENV}=<your key>` (or run locally with remote=False)"
+        )
+    return key
+
+
+def hosted_models(status: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Repo ids NDIF hosts now, with their state (``RUNNING``, ``DEPLOYING``, …).
+
+    ``status`` is NDIF's raw ``/status`` JSON; without it the live service is asked (needs the network).
+    """
+    if status is None:
+        nnsight = require_nnsight()
+        try:
+            status = nnsight.status(raw=True)
+        except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot tell"
+            raise BackendError(f"could not reach NDIF to list hosted models: {exc}") from exc
+    deployments = (status or {}).get("deployments", {})
+    hosted: dict[str, str] = {}
+    for name, entry in deployments.items():
+        repo = entry.get("repo_id") or name
+        state = entry.get("application_state", "UNKNOWN")
+        if hosted.get(repo) != "RUNNING":
+            hosted[repo] = state
+    return hosted
+
+
+def check_hosted(repo_id: str, hosted: Mapping[str, str] | Iterable[str]) -> None:
+    """Raise :class:`ModelNotHostedError` unless ``repo_id`` is among the hosted models (and running)."""
+    states = hosted if isinstance(hosted, Mapping) else {r: "RUNNING" for r in hosted}
+    if repo_id not in states:
+        listed = ", ".join(sorted(states)) or "none (NDIF reported no deployments)"
+        raise ModelNotHostedError(
+            f"{repo_id!r} is not hosted on NDIF; hosted models: {listed}. Run it locally instead "
+            "(load_model + remote=False) or pick a hosted model"
+        )
+    if states[repo_id] != "RUNNING":
+        raise ModelNotHostedError(f"{repo_id!r} is on NDIF but {states[repo_id]}, not RUNNING; retry later")
+
+
+def model_key(repo_id: str, revision: str = "main") -> str:
+    """The key nnsight sends to name a hosted model: the wrapper class's import path and the checkpoint.
+
+    >>> model_key("openai-community/gpt2").split(":", 1)[1]
+    '{"repo_id": "openai-community/gpt2", "revision": "main", "task": "text-generation"}'
+    """
+    checkpoint = json.dumps({"repo_id": repo_id, "revision": revision, "task": TASK})
+    return f"{WRAPPER}:{checkpoint}"
+
+
+def parse_model_key(key: str) -> dict[str, Any]:
+    """Split and check a model key: the class must be nnsight's ``TransformersModel``, the checkpoint JSON complete."""
+    if ":" not in key:
+        raise BackendError(f"model key {key!r} has no ':' between the wrapper class and the checkpoint")
+    cls, _, rest = key.partition(":")
+    if cls != WRAPPER:
+        raise BackendError(f"model key names wrapper {cls!r}; NDIF language models use {WRAPPER}")
+    try:
+        data = json.loads(rest)
+    except json.JSONDecodeError as exc:
+        raise BackendError(f"model key checkpoint part {rest!r} is not JSON") from exc
+    missing = [k for k in ("repo_id", "revision", "task") if k not in data]
+    if missing:
+        raise BackendError(f"model key {key!r} lacks {', '.join(missing)}")
+    return data
+
+
+def check_remote_ready(nm: NNsightModel, hosted: Mapping[str, str] | Iterable[str] | None = None) -> None:
+    """Before a real remote run: the key is set (and handed to nnsight), and the model is hosted."""
+    key = api_key()
+    nnsight = require_nnsight()
+    nnsight.CONFIG.API.APIKEY = key
+    repo = getattr(nm.envoy, "repo_id", None) or nm.name
+    check_hosted(repo, hosted_models() if hosted is None else hosted)
+
+
+def ndif_model(repo_id: str, revision: str = "main", check: bool = True) -> NNsightModel:
+    """A hosted model for remote runs: nnsight builds its structure on the meta device (no weights download).
+
+    Needs the model's config and tokenizer (from the hub or its local cache), and with ``check`` the key
+    and the hosted list. The returned wrapper runs every trace on NDIF.
+    """
+    if check:
+        api_key()
+        check_hosted(repo_id, hosted_models())
+    require_nnsight()
+    from nnsight.modeling.transformers import TransformersModel
+
+    envoy = TransformersModel(repo_id, revision=revision, task=TASK)
+    handle = from_model(envoy._module, envoy.tokenizer, name=repo_id, source=f"ndif:{repo_id}")
+    return NNsightModel(handle, envoy, remote=True)
+
+
+@dataclass
+class RemoteRequest:
+    """One request as NDIF would receive it: the routing envelope and the serialised trace."""
+
+    model_key: str
+    envelope: dict[str, Any]
+    payload: bytes
+    kind: str  # "source" or "target"
+
+    @property
+    def size(self) -> int:
+        return len(self.payload)
+
+
+@dataclass
+class RequestPlan:
+    """Every request a list of Patchscopes needs, with the host and whether a key is set."""
+
+    host: str
+    has_key: bool
+    requests: list[RemoteRequest] = field(default_factory=list)
+    results: list[Any] = field(default_factory=list)
+
+    def validate(self, hosted: Mapping[str, str] | Iterable[str] | None = None, require_key: bool = False) -> None:
+        """Check the envelopes, model keys, hosted list (if given) and key (if required); payloads were
+        already deserialised with this package hidden while the plan was built."""
+        if require_key:
+            api_key()
+        if not self.requests:
+            raise BackendError("the request plan is empty: no Patchscopes were given")
+        for request in self.requests:
+            data = parse_model_key(request.model_key)
+            if request.envelope.get("model_key") != request.model_key:
+                raise BackendError("the envelope names another model than the request's key")
+            if not request.payload:
+                raise BackendError(f"the {request.kind} request has an empty payload")
+            if hosted is not None:
+                check_hosted(data["repo_id"], hosted)
+
+
+def _recorder(plan: RequestPlan, key: str) -> Callable[[Any, str], Any]:
+    """A factory of nnsight backends that record each serialised request, then run it here as NDIF would."""
+    from nnsight.intervention.backends.local import LocalSimulationBackend
+    from nnsight.ndif import pull_env
+    from nnsight.schema.request import RequestModel
+
+    class RecordingBackend(LocalSimulationBackend):
+        def __init__(self, model: Any, kind: str) -> None:
+            super().__init__(model)
+            self.kind = kind
+
+        def __call__(self, tracer: Any) -> None:
+            pull_env()
+            blob = RequestModel.serialize(tracer, compress=False)
+            envelope = json.loads(RequestModel(model_key=key, compress=False, env=self.model._remoteable_get_env()).metadata())
+            plan.requests.append(RemoteRequest(key, envelope, blob, self.kind))
+            super().__call__(tracer)  # deserialises with this package hidden, then runs
+
+    return RecordingBackend
+
+
+def build_requests(
+    scopes: Sequence[Any],
+    stand_in: ModelHandle | NNsightModel,
+    repo_id: str,
+    revision: str = "main",
+    batch_size: int = 16,
+) -> RequestPlan:
+    """Build, offline, the NDIF requests for ``scopes`` as if ``stand_in`` were the hosted ``repo_id``.
+
+    Each request is serialised exactly as nnsight serialises it for NDIF, deserialised with this package
+    hidden (as on the server), and run on ``stand_in``, so the plan also holds the Patchscope results.
+
+    >>> plan = build_requests(scopes, lm, "HuggingFaceTB/SmolLM2-135M")   # doctest: +SKIP
+    >>> plan.validate(hosted=["HuggingFaceTB/SmolLM2-135M"])             # doctest: +SKIP
+    """
+    from nnsight.schema.config import CONFIG
+
+    from patchscopes.backends.nnsight_backend import run_many_nnsight
+
+    key = model_key(repo_id, revision)
+    parse_model_key(key)
+    plan = RequestPlan(host=CONFIG.API.HOST, has_key=bool(os.environ.get(API_KEY_ENV)))
+    base = as_nnsight(stand_in, False)
+    nm = NNsightModel(base.handle, base.envoy, remote=False, backend=_recorder(plan, key))
+    plan.results = run_many_nnsight(scopes, nm, batch_size=batch_size)
+    return plan
+
+
+__all__ = [
+    "API_KEY_ENV",
+    "RemoteRequest",
+    "RequestPlan",
+    "api_key",
+    "build_requests",
+    "check_hosted",
+    "check_remote_ready",
+    "hosted_models",
+    "model_key",
+    "ndif_model",
+    "parse_model_key",
+]
