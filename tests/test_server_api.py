@@ -239,6 +239,8 @@ def test_malformed_bodies_and_routes(api: TestClient) -> None:
     assert not_object.status_code == 422
     huge = api.post("/api/inspect", content=b"x" * 70_000, headers={"content-type": "application/json"})
     assert huge.status_code == 413 and "max_body_bytes" in huge.json()["message"]
+    chunked = api.post("/api/inspect", content=iter([b"x" * 40_000, b"x" * 40_000]), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and "max_body_bytes" in chunked.json()["message"]
     assert api.get("/api/nothing").json() == {"error": "http", "message": "Not Found"}
     assert api.get("/api/inspect").status_code == 405
     assert api.get("/api/results/zzz").status_code == 404

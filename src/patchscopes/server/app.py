@@ -16,17 +16,18 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patchscopes.errors import PatchscopeError
 from patchscopes.mappings import AffineMap
@@ -56,6 +57,13 @@ def _error_event(exc: BaseException) -> dict[str, Any]:
         return {"type": "error", "error": type(exc).__name__, "message": str(exc)}
     log.exception("inspection failed", exc_info=exc)
     return {"type": "error", "error": "internal", "message": "internal error while running the inspection; see the server log"}
+
+
+def _awaitable(job: Job) -> asyncio.Future[Any]:
+    """The job's outcome as an asyncio future whose error counts as seen even when nobody awaits it."""
+    future = asyncio.wrap_future(job.future)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -93,6 +101,41 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal", "internal server error; see the server log")
 
 
+class BodyLimit:
+    """Pure ASGI middleware: refuse request bodies over ``max_bytes`` (declared or streamed) with 413.
+
+    A pure middleware (not ``@app.middleware``) keeps ``request.is_disconnected()`` working downstream.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            message = (
+                f"request body of {length.decode(errors='replace')} bytes is over this server's max_body_bytes={self.max_bytes}"
+            )
+            await _error(413, "too_large", message)(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, f"request body is over this server's max_body_bytes={self.max_bytes}")
+            return message
+
+        await self.app(scope, counted, send)
+
+
 def create_app(
     allowed_models: Sequence[str],
     *,
@@ -124,15 +167,7 @@ def create_app(
     app.state.pool, app.state.jobs, app.state.results, app.state.limits = pool, jobs, results, limits
     _install_error_handlers(app)
 
-    @app.middleware("http")
-    async def bound_body(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            return _error(
-                413, "too_large", f"request body of {length} bytes is over this server's max_body_bytes={limits.max_body_bytes}"
-            )
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -204,7 +239,7 @@ def create_app(
         plan = await _plan(body)
         start = time.monotonic()
         job, _ = _submit(plan)
-        future = asyncio.wrap_future(job.future)
+        future = _awaitable(job)
         try:
             while not future.done():
                 await asyncio.wait({future}, timeout=0.25)
@@ -229,7 +264,7 @@ def create_app(
         job, events = _submit(plan)
 
         async def stream() -> AsyncIterator[str]:
-            future = asyncio.wrap_future(job.future)
+            future = _awaitable(job)
             try:
                 yield json.dumps({"type": "queued", "job": job.id, "plan": plan.summary(), "queue": jobs.snapshot()}) + "\n"
                 while not (future.done() and events.empty()):

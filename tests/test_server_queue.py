@@ -1,0 +1,135 @@
+"""The explorer under load, against a real uvicorn server: the bounded queue (429 + Retry-After), the page
+staying responsive during a slow sweep, and a disconnecting client cancelling its work."""
+
+from __future__ import annotations
+
+import copy
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from patchscopes.models.loading import ModelHandle, from_model
+from patchscopes.server import Limits, create_app
+from patchscopes.server.background import serve_in_thread
+from patchscopes.server.errors import CancelledError, QueueFullError
+from patchscopes.server.jobs import JobQueue
+from tiny import tiny_model
+
+SLOW = {"model": "slow", "prompt": "The capital of France is Paris", "preset": "custom", "target_prompt": "cat -> x"}
+GRID = {**SLOW, "source_layers": "all", "target_layers": "all", "max_new_tokens": 6}  # 16 cells, 4 chunks of 4
+
+
+def slow_model(delay: float = 0.01) -> ModelHandle:
+    """A private copy of the tiny Llama whose every block sleeps ``delay`` seconds per call."""
+    base = tiny_model("llama")
+    model = copy.deepcopy(base.model)
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+    return from_model(model, base.tokenizer, name="slow")
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[tuple[str, object]]:
+    model = slow_model()
+    app = create_app(["slow"], loader=lambda name: model, limits=Limits(queue_capacity=1, workers=1, chunk_cells=4))
+    with serve_in_thread(app) as url:
+        yield url, app
+
+
+def wait_idle(client: httpx.Client, url: str, timeout: float = 20.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = client.get(f"{url}/api/health").json()["queue"]
+        if queue["active"] == 0:
+            return queue
+        time.sleep(0.05)
+    raise AssertionError(f"the queue did not drain: {queue}")
+
+
+def test_job_queue_runs_rejects_and_cancels() -> None:
+    q = JobQueue(workers=1, capacity=2)
+    gate = threading.Event()
+    first = q.submit(lambda ctx: gate.wait(10) and "first")
+    second = q.submit(lambda ctx: "second")
+    with pytest.raises(QueueFullError) as full:
+        q.submit(lambda ctx: "third")
+    assert full.value.retry_after >= 1 and "capacity 2" in str(full.value)
+    second.cancel()  # cancelled while waiting: never runs
+    gate.set()
+    assert first.future.result(timeout=10) == "first"
+    with pytest.raises(CancelledError):
+        second.future.result(timeout=10)
+    stats = q.snapshot()
+    assert stats["completed"] == 1 and stats["cancelled"] == 1 and stats["rejected"] == 1 and stats["active"] == 0
+    q.shutdown()
+
+
+def test_job_context_stops_between_steps() -> None:
+    q = JobQueue(workers=1, capacity=1)
+    steps: list[int] = []
+    started = threading.Event()
+
+    def work(ctx) -> None:  # noqa: ANN001
+        for i in range(1000):
+            ctx.check()
+            steps.append(i)
+            started.set()
+            time.sleep(0.005)
+
+    job = q.submit(work)
+    started.wait(5)
+    job.cancel()
+    with pytest.raises(CancelledError):
+        job.future.result(timeout=5)
+    assert 0 < len(steps) < 1000
+    q.shutdown()
+
+
+def test_full_queue_answers_429_while_the_page_stays_responsive(server) -> None:  # noqa: ANN001
+    url, _ = server
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/api/inspect/stream", json=GRID) as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines))["type"] == "queued"
+            start = time.monotonic()
+            busy = client.post(f"{url}/api/inspect", json=SLOW)
+            assert busy.status_code == 429 and busy.json()["error"] == "queue_full"
+            assert int(busy.headers["Retry-After"]) >= 1
+            assert client.post(f"{url}/api/inspect/stream", json=SLOW).status_code == 429
+            # the event loop is free: cheap endpoints answer at once while the sweep runs
+            assert client.get(f"{url}/api/health").json()["queue"]["running"] == 1
+            assert client.post(f"{url}/api/tokenize", json={"model": "slow", "prompt": "hello"}).status_code == 200
+            assert client.get(f"{url}/").status_code == 200
+            assert time.monotonic() - start < 3.0
+            events = [json.loads(line) for line in lines]
+        assert events[-1]["type"] == "done" and sum(len(e.get("rows", [])) for e in events if e["type"] == "rows") == 16
+        wait_idle(client, url)
+        assert client.post(f"{url}/api/inspect", json=SLOW).status_code == 200  # serving again
+
+
+def test_stream_client_disconnect_cancels_the_job(server) -> None:  # noqa: ANN001
+    url, app = server
+    before = app.state.jobs.snapshot()["cancelled"]
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/api/inspect/stream", json=GRID) as stream:
+            for line in stream.iter_lines():
+                if json.loads(line)["type"] == "rows":
+                    break  # leave after the first chunk: closes the connection
+        queue = wait_idle(client, url, timeout=10)
+        assert queue["cancelled"] == before + 1
+        assert client.post(f"{url}/api/inspect", json=SLOW).status_code == 200
+
+
+def test_plain_request_disconnect_cancels_the_job(server) -> None:  # noqa: ANN001
+    url, app = server
+    before = app.state.jobs.snapshot()["cancelled"]
+    with httpx.Client(timeout=httpx.Timeout(30, read=0.5)) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post(f"{url}/api/inspect", json=GRID)
+    with httpx.Client(timeout=30) as client:
+        queue = wait_idle(client, url, timeout=10)
+    assert queue["cancelled"] == before + 1
