@@ -132,9 +132,23 @@ def test_png_of_a_layer_table_and_of_answer_probabilities(api: TestClient) -> No
 
 def test_result_store_is_bounded() -> None:
     api = client(Limits(max_results=2))
-    ids = [api.post("/api/inspect", json=body(source_layers="0")).json()["result_id"] for _ in range(3)]
+    ids = [api.post("/api/inspect", json=body(source_layers=str(i))).json()["result_id"] for i in range(3)]
     assert api.get(f"/api/results/{ids[0]}").status_code == 404
     assert api.get(f"/api/results/{ids[2]}").status_code == 200
+
+
+def test_a_repeated_request_is_answered_from_the_store() -> None:
+    api = client()
+    first = api.post("/api/inspect", json=body(source_layers="1,2")).json()
+    again = api.post("/api/inspect", json=body(source_layers="1,2")).json()
+    assert again["cached"] and again["result_id"] == first["result_id"] and again["rows"] == first["rows"]
+    with api.stream("POST", "/api/inspect/stream", json=body(source_layers="1,2")) as response:
+        events = [json.loads(line) for line in response.iter_lines() if line]
+    assert [e["type"] for e in events] == ["queued", "started", "rows", "done"]
+    assert events[2]["rows"] == first["rows"] and events[-1]["result_id"] == first["result_id"]
+    assert api.get("/api/health").json()["queue"]["submitted"] == 1
+    other = api.post("/api/inspect", json=body(source_layers="1,2", answer=" Paris")).json()
+    assert "cached" not in other and other["result_id"] != first["result_id"]
 
 
 def _map(source_layer: int | None = None, target_layer: int | None = None) -> AffineMap:

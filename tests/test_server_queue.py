@@ -20,7 +20,11 @@ from patchscopes.server.jobs import JobQueue
 from tiny import tiny_model
 
 SLOW = {"model": "slow", "prompt": "The capital of France is Paris", "preset": "custom", "target_prompt": "cat -> x"}
-GRID = {**SLOW, "source_layers": "all", "target_layers": "all", "max_new_tokens": 6}  # 16 cells, 4 chunks of 4
+
+
+def grid(prompt: str) -> dict[str, object]:
+    """16 cells in 4 chunks of 4 (a new prompt each time: a repeated request is answered from the store)."""
+    return {**SLOW, "prompt": prompt, "source_layers": "all", "target_layers": "all", "max_new_tokens": 6}
 
 
 def slow_model(delay: float = 0.01) -> ModelHandle:
@@ -92,14 +96,14 @@ def test_job_context_stops_between_steps() -> None:
 def test_full_queue_answers_429_while_the_page_stays_responsive(server) -> None:  # noqa: ANN001
     url, _ = server
     with httpx.Client(timeout=30) as client:
-        with client.stream("POST", f"{url}/api/inspect/stream", json=GRID) as stream:
+        with client.stream("POST", f"{url}/api/inspect/stream", json=grid("Apples are red")) as stream:
             lines = stream.iter_lines()
             assert json.loads(next(lines))["type"] == "queued"
             start = time.monotonic()
-            busy = client.post(f"{url}/api/inspect", json=SLOW)
+            busy = client.post(f"{url}/api/inspect", json={**SLOW, "prompt": "Apples are green"})
             assert busy.status_code == 429 and busy.json()["error"] == "queue_full"
             assert int(busy.headers["Retry-After"]) >= 1
-            assert client.post(f"{url}/api/inspect/stream", json=SLOW).status_code == 429
+            assert client.post(f"{url}/api/inspect/stream", json={**SLOW, "prompt": "Apples"}).status_code == 429
             # the event loop is free: cheap endpoints answer at once while the sweep runs
             assert client.get(f"{url}/api/health").json()["queue"]["running"] == 1
             assert client.post(f"{url}/api/tokenize", json={"model": "slow", "prompt": "hello"}).status_code == 200
@@ -108,20 +112,21 @@ def test_full_queue_answers_429_while_the_page_stays_responsive(server) -> None:
             events = [json.loads(line) for line in lines]
         assert events[-1]["type"] == "done" and sum(len(e.get("rows", [])) for e in events if e["type"] == "rows") == 16
         wait_idle(client, url)
-        assert client.post(f"{url}/api/inspect", json=SLOW).status_code == 200  # serving again
+        served = client.post(f"{url}/api/inspect", json={**SLOW, "prompt": "Apples are green"})
+        assert served.status_code == 200 and "cached" not in served.json()  # serving again
 
 
 def test_stream_client_disconnect_cancels_the_job(server) -> None:  # noqa: ANN001
     url, app = server
     before = app.state.jobs.snapshot()["cancelled"]
     with httpx.Client(timeout=30) as client:
-        with client.stream("POST", f"{url}/api/inspect/stream", json=GRID) as stream:
+        with client.stream("POST", f"{url}/api/inspect/stream", json=grid("Tokyo is in Japan")) as stream:
             for line in stream.iter_lines():
                 if json.loads(line)["type"] == "rows":
                     break  # leave after the first chunk: closes the connection
         queue = wait_idle(client, url, timeout=10)
         assert queue["cancelled"] == before + 1
-        assert client.post(f"{url}/api/inspect", json=SLOW).status_code == 200
+        assert client.post(f"{url}/api/inspect", json={**SLOW, "prompt": "Tokyo"}).status_code == 200
 
 
 def test_plain_request_disconnect_cancels_the_job(server) -> None:  # noqa: ANN001
@@ -129,7 +134,7 @@ def test_plain_request_disconnect_cancels_the_job(server) -> None:  # noqa: ANN0
     before = app.state.jobs.snapshot()["cancelled"]
     with httpx.Client(timeout=httpx.Timeout(30, read=0.5)) as client:
         with pytest.raises(httpx.ReadTimeout):
-            client.post(f"{url}/api/inspect", json=GRID)
+            client.post(f"{url}/api/inspect", json=grid("Paris is in France"))
     with httpx.Client(timeout=30) as client:
         queue = wait_idle(client, url, timeout=10)
     assert queue["cancelled"] == before + 1

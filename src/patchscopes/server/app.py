@@ -232,10 +232,14 @@ def create_app(
         return job, events
 
     def _store(body: InspectRequest, plan: Plan, rows: list[dict[str, Any]], elapsed: float) -> str:
-        return results.add({"request": body.model_dump(), "plan": plan.summary(), "rows": rows, "elapsed_s": round(elapsed, 3)})
+        record = {"request": body.model_dump(), "plan": plan.summary(), "rows": rows, "elapsed_s": round(elapsed, 3)}
+        return results.add(record, key=body.model_dump_json())
 
     @app.post("/api/inspect", summary="Run an inspection and return all rows (cancelled if the client disconnects)")
     async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
+        cached = results.find(body.model_dump_json())
+        if cached is not None:  # the same request ran recently (a shared link, say): answer from the store
+            return {"result_id": cached["id"], "plan": cached["plan"], "rows": cached["rows"], "elapsed_s": 0.0, "cached": True}
         plan = await _plan(body)
         start = time.monotonic()
         job, _ = _submit(plan)
@@ -259,6 +263,9 @@ def create_app(
         response_class=StreamingResponse,
     )
     async def inspect_stream(body: InspectRequest, request: Request) -> StreamingResponse:
+        cached = results.find(body.model_dump_json())
+        if cached is not None:
+            return StreamingResponse(_replay(cached, jobs.snapshot()), media_type="application/x-ndjson")
         plan = await _plan(body)
         start = time.monotonic()
         job, events = _submit(plan)
@@ -296,7 +303,7 @@ def create_app(
 
     @app.get("/api/results/{rid}", summary="A finished result (the last few are kept)")
     async def result(rid: str) -> dict[str, Any]:
-        return results.get(_rid(rid))
+        return {k: v for k, v in results.get(_rid(rid)).items() if k != "key"}
 
     @app.get("/api/results/{rid}/csv", summary="A finished result as CSV", response_class=Response)
     async def result_csv(rid: str) -> Response:
@@ -320,6 +327,19 @@ def create_app(
         )
 
     return app
+
+
+async def _replay(cached: dict[str, Any], queue: dict[str, Any]) -> AsyncIterator[str]:
+    """The events of a stored result, as if it had just run."""
+    rows, total = cached["rows"], len(cached["rows"])
+    events = [
+        {"type": "queued", "job": None, "plan": cached["plan"], "queue": queue, "cached": True},
+        {"type": "started", "total": total},
+        {"type": "rows", "rows": rows, "done": total, "total": total},
+        {"type": "done", "result_id": cached["id"], "rows": total, "elapsed_s": 0.0, "cached": True},
+    ]
+    for event in events:
+        yield json.dumps(event) + "\n"
 
 
 def _rid(rid: str) -> str:

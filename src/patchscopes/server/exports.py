@@ -25,13 +25,22 @@ class ResultStore:
         self._items: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def add(self, result: dict[str, Any]) -> str:
+    def add(self, result: dict[str, Any], key: str | None = None) -> str:
+        """Keep ``result``; ``key`` (the request, serialised) lets :meth:`find` answer the same request again."""
         rid = secrets.token_hex(8)
         with self._lock:
-            self._items[rid] = {**result, "id": rid}
+            self._items[rid] = {**result, "id": rid, "key": key}
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
         return rid
+
+    def find(self, key: str) -> dict[str, Any] | None:
+        """The newest kept result made for request ``key``, or None."""
+        with self._lock:
+            for item in reversed(self._items.values()):
+                if item.get("key") == key:
+                    return item
+        return None
 
     def get(self, rid: str) -> dict[str, Any]:
         with self._lock:
