@@ -125,9 +125,10 @@ class WeightMask(nn.Module):
                     raise CircuitError(f"density must be in (0, 1], got {density}")
                 k = max(1, int(round(density * self.n_total)))
                 flat = torch.cat([p.flatten() for p in self.logits])
-                order = torch.argsort(flat, descending=True, stable=True)
-                keep = torch.zeros_like(flat, dtype=torch.bool)
-                keep[order[:k]] = True
+                threshold = torch.kthvalue(flat, flat.numel() - k + 1).values
+                keep = flat > threshold
+                ties = torch.nonzero(flat == threshold).flatten()
+                keep[ties[: k - int(keep.sum())]] = True  # exactly k, ties broken by position
                 masks, start = {}, 0
                 for n, p in zip(self.names, self.logits):
                     masks[n] = keep[start : start + p.numel()].view(p.shape)
