@@ -1,0 +1,249 @@
+"""The LRC paper's Table 5 on any bundled model: accuracy and causality of LRC, LRC (first token, final
+layer), linear SVM and input averaging, macro-averaged over relations, mean ± std over seeds.
+
+Per relation: keep the subjects whose few-shot prompt the model answers correctly; per seed, split them
+50/50 per object (≥ 1 training sample per object; relations left without a test sample are dropped);
+estimate the LREs from ``n_lre`` training prompts, build every method's concepts from the training
+prompts, and test on the zero-shot templates of the test subjects. Causality uses the test prompts whose
+unedited answer prefers the true object over a random other one. Every (relation, seed) is one unit of
+a :class:`~patchscopes.results.ResultStore`, and Jacobians are cached, so an interrupted run resumes.
+
+    >>> cfg = PROFILES["quick"]                                     # doctest: +SKIP
+    >>> summary = run_lrc_eval(lm, cfg, "runs/lrc-quick")           # doctest: +SKIP
+    >>> summary["table"]["LRC"]["accuracy"]["mean"]                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from patchscopes.capture import resolve_layer
+from patchscopes.errors import PatchscopeError
+from patchscopes.models.loading import ModelHandle
+from patchscopes.progress import progress_bar
+from patchscopes.relations.baselines import averaging_concepts, svm_concepts
+from patchscopes.relations.data import Relation, RelationSample, load_relations
+from patchscopes.relations.jcache import JacobianCache
+from patchscopes.relations.lrc import ConceptSet, lrc_concepts, subject_states
+from patchscopes.relations.lre import estimate_lre
+from patchscopes.relations.prompts import RelationPrompt, few_shot_prompt, filter_correct, zero_shot_prompts
+from patchscopes.relations.splits import hash_rank, split_by_object
+from patchscopes.relations.steering import ConceptEdit, causality, edited_answer_probs
+from patchscopes.results import ResultStore
+
+METHODS = ("LRC", "LRC (first token, final layer)", "SVM", "input averaging")
+
+
+class LrcEvalError(PatchscopeError, ValueError):
+    """An evaluation configuration that cannot run (unknown relation, bad layers, …)."""
+
+
+@dataclass(frozen=True)
+class LrcConfig:
+    """Everything that defines an LRC evaluation run (it is written to the run's ``config.json``)."""
+
+    model: str = "SmolLM2-135M"
+    relations: tuple[str, ...] = ("word sentiment", "substance phase of matter")
+    seeds: tuple[int, ...] = (42, 43, 44)
+    subject_layer: int = 16
+    object_layer: int = 20
+    final_layer: int = -1
+    rank: int = 192
+    n_lre: int = 2
+    n_examples: int = 3
+    beta: float = 0.1
+    max_samples: int | None = None
+    relations_dir: str | None = None
+    batch_size: int = 16
+    chosen_by: str = "fixed"
+
+
+PROFILES: dict[str, LrcConfig] = {
+    # CI: one small relation, one seed, a single LRE prompt, layers close to the top so the Jacobians are cheap.
+    "quick": LrcConfig(
+        relations=("word sentiment",), seeds=(42,), subject_layer=24, object_layer=26, n_lre=1, rank=64, max_samples=30
+    ),
+    # The documented run (≈ 20 CPU minutes on SmolLM2-135M with a warm Jacobian cache from the sweep).
+    "default": LrcConfig(
+        relations=("word sentiment", "substance phase of matter", "occupation gender", "name religion"), seeds=(42, 43, 44)
+    ),
+}
+
+
+@dataclass
+class SplitData:
+    """One (relation, seed) split with its prompts."""
+
+    relation: Relation
+    train: list[RelationSample]
+    test: list[RelationSample]
+    train_prompts: list[RelationPrompt] = field(default_factory=list)
+    lre_prompts: list[RelationPrompt] = field(default_factory=list)
+    test_prompts: list[RelationPrompt] = field(default_factory=list)
+
+
+def select_relations(cfg: LrcConfig) -> list[Relation]:
+    """The configured relations (by their ``name`` field), from the data directory or ``relations_dir``."""
+    available = load_relations(cfg.relations_dir)
+    missing = [r for r in cfg.relations if r not in available]
+    if missing:
+        raise LrcEvalError(f"unknown relation(s) {missing}; available: {', '.join(sorted(available))}")
+    return [available[r] for r in cfg.relations]
+
+
+def correct_samples(lm: ModelHandle, relation: Relation, cfg: LrcConfig, store: ResultStore | None) -> list[RelationSample]:
+    """Samples answered correctly with the few-shot prompt (cached in the store's ``filtered`` table)."""
+    if store is not None and store.done("filtered", relation.name):
+        frame = store.frame("filtered")
+        frame = frame[frame["relation"] == relation.name]
+        return [RelationSample(s, o) for s, o in zip(frame["subject"], frame["object"]) if s]
+    samples = list(relation.samples)
+    if cfg.max_samples is not None and len(samples) > cfg.max_samples:
+        samples = random.Random(0).sample(samples, cfg.max_samples)
+    rel = replace(relation, samples=tuple(samples))
+    kept = filter_correct(lm, rel, n_examples=cfg.n_examples, batch_size=cfg.batch_size)
+    if store is not None:
+        rows = [{"relation": relation.name, "subject": s.subject, "object": s.object} for s in kept]
+        store.append("filtered", relation.name, rows or [{"relation": relation.name, "subject": "", "object": ""}])
+    return kept
+
+
+def make_split(relation: Relation, samples: Sequence[RelationSample], seed: int, cfg: LrcConfig) -> SplitData:
+    train, test = split_by_object(samples, seed)
+    data = SplitData(relation, train, test)
+    data.train_prompts = [few_shot_prompt(relation, s, cfg.n_examples) for s in train]
+    chosen = {s.subject for s in hash_rank(relation.name, train)[: cfg.n_lre]}
+    data.lre_prompts = [p for p in data.train_prompts if p.subject in chosen]
+    data.test_prompts = [p for s in test for p in zero_shot_prompts(relation, s)]
+    return data
+
+
+def concept_sets(lm: ModelHandle, data: SplitData, cfg: LrcConfig, jacobians: Callable[..., Any]) -> dict[str, ConceptSet]:
+    """Every method's concepts, all in the subject space of ``cfg.subject_layer``."""
+    s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
+    final = resolve_layer(cfg.final_layer, lm.n_layers)
+    rank = min(cfg.rank, lm.hidden_size)
+    lre = estimate_lre(lm, data.lre_prompts, s_layer, cfg.object_layer, "mean", jacobian_fn=jacobians)
+    lre_final = estimate_lre(lm, data.lre_prompts, s_layer, final, "first", jacobian_fn=jacobians)
+    states = subject_states(lm, data.train_prompts, s_layer, cfg.batch_size)
+    labels = [p.object for p in data.train_prompts]
+    meta = {"model": lm.name, "relation": data.relation.name, "subject_layer": s_layer}
+    return {
+        "LRC": lrc_concepts(lm, lre, data.train_prompts, rank, cfg.batch_size),
+        "LRC (first token, final layer)": lrc_concepts(lm, lre_final, data.train_prompts, rank, cfg.batch_size),
+        "SVM": svm_concepts(states, labels, **meta),
+        "input averaging": averaging_concepts(states, labels, **meta),
+    }
+
+
+def causal_edits(
+    lm: ModelHandle, prompts: Sequence[RelationPrompt], objects: Sequence[str], seed: int, batch_size: int = 16
+) -> list[ConceptEdit]:
+    """One edit per prompt towards a random other object, kept when the unedited model prefers the true object."""
+    rng = random.Random(seed)
+    edits = [ConceptEdit(p, p.object, rng.choice([o for o in objects if o != p.object])) for p in prompts]
+    if not edits:
+        return []
+    dummy = ConceptSet(sorted(objects), torch.zeros(len(objects), lm.hidden_size))
+    p_old = edited_answer_probs(lm, dummy, edits, 0.0, [e.old for e in edits], batch_size=batch_size)
+    p_new = edited_answer_probs(lm, dummy, edits, 0.0, [e.new for e in edits], batch_size=batch_size)
+    return [e for e, o, n in zip(edits, p_old, p_new) if o.min() > n.min()]
+
+
+def evaluate_concepts(
+    lm: ModelHandle,
+    concepts: ConceptSet,
+    test_prompts: Sequence[RelationPrompt],
+    test_states: Any,
+    edits: Sequence[ConceptEdit],
+    beta: float,
+    batch_size: int = 16,
+) -> tuple[list[bool], list[bool]]:
+    """Per-prompt classification correctness and per-edit causal success."""
+    predicted = concepts.classify(test_states)
+    accuracy = [pred == p.object for pred, p in zip(predicted, test_prompts)]
+    success = causality(lm, concepts, edits, beta, batch_size=batch_size) if edits else []
+    return accuracy, success
+
+
+def evaluate_split(lm: ModelHandle, data: SplitData, cfg: LrcConfig, seed: int, jacobians: Callable[..., Any]) -> list[dict]:
+    """All rows (one per test prompt or edit and method) of one (relation, seed)."""
+    s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
+    sets = concept_sets(lm, data, cfg, jacobians)
+    states = subject_states(lm, data.test_prompts, s_layer, cfg.batch_size)
+    objects = sorted({s.object for s in data.train})
+    edits = causal_edits(lm, data.test_prompts, objects, seed, cfg.batch_size)
+    rows: list[dict] = []
+    for method, concepts in sets.items():
+        accuracy, success = evaluate_concepts(lm, concepts, data.test_prompts, states, edits, cfg.beta, cfg.batch_size)
+        base = {"relation": data.relation.name, "seed": seed, "method": method}
+        for p, ok in zip(data.test_prompts, accuracy):
+            rows.append({**base, "kind": "accuracy", "subject": p.subject, "object": p.object, "ok": ok})
+        for e, ok in zip(edits, success):
+            rows.append({**base, "kind": "causality", "subject": e.prompt.subject, "object": e.new, "ok": ok})
+    return rows
+
+
+def summarise(rows: pd.DataFrame) -> dict[str, Any]:
+    """Macro average over relations per seed, then mean ± std over seeds, per method and metric."""
+    table: dict[str, Any] = {}
+    if rows.empty:
+        return {"table": table, "per_relation": []}
+    per_relation = rows.groupby(["method", "kind", "seed", "relation"])["ok"].mean().reset_index()
+    per_seed = per_relation.groupby(["method", "kind", "seed"])["ok"].mean().reset_index()
+    for (method, kind), group in per_seed.groupby(["method", "kind"]):
+        values = group["ok"].tolist()
+        std = float(pd.Series(values).std(ddof=0)) if len(values) > 1 else 0.0
+        table.setdefault(method, {})[kind] = {"mean": float(sum(values) / len(values)), "std": std, "seeds": len(values)}
+    counts = rows[rows["method"] == METHODS[0]].groupby(["kind", "seed"]).size().to_dict()
+    return {
+        "table": table,
+        "per_relation": per_relation.groupby(["method", "kind", "relation"])["ok"].mean().reset_index().to_dict("records"),
+        "counts": {f"{k[0]}/seed {k[1]}": int(v) for k, v in counts.items()},
+    }
+
+
+def run_lrc_eval(lm: ModelHandle, cfg: LrcConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) the Table 5 evaluation into ``out_dir``; returns and writes ``summary.json``."""
+    if lm.name != cfg.model:
+        raise LrcEvalError(f"the configuration names model {cfg.model!r} but {lm.name!r} was loaded; pass the same model")
+    s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
+    o_layer = resolve_layer(cfg.object_layer, lm.n_layers)
+    if not s_layer < o_layer:
+        raise LrcEvalError(f"subject layer {s_layer} must come before object layer {o_layer}")
+    out = Path(out_dir)
+    store = ResultStore(out, {**asdict(cfg), "weights_sha256": lm.weights_sha256})
+    jacobians = JacobianCache(out.parent / "jacobian-cache")
+    relations = select_relations(cfg)
+    with progress_bar(len(relations) * len(cfg.seeds), "LRC evaluation", progress) as advance:
+        for relation in relations:
+            samples = correct_samples(lm, relation, cfg, store)
+            for seed in cfg.seeds:
+                key = [relation.name, seed]
+                if not store.done("rows", key):
+                    data = make_split(relation, samples, seed, cfg)
+                    if not data.test or len({s.object for s in data.train}) < 2:
+                        why = {"relation": relation.name, "seed": seed, "correct": len(samples), "test": len(data.test)}
+                        store.append("dropped", key, [why])
+                        store.append("rows", key, [])
+                    else:
+                        store.append("rows", key, evaluate_split(lm, data, cfg, seed, jacobians))
+                advance(1)
+    summary = {
+        **summarise(store.frame("rows")),
+        "dropped": store.frame("dropped").to_dict("records"),
+        "correct_samples": {
+            r: int(sum(1 for s in correct_samples(lm, rel, cfg, store))) for r, rel in zip(cfg.relations, relations)
+        },
+        "config": asdict(cfg),
+        "jacobians": {"computed": jacobians.misses, "cached": jacobians.hits},
+    }
+    store.write_json("summary.json", summary)
+    return summary
