@@ -1,0 +1,410 @@
+"""Multi-hop CoT Patchscope (Patchscopes paper §5 and App. F) on two-hop queries built from the relations data.
+
+A two-hop query chains τ1 = (σ1, ρ1, ω1) and τ2 = (σ2 = ω1, ρ2, ω2) as ``[π2][π1]``, e.g. π2 = "The CEO of",
+π1 = "the company that created Visual Basic", ending with " is". The CoT Patchscope takes the hidden
+state at the last token of π1 (layer ℓ) and writes it over the last token of π2 — the token just before
+π1 — at layer ℓ*, then generates 20 tokens greedily. As in the paper, π1 is computed without any view of
+π2 and π2 without any view of π1: one forward pass over the whole query with an attention mask in which
+π1's tokens cannot attend to π2's (π2 cannot see π1 anyway, by causality); special tokens such as
+``<bos>`` belong to neither part and stay visible. Tokens after π1 (" is" and the generated ones) see
+everything. Baselines: the plain query ("vanilla") and "Let's think step by step. " + query.
+
+Only queries whose two single hops the model answers (the object within 20 generated tokens) are kept.
+Reported: vanilla and CoT accuracy, the paper's **oracle** (a query counts if *any* (ℓ, ℓ*) pair answers
+it) and an **honest** number (one pair chosen on one half of the queries, scored on the other, both ways).
+
+    >>> queries = build_queries(load_relations(), max_per_combo=20)            # doctest: +SKIP
+    >>> summary = run_multihop(MultihopConfig(model="Gemma-3-270M"), "runs/multihop")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from patchscopes.batching import chunks, left_pad
+from patchscopes.capture import layer_hooks
+from patchscopes.errors import PatchscopeError
+from patchscopes.models.loading import ModelHandle, load_model
+from patchscopes.patching import PatchedRun, run_patched
+from patchscopes.positions import char_span_to_tokens
+from patchscopes.relations.data import Relation, load_relations
+from patchscopes.results import ResultStore
+
+#: How each relation is phrased as a noun phrase around its subject; the project's own wording.
+HOP_PHRASES: dict[str, str] = {
+    "product by company": "the company that created {}",
+    "company CEO": "the CEO of {}",
+    "company hq": "the headquarters city of {}",
+    "food from country": "the country of origin of {}",
+    "city in country": "the country containing {}",
+    "landmark in country": "the country containing {}",
+    "country capital city": "the capital city of {}",
+    "country currency": "the official currency of {}",
+    "country language": "the official language of {}",
+    "country largest city": "the largest city of {}",
+    "person father": "the father of {}",
+    "person mother": "the mother of {}",
+    "person university": "the university attended by {}",
+}
+COT_PREFIX = "Let's think step by step. "
+
+
+class MultihopError(PatchscopeError, ValueError):
+    """A multi-hop query or configuration that cannot be used as given."""
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+@dataclass(frozen=True)
+class TwoHopQuery:
+    """``[π2][π1] is`` with the subject, bridge entity (ω1 = σ2) and accepted final answers."""
+
+    hop1: str
+    hop2: str
+    subject: str
+    bridge: str
+    answers: tuple[str, ...]
+
+    @property
+    def pi1(self) -> str:
+        return HOP_PHRASES[self.hop1].format(self.subject)
+
+    @property
+    def pi2(self) -> str:
+        return _cap(HOP_PHRASES[self.hop2].removesuffix("{}").rstrip())
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.pi2} {self.pi1} is"
+
+    @property
+    def hop1_prompt(self) -> str:
+        return _cap(self.pi1) + " is"
+
+    @property
+    def hop2_prompt(self) -> str:
+        return _cap(HOP_PHRASES[self.hop2].format(self.bridge)) + " is"
+
+    @property
+    def combo(self) -> str:
+        return f"{self.hop1} -> {self.hop2}"
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", text.lower())
+
+
+def answered(text: str, answers: Sequence[str]) -> bool:
+    """Whether any accepted answer appears in ``text`` (case, spaces and punctuation ignored)."""
+    generated = _norm(text)
+    return any(_norm(a) and _norm(a) in generated for a in answers)
+
+
+def build_queries(
+    relations: dict[str, Relation], max_per_combo: int = 30, seed: int = 0, phrases: dict[str, str] | None = None
+) -> list[TwoHopQuery]:
+    """Every two-hop query whose first object is the second relation's subject, at most ``max_per_combo``
+    per relation pair (a seeded sample), for the relations that have a phrasing."""
+    phrases = phrases or HOP_PHRASES
+    for name, phrase in phrases.items():
+        if not phrase.endswith("{}"):
+            raise MultihopError(f"the phrasing of {name!r} must end with the subject slot '{{}}', got {phrase!r}")
+    usable = {name: rel for name, rel in relations.items() if name in phrases}
+    by_subject: dict[str, dict[str, list[str]]] = {}
+    for name, rel in usable.items():
+        table: dict[str, list[str]] = {}
+        for sample in rel.samples:
+            table.setdefault(sample.subject, []).append(sample.object)
+        by_subject[name] = table
+    queries: list[TwoHopQuery] = []
+    rng = random.Random(seed)
+    for hop1 in sorted(usable):
+        for hop2 in sorted(usable):
+            found = []
+            for sample in usable[hop1].samples:
+                answers = by_subject[hop2].get(sample.object)
+                circular = _norm(sample.subject) in {_norm(a) for a in answers or []} | {_norm(sample.object)}
+                if answers and not circular:
+                    found.append(TwoHopQuery(hop1, hop2, sample.subject, sample.object, tuple(sorted(set(answers)))))
+            found = sorted(set(found), key=lambda q: (q.subject, q.bridge))
+            rng.shuffle(found)
+            queries.extend(found[:max_per_combo])
+    return queries
+
+
+def query_spans(query: TwoHopQuery, lm: ModelHandle) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of the query and the token indices of π2 and π1 (character offsets; no token may straddle)."""
+    tok = lm.tokenize(query.prompt)
+    start1 = len(query.pi2) + 1
+    pi2_tokens = char_span_to_tokens(tok.offsets, 0, len(query.pi2))
+    pi1_tokens = char_span_to_tokens(tok.offsets, start1, start1 + len(query.pi1))
+    if not pi2_tokens or not pi1_tokens or set(pi2_tokens) & set(pi1_tokens):
+        raise MultihopError(f"cannot split {query.prompt!r} into π2 and π1 tokens with {lm.name}'s tokenizer")
+    return tok.ids, pi2_tokens, pi1_tokens
+
+
+@dataclass
+class RestrictedRun:
+    """One query: ids, π2 and π1 token indices, and patches ``(layer, position, vector)`` for the prefill."""
+
+    ids: list[int]
+    pi2: list[int]
+    pi1: list[int]
+    patches: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
+
+
+def restricted_mask(runs: Sequence[RestrictedRun], width: int, pads: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Additive 4D mask ``[B, 1, N, N]``: causal, no padding keys, and π1's rows blind to π2's columns."""
+    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(runs), 1, 1)
+    for row, (run, pad) in enumerate(zip(runs, pads)):
+        allowed[row, :, :pad] = False
+        if run.pi1 and run.pi2:
+            rows = torch.tensor([pad + p for p in run.pi1])
+            cols = torch.tensor([pad + p for p in run.pi2])
+            allowed[row, rows[:, None], cols[None, :]] = False
+        allowed[row, torch.arange(width), torch.arange(width)] = True  # padding rows attend to themselves (no NaN)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _patch_and_grab(
+    table: dict[int, list[tuple[int, int, torch.Tensor]]], grab_layers: list[int], seen: dict[int, torch.Tensor]
+) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
+    def hook(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        new = None
+        if layer in table:
+            new = hidden.clone()
+            for row, col, vector in table[layer]:
+                new[row, col] = vector.to(new.device, new.dtype)
+        if layer in grab_layers:
+            seen[layer] = (new if new is not None else hidden).detach()
+        return new
+
+    return hook
+
+
+@torch.no_grad()
+def restricted_generate(
+    lm: ModelHandle,
+    runs: Sequence[RestrictedRun],
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+    capture: tuple[list[int], list[int]] | None = None,
+) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Prefill each query under :func:`restricted_mask` with its patches, then generate greedily from the cache.
+
+    With ``capture=(layers, positions)`` (one position per run) also return each run's hidden states
+    ``[len(layers), d]`` at its position, read on the prefill pass. Returns ``(generated ids, captured)``.
+    """
+    generated_all: list[list[int]] = []
+    captured_all: list[torch.Tensor] = []
+    eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=lm.device)
+    for start, group in zip(range(0, len(runs), batch_size), chunks(list(runs), batch_size)):
+        batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
+        mask4d = restricted_mask(group, batch.width, batch.pad, lm.dtype).to(lm.device)
+        table: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
+        for row, run in enumerate(group):
+            for layer, position, vector in run.patches:
+                table.setdefault(layer, []).append((row, batch.padded(row, position), vector))
+        seen: dict[int, torch.Tensor] = {}
+        grab_layers = capture[0] if capture else []
+        hook = _patch_and_grab(table, grab_layers, seen)
+        with layer_hooks(lm.adapter.blocks, sorted(set(table) | set(grab_layers)), hook):
+            out = lm.model(
+                input_ids=batch.input_ids, attention_mask=mask4d, position_ids=batch.position_ids, use_cache=max_new_tokens > 0
+            )
+        if capture:
+            for row in range(len(group)):
+                col = batch.padded(row, capture[1][start + row])
+                captured_all.append(torch.stack([seen[layer][row, col] for layer in grab_layers]).float().cpu())
+        generated: list[list[int]] = [[] for _ in group]
+        if max_new_tokens > 0:
+            mask2d, positions, past = batch.attention_mask, batch.position_ids[:, -1:], out.past_key_values
+            step_logits = out.logits[:, -1].float()
+            done = torch.zeros(len(group), dtype=torch.bool, device=lm.device)
+            for _ in range(max_new_tokens):
+                nxt = step_logits.argmax(-1)
+                for i, token in enumerate(nxt.tolist()):
+                    if not done[i]:
+                        generated[i].append(token)
+                done |= torch.isin(nxt, eos)
+                if bool(done.all()):
+                    break
+                mask2d = torch.cat([mask2d, torch.ones_like(mask2d[:, :1])], dim=1)
+                positions = positions + 1
+                step = lm.model(
+                    input_ids=nxt[:, None], attention_mask=mask2d, position_ids=positions, past_key_values=past, use_cache=True
+                )
+                past, step_logits = step.past_key_values, step.logits[:, -1].float()
+        generated_all.extend([g[:-1] if g and g[-1] in lm.eos_ids else g for g in generated])
+    return generated_all, captured_all
+
+
+def greedy_texts(lm: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
+    """Plain greedy continuations (the core engine without patches)."""
+    outs = run_patched(lm, [PatchedRun(lm.tokenize(p).ids) for p in prompts], max_new_tokens, batch_size)
+    return [lm.tokenizer.decode(o.generated) for o in outs]
+
+
+def cot_patchscope_rows(
+    lm: ModelHandle,
+    queries: Sequence[TwoHopQuery],
+    source_layers: Sequence[int],
+    target_layers: Sequence[int],
+    max_new_tokens: int = 20,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """One row per (query, ℓ, ℓ*): the CoT Patchscope's generation and whether it holds the answer."""
+    parts = [query_spans(q, lm) for q in queries]
+    base = [RestrictedRun(ids, pi2, pi1) for ids, pi2, pi1 in parts]
+    layers = sorted(set(source_layers))
+    _, states = restricted_generate(lm, base, 0, batch_size, capture=(layers, [r.pi1[-1] for r in base]))
+    runs, keys = [], []
+    for qi, run in enumerate(base):
+        for s in source_layers:
+            vector = states[qi][layers.index(s)]
+            for t in target_layers:
+                runs.append(RestrictedRun(run.ids, run.pi2, run.pi1, [(t, run.pi2[-1], vector)]))
+                keys.append((qi, s, t))
+    generated, _ = restricted_generate(lm, runs, max_new_tokens, batch_size)
+    rows = []
+    for (qi, s, t), ids in zip(keys, generated):
+        text = lm.tokenizer.decode(ids)
+        rows.append(
+            {"query": qi, "source_layer": s, "target_layer": t, "text": text, "correct": answered(text, queries[qi].answers)}
+        )
+    return rows
+
+
+def honest_accuracy(rows: Sequence[dict[str, Any]], query_ids: Sequence[int], seed: int = 0) -> dict[str, Any]:
+    """Pick the (ℓ, ℓ*) pair with the best accuracy on one half of the queries, score it on the other half, both ways."""
+    ids = sorted(set(query_ids))
+    random.Random(seed).shuffle(ids)
+    halves = [set(ids[: len(ids) // 2]), set(ids[len(ids) // 2 :])]
+    folds = []
+    for pick, score in ((0, 1), (1, 0)):
+        acc: dict[tuple[int, int], list[bool]] = {}
+        for r in rows:
+            if r["query"] in halves[pick]:
+                acc.setdefault((r["source_layer"], r["target_layer"]), []).append(bool(r["correct"]))
+        if not acc or not halves[score]:
+            continue
+        best = max(sorted(acc), key=lambda k: sum(acc[k]) / len(acc[k]))
+        held = [
+            bool(r["correct"]) for r in rows if r["query"] in halves[score] and (r["source_layer"], r["target_layer"]) == best
+        ]
+        folds.append(
+            {"pair": list(best), "chosen_on": len(halves[pick]), "scored_on": len(held), "accuracy": sum(held) / len(held)}
+        )
+    total = sum(f["scored_on"] for f in folds)
+    mean = sum(f["accuracy"] * f["scored_on"] for f in folds) / total if total else float("nan")
+    return {"folds": folds, "accuracy": mean}
+
+
+@dataclass(frozen=True)
+class MultihopConfig:
+    """Everything a multi-hop run depends on (saved in ``config.json``)."""
+
+    model: str = "SmolLM2-135M"
+    max_per_combo: int = 30
+    max_queries: int = 0  # 0: every query that passes the single-hop filter
+    layer_step: int = 3
+    max_new_tokens: int = 20
+    dtype: str = "float32"
+    seed: int = 0
+    batch_size: int = 48
+    relations_dir: str = ""
+
+
+def run_multihop(config: MultihopConfig, out: str | Path, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """Build, filter and evaluate the queries; resumable per query; writes ``summary.json`` under ``out``."""
+    lm = load_model(config.model, dtype=config.dtype)
+    store = ResultStore(out, {"eval": "multihop", **asdict(config), "weights_sha256": lm.weights_sha256})
+    relations = load_relations(config.relations_dir or None)
+    queries = build_queries(relations, config.max_per_combo, config.seed)
+    log(f"{len(queries)} two-hop queries over {len({q.combo for q in queries})} relation pairs")
+    if not store.done("filter", "all"):
+        hop1 = greedy_texts(lm, [q.hop1_prompt for q in queries], config.max_new_tokens, config.batch_size)
+        hop2 = greedy_texts(lm, [q.hop2_prompt for q in queries], config.max_new_tokens, config.batch_size)
+        rows = [
+            {"query": i, "combo": q.combo, "prompt": q.prompt, "bridge": q.bridge, "answers": list(q.answers),
+             "hop1_text": h1, "hop2_text": h2, "hop1_ok": answered(h1, [q.bridge]), "hop2_ok": answered(h2, q.answers)}
+            for i, (q, h1, h2) in enumerate(zip(queries, hop1, hop2))
+        ]  # fmt: skip
+        store.append("filter", "all", rows)
+    filt = store.frame("filter")
+    kept = [int(i) for i in filt[filt.hop1_ok & filt.hop2_ok]["query"]]
+    if config.max_queries:
+        kept = kept[: config.max_queries]
+    log(f"{len(kept)} queries with both single hops answered")
+    layers = sorted(set(range(0, lm.n_layers, config.layer_step)) | {lm.n_layers - 1})
+    for qi in kept:
+        if store.done("queries", qi):
+            continue
+        q = queries[qi]
+        vanilla, cot = greedy_texts(lm, [q.prompt, COT_PREFIX + q.prompt], config.max_new_tokens)
+        patch_rows = cot_patchscope_rows(lm, [q], layers, layers, config.max_new_tokens, config.batch_size)
+        for r in patch_rows:
+            r["query"] = qi
+        baselines = [
+            {"query": qi, "combo": q.combo, "kind": kind, "text": text, "correct": answered(text, q.answers)}
+            for kind, text in (("vanilla", vanilla), ("cot", cot))
+        ]
+        store.append("queries", qi, baselines + [{"combo": q.combo, "kind": "patchscope", **r} for r in patch_rows])
+        log(f"  query {qi}: {q.prompt!r}")
+    return summarize(store, config, len(queries))
+
+
+def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[str, Any]:
+    """Accuracies (vanilla, CoT prompt, CoT Patchscope oracle and held-out) and per-pair accuracy; ``summary.json``."""
+    rows = store.frame("queries")
+    summary: dict[str, Any] = {"model": config.model, "n_built": n_built}
+    filt = store.frame("filter")
+    if len(filt):
+        summary["n_hop1_ok"] = int(filt.hop1_ok.sum())
+        summary["n_hop2_ok"] = int(filt.hop2_ok.sum())
+        summary["n_both_ok"] = int((filt.hop1_ok & filt.hop2_ok).sum())
+    if not len(rows):
+        store.write_json("summary.json", summary)
+        return summary
+    patch = rows[rows.kind == "patchscope"]
+    per_query = patch.groupby("query")["correct"].any()
+    grid = patch.groupby(["source_layer", "target_layer"])["correct"].mean()
+    best = grid.idxmax()
+    summary.update(
+        {
+            "n_evaluated": int(rows["query"].nunique()),
+            "vanilla": float(rows[rows.kind == "vanilla"].correct.mean()),
+            "cot_prompt": float(rows[rows.kind == "cot"].correct.mean()),
+            "patchscope_oracle": float(per_query.mean()),
+            "patchscope_best_single_pair_in_sample": {"pair": [int(best[0]), int(best[1])], "accuracy": float(grid.max())},
+            "patchscope_heldout": honest_accuracy(patch.to_dict("records"), list(per_query.index), config.seed),
+            "by_combo": {c: int(n) for c, n in rows.drop_duplicates("query").combo.value_counts().items()},
+            "pair_accuracy": {f"{int(s)}->{int(t)}": round(float(v), 4) for (s, t), v in grid.items()},
+        }
+    )
+    store.write_json("summary.json", summary)
+    return summary
+
+
+def plot_results(store: ResultStore, model: str) -> list[Path]:
+    """Heatmap of CoT Patchscope accuracy per (ℓ, ℓ*)."""
+    from patchscopes import plots
+
+    rows = store.frame("queries")
+    if not len(rows):
+        return []
+    patch = rows[rows.kind == "patchscope"].copy()
+    patch["correct"] = patch["correct"].astype(float)
+    fig = plots.heatmap(patch, value="correct", title=f"CoT Patchscope accuracy, {model}")
+    return [plots.save(fig, store.directory / "cot_patchscope.png")]

@@ -1,0 +1,123 @@
+"""Multi-hop CoT Patchscope: query building, the attention restriction against a plain reference, the
+decode loop against the core engine, the held-out pair choice, and a quick end-to-end run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchscopes.capture import layer_hooks
+from patchscopes.evals.multihop import (
+    MultihopConfig,
+    MultihopError,
+    RestrictedRun,
+    TwoHopQuery,
+    answered,
+    build_queries,
+    honest_accuracy,
+    query_spans,
+    restricted_generate,
+    run_multihop,
+)
+from patchscopes.patching import Patch, PatchedRun, run_patched
+from tiny import tiny_model
+
+QUERY = TwoHopQuery("product by company", "company CEO", "Visual Basic", "Microsoft", ("Satya Nadella",))
+
+
+def test_query_phrasing():
+    assert QUERY.prompt == "The CEO of the company that created Visual Basic is"
+    assert QUERY.pi2 == "The CEO of" and QUERY.pi1 == "the company that created Visual Basic"
+    assert QUERY.hop1_prompt == "The company that created Visual Basic is"
+    assert QUERY.hop2_prompt == "The CEO of Microsoft is"
+
+
+def test_answered_ignores_case_spaces_and_punctuation():
+    assert answered(" satya-nadella, who", ["Satya Nadella"])
+    assert not answered(" Bill Gates", ["Satya Nadella"])
+    assert not answered("anything", [""])
+
+
+def test_build_queries_chains_first_object_to_second_subject(data_root):
+    from patchscopes.relations.data import load_relations
+
+    relations = load_relations()
+    queries = build_queries(relations, max_per_combo=5, seed=0)
+    assert queries and len({q.combo for q in queries}) >= 5
+    for q in queries:
+        subjects = {s.subject: s.object for s in relations[q.hop1].samples if s.subject == q.subject}
+        assert q.bridge in [s.object for s in relations[q.hop1].samples if s.subject == q.subject], subjects
+        assert set(q.answers) <= {s.object for s in relations[q.hop2].samples if s.subject == q.bridge}
+        assert q.subject not in q.answers  # no circular chains such as capital-of → country-containing
+    counts: dict[str, int] = {}
+    for q in queries:
+        counts[q.combo] = counts.get(q.combo, 0) + 1
+    assert max(counts.values()) <= 5
+    assert build_queries(relations, max_per_combo=5, seed=0) == queries
+    with pytest.raises(MultihopError, match="must end with the subject slot"):
+        build_queries(relations, phrases={"company CEO": "{} has as CEO"})
+
+
+def _reference_pi1_alone(lm, ids: list[int], pi1: list[int], layers: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """π1's tokens run alone, at the positions they hold in the full query: the restriction by construction."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def grab(layer: int, hidden: torch.Tensor) -> None:
+        seen[layer] = hidden[0, -1].detach().float()
+
+    with layer_hooks(lm.adapter.blocks, layers, grab), torch.no_grad():
+        lm.model(input_ids=torch.tensor([[ids[p] for p in pi1]]), position_ids=torch.tensor([pi1]), use_cache=False)
+    return torch.stack([seen[layer] for layer in layers])
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_attention_restriction_matches_running_pi1_alone(which, request):
+    lm = tiny_model("llama") if which == "tiny" else request.getfixturevalue("smol")
+    ids, pi2, pi1 = query_spans(QUERY, lm)
+    assert pi2 == list(range(pi2[0], pi2[-1] + 1)) and pi1[0] == pi2[-1] + 1
+    assert lm.tokenizer.decode([ids[p] for p in pi1]).strip() == QUERY.pi1
+    layers = list(range(lm.n_layers))
+    _, [restricted] = restricted_generate(lm, [RestrictedRun(ids, pi2, pi1)], 0, capture=(layers, [pi1[-1]]))
+    reference = _reference_pi1_alone(lm, ids, pi1, layers)
+    assert torch.allclose(restricted, reference, atol=1e-4 * max(1.0, reference.abs().max().item()))
+    # π2 is untouched by the restriction: its last token matches the plain causal pass
+    _, [plain_pi2] = restricted_generate(lm, [RestrictedRun(ids, [], [])], 0, capture=(layers, [pi2[-1]]))
+    _, [restricted_pi2] = restricted_generate(lm, [RestrictedRun(ids, pi2, pi1)], 0, capture=(layers, [pi2[-1]]))
+    assert torch.allclose(plain_pi2, restricted_pi2, atol=1e-5)
+    # while π1's last token does change once it cannot see π2
+    _, [plain_pi1] = restricted_generate(lm, [RestrictedRun(ids, [], [])], 0, capture=(layers, [pi1[-1]]))
+    assert not torch.allclose(plain_pi1[-1], restricted[-1], atol=1e-3)
+
+
+def test_unrestricted_patched_generation_matches_core_engine():
+    lm = tiny_model("llama")
+    prompts = ["The capital of France is", "Diana, Princess of Wales, was a member of the"]
+    ids = [lm.tokenize(p).ids for p in prompts]
+    vector = torch.randn(lm.hidden_size) * 3
+    ours, _ = restricted_generate(lm, [RestrictedRun(i, [], [], [(1, 2, vector)]) for i in ids], max_new_tokens=8, batch_size=2)
+    core = run_patched(lm, [PatchedRun(i, [Patch(1, [2], vector[None])]) for i in ids], max_new_tokens=8, batch_size=2)
+    assert ours == [o.generated for o in core]
+
+
+def test_honest_accuracy_chooses_on_one_half_and_scores_the_other():
+    rows = []
+    for q in range(8):
+        rows.append({"query": q, "source_layer": 0, "target_layer": 0, "correct": q % 2 == 0})
+        rows.append({"query": q, "source_layer": 1, "target_layer": 0, "correct": q < 4})
+    result = honest_accuracy(rows, list(range(8)), seed=0)
+    assert len(result["folds"]) == 2
+    for fold in result["folds"]:
+        assert fold["chosen_on"] == 4 and fold["scored_on"] == 4 and 0.0 <= fold["accuracy"] <= 1.0
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_quick_profile_end_to_end(smol, data_root, tmp_path):
+    config = MultihopConfig(model="SmolLM2-135M", max_per_combo=2, max_queries=2, layer_step=15, max_new_tokens=8)
+    summary = run_multihop(config, tmp_path / "run")
+    assert summary["n_built"] > 0 and "n_both_ok" in summary
+    assert (tmp_path / "run" / "summary.json").is_file()
+    if summary.get("n_evaluated"):
+        assert 0.0 <= summary["vanilla"] <= 1.0 and 0.0 <= summary["patchscope_oracle"] <= 1.0
+        assert set(summary["pair_accuracy"]) == {f"{s}->{t}" for s in (0, 15, 29) for t in (0, 15, 29)}
+    again = run_multihop(config, tmp_path / "run")  # resumes: nothing recomputed, same numbers
+    assert again == summary
