@@ -342,6 +342,7 @@ async function init() {
     writeUrl(true);
     try { await navigator.clipboard.writeText(location.href); setStatus("link copied"); } catch (e) { setStatus(location.href); }
   });
+  document.body.dataset.ready = "1";
   if (autorun) run();
 }
 

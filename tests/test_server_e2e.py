@@ -1,0 +1,108 @@
+"""End to end in a real headless browser: Debian's chromium driven by Playwright (no browser download).
+
+Opens the page served by a real uvicorn server with SmolLM2-135M, types a prompt, picks a token, runs a
+token-identity grid and checks the layer table and the heatmap, the hover details, the CSV export and
+that the page's URL reproduces the view. Set ``PATCHSCOPES_ARTIFACTS`` to keep the screenshot.
+"""
+
+from __future__ import annotations
+
+import csv as csv_module
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from patchscopes.server import create_app
+from patchscopes.server.background import serve_in_thread
+
+CHROMIUM = os.environ.get("PATCHSCOPES_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PROMPT = "The capital of France is"
+
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(),
+    reason=f"no chromium binary at {CHROMIUM}: apt-get install -y chromium (or set PATCHSCOPES_CHROMIUM)",
+)
+
+
+@pytest.fixture(scope="module")
+def url(smol) -> Iterator[str]:  # noqa: ANN001
+    with serve_in_thread(create_app(["SmolLM2-135M"], loader=lambda name: smol)) as base:
+        yield base
+
+
+@pytest.fixture
+def browser(tmp_path: Path):  # noqa: ANN201
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
+    with sync_api.sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True, viewport={"width": 1280, "height": 860}
+        )
+        yield context
+        context.close()
+
+
+def test_inspection_in_a_real_browser(url: str, browser, tmp_path: Path) -> None:  # noqa: ANN001
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.goto(url + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    page.fill("#prompt", PROMPT)
+    page.wait_for_function("document.querySelectorAll('#tokens .tok').length === 5")
+    page.click("#tokens .tok[data-index='4']")  # " is"
+    assert page.locator("#tokens .tok.selected").inner_text() == "␣is"
+    page.select_option("#preset", "token-identity")
+    page.fill("#source-layers", "0-28:7")
+    page.fill("#target-layers", "0-28:7")
+    page.fill("#answer", " Paris")
+    page.click("#run")
+    page.wait_for_selector("#status:has-text('done')", timeout=90_000)
+
+    rows = page.locator("#results-table tbody tr")
+    assert rows.count() == 25 and page.locator("#heatmap rect.cell").count() == 25
+    top = page.locator("#results-table tbody tr[data-source='28'][data-target='28'] td.decoded").inner_text()
+    assert top.strip() == "Paris"  # the last layers' state of " is" already says what comes next
+    values = [float(v) for v in page.eval_on_selector_all("#heatmap rect.cell", "els => els.map(e => e.dataset.value)")]
+    assert all(0.0 <= v <= 1.0 for v in values) and max(values) > 0.5
+
+    page.hover("#heatmap rect.cell[data-source='28'][data-target='28']")
+    assert "ℓ = 28, ℓ* = 28" in page.locator("#tooltip").inner_text() and "Paris" in page.locator("#tooltip").inner_text()
+    page.select_option("#heat-value", "answer_prob")
+    answer_values = page.eval_on_selector_all("#heatmap rect.cell", "els => els.map(e => e.dataset.value)")
+    assert max(float(v) for v in answer_values) > 0.5
+
+    csv = page.request.get(url + page.get_attribute("#export-csv", "href"))
+    table = list(csv_module.DictReader(io.StringIO(csv.text())))
+    assert (
+        csv.ok and len(table) == 25 and {r["top1"] for r in table if r["source_layer"] == r["target_layer"] == "28"} == {" Paris"}
+    )
+    png = page.request.get(url + page.get_attribute("#export-png", "href"))
+    assert png.ok and png.body()[:4] == b"\x89PNG"
+
+    out_dir = Path(os.environ.get("PATCHSCOPES_ARTIFACTS") or tmp_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(out_dir / "explorer.png"))
+
+    shared = page.url
+    assert "run=1" in shared and "prompt=The+capital+of+France+is" in shared and "position=4" in shared
+    again = browser.new_page()
+    again.goto(shared)
+    again.wait_for_selector("#status:has-text('done')", timeout=60_000)
+    assert again.locator("#results-table tbody tr").count() == 25
+    assert again.input_value("#source-layers") == "0-28:7" and again.input_value("#heat-value") == "answer_prob"
+    assert again.locator("#tokens .tok.selected").inner_text() == "␣is"
+    assert errors == []
