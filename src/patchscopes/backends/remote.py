@@ -82,11 +82,13 @@ def check_hosted(repo_id: str, hosted: Mapping[str, str] | Iterable[str]) -> Non
         raise ModelNotHostedError(f"{repo_id!r} is on NDIF but {states[repo_id]}, not RUNNING; retry later")
 
 
-def model_key(repo_id: str, revision: str = "main") -> str:
+def model_key(repo_id: str, revision: str | None = None) -> str:
     """The key nnsight sends to name a hosted model: the wrapper class's import path and the checkpoint.
 
+    ``revision=None`` is the default branch, as nnsight writes it.
+
     >>> model_key("openai-community/gpt2").split(":", 1)[1]
-    '{"repo_id": "openai-community/gpt2", "revision": "main", "task": "text-generation"}'
+    '{"repo_id": "openai-community/gpt2", "revision": null, "task": "text-generation"}'
     """
     checkpoint = json.dumps({"repo_id": repo_id, "revision": revision, "task": TASK})
     return f"{WRAPPER}:{checkpoint}"
@@ -118,7 +120,7 @@ def check_remote_ready(nm: NNsightModel, hosted: Mapping[str, str] | Iterable[st
     check_hosted(repo, hosted_models() if hosted is None else hosted)
 
 
-def ndif_model(repo_id: str, revision: str = "main", check: bool = True) -> NNsightModel:
+def ndif_model(repo_id: str, revision: str | None = None, check: bool = True) -> NNsightModel:
     """A hosted model for remote runs: nnsight builds its structure on the meta device (no weights download).
 
     Needs the model's config and tokenizer (from the hub or its local cache), and with ``check`` the key
@@ -200,7 +202,7 @@ def build_requests(
     scopes: Sequence[Any],
     stand_in: ModelHandle | NNsightModel,
     repo_id: str,
-    revision: str = "main",
+    revision: str | None = None,
     batch_size: int = 16,
 ) -> RequestPlan:
     """Build, offline, the NDIF requests for ``scopes`` as if ``stand_in`` were the hosted ``repo_id``.

@@ -1,0 +1,130 @@
+"""NDIF remote execution: key and hosted-model errors, and the requests built and validated offline.
+
+Tests that talk to NDIF itself skip unless NDIF_API_KEY is set."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from patchscopes.backends.errors import BackendError, MissingAPIKeyError, ModelNotHostedError
+from patchscopes.positions import Placeholder
+from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target, run_many
+from tiny import tiny_model
+
+pytest.importorskip("nnsight")
+from patchscopes.backends.nnsight_backend import run_many_nnsight, wrap  # noqa: E402
+from patchscopes.backends.remote import (  # noqa: E402
+    API_KEY_ENV,
+    api_key,
+    build_requests,
+    check_hosted,
+    hosted_models,
+    model_key,
+    parse_model_key,
+)
+
+REPO = "HuggingFaceTB/SmolLM2-135M"
+STATUS = {  # the shape of NDIF's raw /status answer
+    "deployments": {
+        "a": {"repo_id": REPO, "application_state": "RUNNING", "deployment_level": "HOT"},
+        "b": {"repo_id": "meta-llama/Llama-3.1-70B", "application_state": "DEPLOYING", "deployment_level": "WARM"},
+    }
+}
+
+
+def _scopes() -> list[Patchscope]:
+    target = Target("cat -> cat\n1135 -> 1135\nx", 1, Placeholder("x"))
+    decodings = (NextToken(), Generate(4))
+    return [Patchscope(Source("The capital of France is", layer), target, decoding=d) for layer in (0, 2) for d in decodings]
+
+
+def test_missing_key_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    with pytest.raises(MissingAPIKeyError, match=API_KEY_ENV):
+        api_key()
+    with pytest.raises(MissingAPIKeyError, match="login.ndif.us"):
+        api_key({API_KEY_ENV: "   "})
+    assert api_key({API_KEY_ENV: "k-123"}) == "k-123"
+    # a remote run refuses before sending anything
+    with pytest.raises(MissingAPIKeyError):
+        run_many_nnsight(_scopes()[:1], tiny_model("llama"), remote=True)
+
+
+def test_hosted_models_and_not_hosted_errors() -> None:
+    hosted = hosted_models(STATUS)
+    assert hosted == {REPO: "RUNNING", "meta-llama/Llama-3.1-70B": "DEPLOYING"}
+    check_hosted(REPO, hosted)
+    with pytest.raises(ModelNotHostedError, match="not hosted.*hosted models: .*SmolLM2"):
+        check_hosted("my/private-model", hosted)
+    with pytest.raises(ModelNotHostedError, match="DEPLOYING"):
+        check_hosted("meta-llama/Llama-3.1-70B", hosted)
+    with pytest.raises(ModelNotHostedError, match="none"):
+        check_hosted(REPO, hosted_models({"deployments": {}}))
+
+
+def test_model_key_matches_nnsight() -> None:
+    """Our offline key is the one nnsight itself mints (its hub lookup replaced by the canonical id)."""
+    import nnsight.modeling.huggingface as hf
+
+    envoy = wrap(tiny_model("llama")).envoy
+    saved = envoy.repo_id
+    hf._ID_CACHE.setdefault(REPO, REPO)
+    try:
+        envoy.repo_id = REPO
+        assert model_key(REPO) == envoy.to_model_key()
+    finally:
+        envoy.repo_id = saved
+    assert parse_model_key(model_key(REPO, "v1"))["revision"] == "v1"
+    for bad in ("no-colon", "other.Class:{}", 'nnsight.modeling.transformers.TransformersModel:{"repo_id": "x"}'):
+        with pytest.raises(BackendError):
+            parse_model_key(bad)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_requests_built_and_validated_offline(arch: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    lm = tiny_model(arch)
+    plan = build_requests(_scopes(), lm, REPO, batch_size=4)
+    # one source-capture request, then one patched-decode request per decoding
+    assert [r.kind for r in plan.requests] == ["source", "target", "target"]
+    for request in plan.requests:
+        assert request.envelope["model_key"] == model_key(REPO)
+        assert request.envelope["env"]["attn_implementation"] == lm.model.config._attn_implementation
+        assert request.size > 0
+    plan.validate(hosted=hosted_models(STATUS))
+    with pytest.raises(ModelNotHostedError):
+        plan.validate(hosted=["someone/else"])
+    with pytest.raises(MissingAPIKeyError):
+        plan.validate(require_key=True)
+    # the deserialised requests, run on the stand-in, give the native engine's results
+    for a, b in zip(run_many(_scopes(), lm, batch_size=4), plan.results):
+        torch.testing.assert_close(b.logits, a.logits, rtol=0, atol=1e-5)
+        assert b.generated_ids == a.generated_ids
+
+
+def test_payload_deserialises_on_its_own() -> None:
+    """A recorded payload is a complete request: nnsight's server-side deserialiser rebuilds the block."""
+    from nnsight.schema.request import RequestModel
+
+    lm = tiny_model("llama")
+    plan = build_requests(_scopes()[:1], lm, REPO)
+    envoy = wrap(lm).envoy
+    for request in plan.requests:
+        tracer = RequestModel.deserialize(request.payload, envoy._remoteable_persistent_objects(), compress=False)
+        assert tracer.info.code is not None
+
+
+NO_KEY = f"remote NDIF tests need an API key in {API_KEY_ENV} and network access"
+
+
+@pytest.mark.skipif(not os.environ.get(API_KEY_ENV), reason=NO_KEY)
+def test_ndif_gpt2_token_identity() -> None:  # pragma: no cover - needs NDIF
+    from patchscopes.backends.remote import ndif_model
+    from patchscopes.presets import TOKEN_IDENTITY
+
+    remote = ndif_model("openai-community/gpt2")
+    [result] = run_many_nnsight([TOKEN_IDENTITY.scope("Diana, Princess of Wales", layer=3, position=-1)], remote)
+    assert result.top_tokens
