@@ -29,6 +29,7 @@ console = Console()
 #: Modules that contribute commands: each defines ``register(app, eval_app)``. One line per module.
 PLUGINS: list[str] = [
     "patchscopes.server.cli",
+    "patchscopes.evals.cli",
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M"

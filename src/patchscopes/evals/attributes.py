@@ -1,0 +1,343 @@
+"""Attribute extraction vs linear probing (Patchscopes paper, Table 2).
+
+Per task (a TSV in the format of the paper's preprocessed data):
+
+1. screen: keep the samples the model answers itself — given ``prompt_target`` with ``x`` replaced by
+   the subject, the object appears in its 20 greedy tokens (the paper's filter);
+2. patchscope: the hidden state of the last subject token in a WikiText snippet (position recomputed
+   for this model's tokenizer from the subject string) is patched at ``x`` of ``prompt_target``, over a
+   grid of (ℓ, ℓ*); a sample is correct at ℓ if the object appears in the 20 greedy tokens for SOME ℓ*;
+3. probe: a per-layer logistic regression from the same hidden states to the object, 3-fold CV;
+4. accuracy per layer, mean ± std over ℓ, paired t-test over ℓ with a Bonferroni correction over tasks.
+
+Correctness rule (:func:`is_correct`): all whitespace removed from both strings, compared
+case-insensitively by default (the models capitalise objects inconsistently: "dollar" vs "Dollar").
+The rule accepts an object mentioned anywhere in 20 tokens ("is a liquid. The transition from solid
+to liquid…" counts for "solid"), so a stricter variant on the first generated line is reported beside it.
+
+    >>> is_correct(" is the United States dollar.", "US Dollar")
+    False
+    >>> is_correct(" is the dollar", "Dollar")
+    True
+    >>> fill_placeholder("The official currency of x", "Japan")
+    'The official currency of Japan'
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from patchscopes import plots
+from patchscopes.capture import capture
+from patchscopes.datasets import data_dir
+from patchscopes.evals.attribute_data import AttributeSample, load_attribute_task
+from patchscopes.evals.common import EvalError, UnitCounter, open_store, run_config, seeded_sample
+from patchscopes.evals.probing import paired_test, probe_accuracy
+from patchscopes.models.loading import ModelHandle
+from patchscopes.patching import PatchedRun, run_patched
+from patchscopes.positions import resolve_positions
+from patchscopes.presets import attribute
+from patchscopes.progress import progress_bar
+from patchscopes.results import ResultStore
+from patchscopes.sweep import sweep
+
+#: The twelve tasks of the paper's Table 2.
+TABLE2_TASKS = (
+    "fruit_inside_color",
+    "fruit_outside_color",
+    "object_superclass",
+    "substance_phase",
+    "task_done_by_tool",
+    "company_ceo",
+    "country_currency",
+    "food_from_country",
+    "person_plays_position_in_sport",
+    "person_plays_pro_sport",
+    "product_by_company",
+    "star_constellation",
+)
+
+
+@dataclass(frozen=True)
+class AttributesConfig:
+    """Every parameter of an attribute-extraction run.
+
+    ``screen`` samples per task are screened (seeded order); the probe uses every screened sample the
+    model answers; the (ℓ, ℓ*) grid uses at most ``grid_samples`` of those. Layers are every
+    ``layer_step``-th block from 0 unless ``source_layers`` / ``target_layers`` are given.
+    """
+
+    tasks: tuple[str, ...] = TABLE2_TASKS
+    task_files: tuple[str, ...] = ()
+    screen: int | None = 12
+    grid_samples: int | None = 2
+    layer_step: int = 6
+    source_layers: tuple[int, ...] | None = None
+    target_layers: tuple[int, ...] | None = None
+    max_new_tokens: int = 20
+    case_sensitive: bool = False
+    folds: int = 3
+    batch_size: int = 32
+    seed: int = 0
+
+
+DEFAULT_ATTRIBUTES = AttributesConfig()
+QUICK_ATTRIBUTES = AttributesConfig(
+    tasks=("country_currency", "substance_phase"), screen=6, grid_samples=1, source_layers=(2, 12), target_layers=(2, 12)
+)
+
+
+def is_correct(generated: str, obj: str, case_sensitive: bool = False) -> bool:
+    """The paper's rule: the object, spaces removed, occurs in the generated text, spaces removed."""
+    text, target = re.sub(r"\s+", "", generated), re.sub(r"\s+", "", obj)
+    if not case_sensitive:
+        text, target = text.lower(), target.lower()
+    return bool(target) and target in text
+
+
+def first_line(text: str) -> str:
+    """The generated text up to its first line break (for the stricter variant of the rule)."""
+    return text.strip().split("\n", 1)[0]
+
+
+def fill_placeholder(prompt: str, subject: str, placeholder: str = "x") -> str:
+    """``prompt`` with its last whole-word placeholder replaced by ``subject``."""
+    spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(placeholder)}(?!\w)", prompt)]
+    if not spans:
+        raise EvalError(f"no placeholder {placeholder!r} in target prompt {prompt!r}")
+    start, end = spans[-1]
+    return prompt[:start] + subject + prompt[end:]
+
+
+def task_paths(config: AttributesConfig) -> list[Path]:
+    """The task files: ``task_files`` if given, else ``<data>/patchscopes/{commonsense,factual}/<task>.tsv``."""
+    if config.task_files:
+        return [Path(p) for p in config.task_files]
+    paths = []
+    for task in config.tasks:
+        found = sorted((data_dir() / "patchscopes").glob(f"*/{task}.tsv"))
+        if not found:
+            raise EvalError(f"no task file {task}.tsv under {data_dir() / 'patchscopes'}; known: {', '.join(TABLE2_TASKS)}")
+        paths.append(found[0])
+    return paths
+
+
+def first_snippets(samples: Sequence[AttributeSample]) -> list[AttributeSample]:
+    """One row per sample id: its first source snippet (the file keeps up to five per sample)."""
+    seen: dict[str, AttributeSample] = {}
+    for s in samples:
+        seen.setdefault(s.sample_id, s)
+    return list(seen.values())
+
+
+def source_position(lm: ModelHandle, sample: AttributeSample) -> int:
+    """The last token of the subject in the snippet, for this model's tokenizer."""
+    tok = lm.tokenize(sample.prompt_source)
+    return resolve_positions(sample.source_position, sample.prompt_source, tok.offsets)[-1]
+
+
+def _layers(lm: ModelHandle, given: tuple[int, ...] | None, step: int) -> list[int]:
+    return sorted({layer % lm.n_layers for layer in (given if given is not None else range(0, lm.n_layers, step))})
+
+
+def _screen_rows(lm: ModelHandle, samples: Sequence[AttributeSample], config: AttributesConfig) -> list[dict[str, Any]]:
+    prompts = [fill_placeholder(s.prompt_target, s.subject) for s in samples]
+    outs = run_patched(lm, [PatchedRun(lm.tokenize(p).ids, []) for p in prompts], config.max_new_tokens, config.batch_size)
+    rows = []
+    for s, prompt, out in zip(samples, prompts, outs):
+        text = lm.tokenizer.decode(out.generated)
+        rows.append(
+            {
+                "task": s.task,
+                "sample_id": s.sample_id,
+                "line": s.line,
+                "subject": s.subject,
+                "object": s.object,
+                "prompt": prompt,
+                "generated": text,
+                "answered": is_correct(text, s.object, config.case_sensitive),
+                "source_position": source_position(lm, s),
+            }
+        )
+    return rows
+
+
+def _probe_rows(
+    lm: ModelHandle, samples: Sequence[AttributeSample], layers: list[int], config: AttributesConfig
+) -> list[dict[str, Any]]:
+    if not samples:
+        return []
+    ids = [lm.tokenize(s.prompt_source).ids for s in samples]
+    pos = [[source_position(lm, s)] for s in samples]
+    states = capture(lm, ids, pos, layers, config.batch_size)
+    x = np.stack([st[:, 0].float().cpu().numpy() for st in states])  # [n, layers, d]
+    labels = [s.object for s in samples]
+    return [
+        {
+            "task": samples[0].task,
+            "layer": layer,
+            "probe_accuracy": probe_accuracy(x[:, i], labels, config.folds, config.seed),
+            "n": len(samples),
+            "n_classes": len(set(labels)),
+        }
+        for i, layer in enumerate(layers)
+    ]
+
+
+def _grid_rows(
+    lm: ModelHandle, sample: AttributeSample, sources: list[int], targets: list[int], config: AttributesConfig
+) -> list[dict[str, Any]]:
+    df = sweep(
+        lm,
+        [sample.prompt_source],
+        attribute(sample.prompt_target, max_new_tokens=config.max_new_tokens),
+        source_layers=sources,
+        target_layers=targets,
+        positions=[sample.source_position],
+        batch_size=config.batch_size,
+        progress=False,
+    )
+    return [
+        {
+            "task": sample.task,
+            "sample_id": sample.sample_id,
+            "object": sample.object,
+            "source_layer": int(row.source_layer),
+            "target_layer": int(row.target_layer),
+            "text": row.text,
+            "correct": is_correct(row.text, sample.object, config.case_sensitive),
+            "correct_first_line": is_correct(first_line(row.text), sample.object, config.case_sensitive),
+        }
+        for row in df.itertuples()
+    ]
+
+
+def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int) -> pd.DataFrame:
+    """Per task: patchscope and probe accuracy (%) mean ± std over the grid's source layers, paired t-test."""
+    rows = []
+    for task, part in grid.groupby("task", sort=False):
+        per_layer = _per_layer(part, "correct")
+        strict = _per_layer(part, "correct_first_line")
+        layers = list(per_layer.index)
+        probe_part = (
+            probe[probe.task == task].set_index("layer")["probe_accuracy"] * 100 if len(probe) else pd.Series(dtype=float)
+        )
+        probe_layers = probe_part.reindex(layers)
+        test = paired_test(per_layer.to_numpy(), probe_layers.to_numpy(), n_tests=n_tasks)
+        rows.append(
+            {
+                "task": task,
+                "grid_samples": part.sample_id.nunique(),
+                "probe_samples": int(probe[probe.task == task]["n"].iloc[0]) if len(probe_part) else 0,
+                "patchscope_mean": float(per_layer.mean()),
+                "patchscope_std": float(per_layer.std(ddof=0)),
+                "patchscope_first_line_mean": float(strict.mean()),
+                "probe_mean": float(probe_layers.mean()),
+                "probe_std": float(probe_layers.std(ddof=0)),
+                "t": test.t,
+                "p_bonferroni": test.p_corrected,
+                "better": {"a": "patchscope", "b": "probe", None: ""}[test.winner],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _per_layer(grid: pd.DataFrame, column: str) -> pd.Series:
+    """Accuracy (%) per source layer: a sample counts at ℓ when ``column`` holds for some ℓ*."""
+    return grid.groupby(["source_layer", "sample_id"])[column].any().groupby("source_layer").mean() * 100
+
+
+@dataclass
+class AttributesResult:
+    screen: pd.DataFrame
+    probe: pd.DataFrame
+    grid: pd.DataFrame
+    summary: pd.DataFrame
+    out: Path
+
+
+def run_attributes(
+    lm: ModelHandle,
+    out: str | Path,
+    config: AttributesConfig = DEFAULT_ATTRIBUTES,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> AttributesResult:
+    """Run (or resume) attribute extraction vs probing into ``out``.
+
+    Units: one screening unit and one probe unit per task, one grid unit per (task, sample). Writes
+    ``summary.csv``, ``grid.csv`` and one heatmap ``heatmap_<task>.png`` per task.
+    """
+    out = Path(out)
+    sources = _layers(lm, config.source_layers, config.layer_step)
+    targets = _layers(lm, config.target_layers, config.layer_step)
+    config = replace(config, source_layers=tuple(sources), target_layers=tuple(targets))
+    store = open_store(out, run_config("attributes", lm, config.seed, config))
+    counter = UnitCounter(stop_after)
+    tasks = [load_attribute_task(p) for p in task_paths(config)]
+    with progress_bar(len(tasks), "screen + probe tasks", enabled=progress) as advance:
+        for task in tasks:
+            samples = seeded_sample(first_snippets(task.samples), config.screen, config.seed)
+            if not store.done("screen", task.name):
+                store.append("screen", task.name, _screen_rows(lm, samples, config))
+                counter.tick()
+            answered = _answered(store.frame("screen"), task.name)
+            kept = [s for s in samples if s.sample_id in answered]
+            if not store.done("probe", task.name):
+                store.append("probe", task.name, _probe_rows(lm, kept, list(range(lm.n_layers)), config))
+                counter.tick()
+            advance(1)
+    screen = store.frame("screen")
+    grid_units = []
+    for task in tasks:
+        samples = seeded_sample(first_snippets(task.samples), config.screen, config.seed)
+        answered = _answered(screen, task.name)
+        kept = [s for s in samples if s.sample_id in answered]
+        grid_units += kept[: config.grid_samples] if config.grid_samples is not None else kept
+    with progress_bar(
+        len(grid_units), f"(ℓ, ℓ*) grid, {len(sources)}×{len(targets)} pairs per sample", enabled=progress
+    ) as advance:
+        for sample in grid_units:
+            key = [sample.task, sample.sample_id]
+            if not store.done("grid", key):
+                store.append("grid", key, _grid_rows(lm, sample, sources, targets, config))
+                counter.tick()
+            advance(1)
+    return finish(lm.name, store, len(tasks))
+
+
+def _answered(screen: pd.DataFrame, task: str) -> set[str]:
+    if screen.empty:
+        return set()
+    part = screen[(screen.task == task) & screen.answered]
+    return set(part.sample_id.astype(str))
+
+
+def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResult:
+    """Summaries, CSVs and heatmaps from whatever ``store`` holds."""
+    out = store.directory
+    screen, probe, grid = store.frame("screen"), store.frame("probe"), store.frame("grid")
+    summary = summarize(grid, probe, n_tasks) if not grid.empty else pd.DataFrame()
+    if not screen.empty:
+        kept = screen.groupby("task", sort=False)["answered"].agg(["sum", "count"]).reset_index()
+        kept.columns = ["task", "answered", "screened"]
+        summary = kept.merge(summary, on="task", how="left") if not summary.empty else kept
+    summary.to_csv(out / "summary.csv", index=False)
+    grid.to_csv(out / "grid.csv", index=False)
+    probe.to_csv(out / "probe.csv", index=False)
+    screen.to_csv(out / "screen.csv", index=False)
+    for task, part in grid.groupby("task", sort=False) if not grid.empty else []:
+        title = f"{model_name}: {task}, accuracy over (ℓ, ℓ*), {part.sample_id.nunique()} sample(s)"
+        plots.save(
+            plots.heatmap(part.assign(correct=part.correct.astype(float)), value="correct", title=title),
+            out / f"heatmap_{task}.png",
+        )
+    store.write_json("summary.json", {"kind": "attributes", "n_tasks": n_tasks})
+    return AttributesResult(screen, probe, grid, summary, out)

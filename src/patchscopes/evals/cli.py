@@ -1,0 +1,167 @@
+"""CLI for the evaluations: ``patchscopes eval next-token | attributes | entities`` and ``patchscopes report DIR``.
+
+The commands parse options and print; the computing is in :mod:`patchscopes.evals`.
+
+    $ patchscopes eval next-token --out runs/ntp --quick
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchscopes.errors import PatchscopeError
+
+console = Console()
+DEFAULT_MODEL = "SmolLM2-135M"
+
+Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
+Out = Annotated[Path, typer.Option(help="Run directory (resumable: the same --out continues an interrupted run).")]
+Seed = Annotated[int, typer.Option(help="Seed of every random choice (positions, samples).")]
+Quick = Annotated[bool, typer.Option(help="A small profile that runs in a minute or two (for CI and smoke tests).")]
+Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
+
+
+def _layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
+    return None if text is None else tuple(int(v) for v in text.split(","))
+
+
+def _print_frame(df, title: str, limit: int = 40) -> None:  # noqa: ANN001
+    table = Table(title=title)
+    for column in df.columns:
+        table.add_column(str(column))
+    for row in df.head(limit).itertuples(index=False):
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def next_token(
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path("runs/next-token"),
+    seed: Seed = 0,
+    quick: Quick = False,
+    n_eval: Annotated[Optional[int], typer.Option(help="Evaluated positions (one per text).")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
+    corpus: Annotated[
+        Optional[list[Path]], typer.Option(help="Text files (one text per line) or TSVs with prompt_source.")
+    ] = None,
+    progress: Progress = True,
+) -> None:
+    """Next-token prediction (paper Fig. 2): Precision@1 and surprisal of logit lens, affine lens, token identity."""
+    from patchscopes.evals.next_token import DEFAULT_NEXT_TOKEN, QUICK_NEXT_TOKEN, run_next_token, summary_table
+    from patchscopes.models.loading import load_model
+
+    config = replace(QUICK_NEXT_TOKEN if quick else DEFAULT_NEXT_TOKEN, seed=seed)
+    if n_eval is not None:
+        config = replace(config, n_eval=n_eval)
+    if layers is not None:
+        config = replace(config, layers=_layers(layers))
+    if corpus:
+        config = replace(config, corpus=tuple(str(p) for p in corpus))
+    try:
+        result = run_next_token(load_model(model), out, config, progress=progress)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    _print_frame(summary_table(result.summary), f"next-token prediction, {model}")
+    console.print(f"wrote {out}/summary.csv, {out}/next_token.png")
+
+
+def attributes(
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path("runs/attributes"),
+    seed: Seed = 0,
+    quick: Quick = False,
+    task: Annotated[
+        Optional[list[str]], typer.Option(help="Task name(s) under <data>/patchscopes (default: Table 2's 12).")
+    ] = None,
+    task_file: Annotated[Optional[list[Path]], typer.Option(help="Your own task TSV file(s) in the same format.")] = None,
+    screen: Annotated[Optional[int], typer.Option(help="Samples screened per task.")] = None,
+    grid_samples: Annotated[Optional[int], typer.Option(help="Answered samples per task in the (ℓ, ℓ*) grid.")] = None,
+    layer_step: Annotated[Optional[int], typer.Option(help="Grid layers: every n-th block from 0.")] = None,
+    case_sensitive: Annotated[bool, typer.Option(help="Compare object and generation case-sensitively.")] = False,
+    progress: Progress = True,
+) -> None:
+    """Attribute extraction vs linear probing (paper Table 2), with heatmaps over (ℓ, ℓ*)."""
+    from patchscopes.evals.attributes import DEFAULT_ATTRIBUTES, QUICK_ATTRIBUTES, run_attributes
+    from patchscopes.models.loading import load_model
+
+    config = replace(QUICK_ATTRIBUTES if quick else DEFAULT_ATTRIBUTES, seed=seed, case_sensitive=case_sensitive)
+    for name, value in (("screen", screen), ("grid_samples", grid_samples), ("layer_step", layer_step)):
+        if value is not None:
+            config = replace(config, **{name: value})
+    if task:
+        config = replace(config, tasks=tuple(task))
+    if task_file:
+        config = replace(config, task_files=tuple(str(p) for p in task_file))
+    try:
+        result = run_attributes(load_model(model), out, config, progress=progress)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    _print_frame(result.summary, f"attribute extraction vs probing, {model} (accuracy %)")
+    console.print(f"wrote {out}/summary.csv and heatmaps")
+
+
+def entities(
+    model: Model = DEFAULT_MODEL,
+    out: Out = Path("runs/entities"),
+    seed: Seed = 0,
+    quick: Quick = False,
+    per_group: Annotated[Optional[int], typer.Option(help="Entities drawn from each of popular and rare.")] = None,
+    layer_step: Annotated[Optional[int], typer.Option(help="Layers: every n-th block from 0 (1 = all).")] = None,
+    entities_file: Annotated[Optional[Path], typer.Option(help="Your own TSV: entity, popularity, description.")] = None,
+    progress: Progress = True,
+) -> None:
+    """Entity resolution (paper Fig. 3): RougeL and embedding similarity of descriptions, popular vs rare."""
+    from patchscopes.evals.entities import DEFAULT_ENTITIES, QUICK_ENTITIES, run_entities
+    from patchscopes.models.loading import load_model
+
+    config = replace(QUICK_ENTITIES if quick else DEFAULT_ENTITIES, seed=seed)
+    if per_group is not None:
+        config = replace(config, per_group=per_group)
+    if layer_step is not None:
+        config = replace(config, layer_step=layer_step, layers=None)
+    if entities_file is not None:
+        config = replace(config, entities_file=str(entities_file))
+    try:
+        result = run_entities(load_model(model), out, config, progress=progress)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    _print_frame(result.summary, f"entity resolution, {model}")
+    console.print(f"wrote {out}/summary.csv, {out}/entities.png")
+
+
+def report(
+    directory: Annotated[Path, typer.Argument(help="A run directory written by `patchscopes eval …`.")],
+    output: Annotated[Optional[Path], typer.Option(help="HTML file (default: DIRECTORY/report.html).")] = None,
+    paper: Annotated[Optional[Path], typer.Option(help="A JSON of paper numbers (default: <data>/paper_tables).")] = None,
+) -> None:
+    """Render one run directory as a self-contained HTML page: plots, tables, configuration, the paper's numbers."""
+    from patchscopes.report import write_report
+
+    try:
+        path = write_report(directory, output, paper)
+    except PatchscopeError as exc:
+        _fail(exc)
+        return
+    console.print(f"wrote {path}")
+
+
+def register(app: typer.Typer, eval_app: typer.Typer) -> None:
+    """Add the evaluation commands under ``eval`` and ``report`` at the top level."""
+    eval_app.command("next-token")(next_token)
+    eval_app.command("attributes")(attributes)
+    eval_app.command("entities")(entities)
+    app.command("report")(report)
