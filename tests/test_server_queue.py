@@ -138,3 +138,38 @@ def test_plain_request_disconnect_cancels_the_job(server) -> None:  # noqa: ANN0
     with httpx.Client(timeout=30) as client:
         queue = wait_idle(client, url, timeout=10)
     assert queue["cancelled"] == before + 1
+
+
+@pytest.mark.parametrize(
+    ("source", "target", "new_tokens", "chunk_cells", "expected_size"),
+    [
+        ("all", "same", 0, 32, 32),
+        ("all", "all", 0, 8, 8),
+        ("all", "all", 0, 3, 3),
+        ("0,1", "all", 8, 6, 2),
+        ("all", "0", 40, 4, 1),
+    ],
+)
+def test_chunks_cover_every_cell_once(source: str, target: str, new_tokens: int, chunk_cells: int, expected_size: int) -> None:
+    from patchscopes.server.layers import parse_layers
+    from patchscopes.server.schemas import InspectRequest
+    from patchscopes.server.work import chunk_size, layer_chunks
+
+    class FakePlan:  # only the fields the chunking reads
+        request = InspectRequest(model="m", prompt="p", max_new_tokens=new_tokens)
+        source_layers = parse_layers(source, 4)
+        target_layers = "same" if target == "same" else parse_layers(target, 4)
+
+    plan = FakePlan()
+    assert chunk_size(plan, chunk_cells) == expected_size  # type: ignore[arg-type]
+    cells = []
+    for sources, targets in layer_chunks(plan, chunk_cells):  # type: ignore[arg-type]
+        pairs = [(s, s) for s in sources] if targets == "same" else [(s, t) for s in sources for t in targets]
+        assert len(pairs) <= max(expected_size, 1 if targets == "same" else len(targets))
+        cells += pairs
+    expected = (
+        [(s, s) for s in plan.source_layers]
+        if target == "same"
+        else [(s, t) for s in plan.source_layers for t in plan.target_layers]
+    )
+    assert sorted(cells) == sorted(expected) and len(cells) == len(set(cells))

@@ -22,11 +22,20 @@ def _clean(value: float) -> float | None:
     return round(float(value), 6) if math.isfinite(float(value)) else None
 
 
-def layer_chunks(plan: Plan, chunk_cells: int) -> list[list[int]]:
-    """Source layers in groups of about ``chunk_cells`` Patchscopes each (at least one layer per group)."""
-    per_layer = 1 if plan.target_layers == SAME else len(plan.target_layers)
-    size = max(1, chunk_cells // per_layer)
-    return [plan.source_layers[i : i + size] for i in range(0, len(plan.source_layers), size)]
+def chunk_size(plan: Plan, chunk_cells: int) -> int:
+    """Patchscopes per chunk: ``chunk_cells`` for next-token decoding, fewer the more tokens each generates."""
+    return max(1, chunk_cells // (1 + plan.request.max_new_tokens // 4))
+
+
+def layer_chunks(plan: Plan, chunk_cells: int) -> list[tuple[list[int], list[int] | str]]:
+    """(source layers, target layers) pieces of about :func:`chunk_size` cells that together cover the plan."""
+    size = chunk_size(plan, chunk_cells)
+    if plan.target_layers == SAME or len(plan.target_layers) <= size:
+        per_layer = 1 if plan.target_layers == SAME else len(plan.target_layers)
+        step = max(1, size // per_layer)
+        return [(plan.source_layers[i : i + step], plan.target_layers) for i in range(0, len(plan.source_layers), step)]
+    targets = list(plan.target_layers)
+    return [([layer], targets[i : i + size]) for layer in plan.source_layers for i in range(0, len(targets), size)]
 
 
 @contextmanager
@@ -68,20 +77,21 @@ def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32
     rows: list[dict[str, Any]] = []
     total = plan.cells
     ctx.emit({"type": "started", "total": total})
-    for chunk in layer_chunks(plan, chunk_cells):
+    batch = chunk_size(plan, chunk_cells)
+    for sources, targets in layer_chunks(plan, chunk_cells):
         ctx.check()
         with model_locks(pool, {plan.model.name, plan.target_model.name}):
             frame = sweep(
                 plan.model,
                 [plan.request.prompt],
                 plan.preset,
-                source_layers=chunk,
-                target_layers=plan.target_layers,
+                source_layers=sources,
+                target_layers=targets,
                 position=plan.position,
                 mapping=plan.mapping,
                 decoding=plan.decoding,
                 target_model=plan.target_model if plan.target_model is not plan.model else None,
-                batch_size=min(32, chunk_cells),
+                batch_size=batch,
                 extra=extra,
                 progress=False,
             )
