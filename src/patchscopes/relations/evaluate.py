@@ -16,6 +16,7 @@ a :class:`~patchscopes.results.ResultStore`, and Jacobians are cached, so an int
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -125,8 +126,10 @@ def make_split(relation: Relation, samples: Sequence[RelationSample], seed: int,
     return data
 
 
-def concept_sets(lm: ModelHandle, data: SplitData, cfg: LrcConfig, jacobians: Callable[..., Any]) -> dict[str, ConceptSet]:
-    """Every method's concepts, all in the subject space of ``cfg.subject_layer``."""
+def concept_sets(
+    lm: ModelHandle, data: SplitData, cfg: LrcConfig, jacobians: Callable[..., Any], artifacts: Path | None = None
+) -> dict[str, ConceptSet]:
+    """Every method's concepts, all in the subject space of ``cfg.subject_layer`` (saved under ``artifacts``)."""
     s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
     final = resolve_layer(cfg.final_layer, lm.n_layers)
     rank = min(cfg.rank, lm.hidden_size)
@@ -135,12 +138,20 @@ def concept_sets(lm: ModelHandle, data: SplitData, cfg: LrcConfig, jacobians: Ca
     states = subject_states(lm, data.train_prompts, s_layer, cfg.batch_size)
     labels = [p.object for p in data.train_prompts]
     meta = {"model": lm.name, "relation": data.relation.name, "subject_layer": s_layer}
-    return {
+    sets = {
         "LRC": lrc_concepts(lm, lre, data.train_prompts, rank, cfg.batch_size),
         "LRC (first token, final layer)": lrc_concepts(lm, lre_final, data.train_prompts, rank, cfg.batch_size),
         "SVM": svm_concepts(states, labels, **meta),
         "input averaging": averaging_concepts(states, labels, **meta),
     }
+    for concepts in sets.values():
+        concepts.metadata["subject_norm"] = float(states.norm(dim=-1).mean())
+    if artifacts is not None:
+        lre.save(artifacts / "lre")
+        lre_final.save(artifacts / "lre-first-token-final-layer")
+        for method, concepts in sets.items():
+            concepts.save(artifacts / ("concepts-" + re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")))
+    return sets
 
 
 def causal_edits(
@@ -173,10 +184,12 @@ def evaluate_concepts(
     return accuracy, success
 
 
-def evaluate_split(lm: ModelHandle, data: SplitData, cfg: LrcConfig, seed: int, jacobians: Callable[..., Any]) -> list[dict]:
+def evaluate_split(
+    lm: ModelHandle, data: SplitData, cfg: LrcConfig, seed: int, jacobians: Callable[..., Any], artifacts: Path | None = None
+) -> list[dict]:
     """All rows (one per test prompt or edit and method) of one (relation, seed)."""
     s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
-    sets = concept_sets(lm, data, cfg, jacobians)
+    sets = concept_sets(lm, data, cfg, jacobians, artifacts)
     states = subject_states(lm, data.test_prompts, s_layer, cfg.batch_size)
     objects = sorted({s.object for s in data.train})
     edits = causal_edits(lm, data.test_prompts, objects, seed, cfg.batch_size)
@@ -234,7 +247,8 @@ def run_lrc_eval(lm: ModelHandle, cfg: LrcConfig, out_dir: str | Path, progress:
                         store.append("dropped", key, [why])
                         store.append("rows", key, [])
                     else:
-                        store.append("rows", key, evaluate_split(lm, data, cfg, seed, jacobians))
+                        artifacts = out / "artifacts" / re.sub(r"[^a-z0-9]+", "-", relation.name.lower()) / f"seed-{seed}"
+                        store.append("rows", key, evaluate_split(lm, data, cfg, seed, jacobians, artifacts))
                 advance(1)
     summary = {
         **summarise(store.frame("rows")),

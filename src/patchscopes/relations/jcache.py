@@ -31,22 +31,17 @@ class JacobianCache:
         self.hits = 0
         self.misses = 0
 
-    def _path(
-        self, lm: ModelHandle, located: Located, subject_layer: int, object_layers: Sequence[int], aggregation: str
-    ) -> Path:
-        key = json.dumps(
-            [
-                lm.name,
-                lm.weights_sha256,
-                located.ids,
-                located.subject,
-                located.answer,
-                subject_layer,
-                sorted(object_layers),
-                aggregation,
-            ]
-        )
-        return self.directory / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+    def _base(self, lm: ModelHandle, located: Located, subject_layer: int, aggregation: str) -> str:
+        key = json.dumps([lm.name, lm.weights_sha256, located.ids, located.subject, located.answer, subject_layer, aggregation])
+        return hashlib.sha256(key.encode()).hexdigest()[:32]
+
+    def _find(self, base: str, layers: list[int]) -> tuple[Path, list[int]] | None:
+        """A stored entry whose object layers include all of ``layers`` (a sweep's entry serves single layers)."""
+        for path in sorted(self.directory.glob(f"{base}-*.safetensors")):
+            stored = [int(x) for x in path.stem.split("-", 1)[1].split("_")]
+            if set(layers) <= set(stored):
+                return path, stored
+        return None
 
     def __call__(
         self,
@@ -56,16 +51,20 @@ class JacobianCache:
         object_layers: Sequence[int],
         aggregation: Aggregation = "mean",
     ) -> PromptJacobian:
-        path = self._path(lm, located, subject_layer, object_layers, aggregation)
-        if path.is_file():
+        layers = sorted(set(int(x) for x in object_layers))
+        base = self._base(lm, located, subject_layer, aggregation)
+        found = self._find(base, layers)
+        if found is not None:
             self.hits += 1
+            path, stored = found
             t = load_file(str(path))
-            return PromptJacobian(weight=t["weight"], subject=t["subject"], object=t["object"])
+            index = [stored.index(x) for x in layers]
+            return PromptJacobian(weight=t["weight"][index], subject=t["subject"], object=t["object"][index])
         self.misses += 1
-        jac = prompt_jacobian(lm, located, subject_layer, object_layers, aggregation)
+        jac = prompt_jacobian(lm, located, subject_layer, layers, aggregation)
+        path = self.directory / f"{base}-{'_'.join(map(str, layers))}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file(
-            {"weight": jac.weight.contiguous(), "subject": jac.subject.contiguous(), "object": jac.object.contiguous()}, str(tmp)
-        )
+        tensors = {"weight": jac.weight.contiguous(), "subject": jac.subject.contiguous(), "object": jac.object.contiguous()}
+        save_file(tensors, str(tmp))
         os.replace(tmp, path)
         return jac
