@@ -212,10 +212,7 @@ def create_app(
         }
 
     async def _plan(body: InspectRequest) -> Plan:
-        if jobs.active >= jobs.capacity:  # refuse before loading or tokenizing anything
-            raise QueueFullError(
-                f"the server is busy ({jobs.active} jobs, capacity {jobs.capacity}); retry later", jobs.retry_after()
-            )
+        jobs.refuse_if_full()  # before loading or tokenizing anything
         return await run_in_threadpool(make_plan, body, pool, map_index, limits)
 
     def _submit(plan: Plan) -> tuple[Job, asyncio.Queue[dict[str, Any]]]:

@@ -85,15 +85,25 @@ class JobQueue:
         """Seconds until a slot is likely free: the running mean job time × the queue ahead, per worker."""
         return max(1, min(120, math.ceil(self._mean_seconds * max(1, self.active) / self.workers)))
 
+    def refuse_if_full(self) -> None:
+        """Raise :class:`QueueFullError` now when no slot is free (a cheap check before preparing work)."""
+        with self._lock:
+            if len(self._active) >= self.capacity:
+                self.stats["rejected"] += 1
+                raise self._full()
+
+    def _full(self) -> QueueFullError:
+        return QueueFullError(
+            f"the server is busy ({len(self._active)} jobs queued or running, capacity {self.capacity}); retry later",
+            retry_after=self.retry_after(),
+        )
+
     def submit(self, fn: Callable[[JobContext], Any], listener: Listener | None = None) -> Job:
         """Queue ``fn(ctx)``; raise :class:`QueueFullError` when ``capacity`` jobs are already in."""
         with self._lock:
             if len(self._active) >= self.capacity:
                 self.stats["rejected"] += 1
-                raise QueueFullError(
-                    f"the server is busy ({len(self._active)} jobs queued or running, capacity {self.capacity}); retry later",
-                    retry_after=self.retry_after(),
-                )
+                raise self._full()
             job = Job(id=f"j{next(self._ids)}", future=Future(), listener=listener)
             self._active[job.id] = job
             self.stats["submitted"] += 1
