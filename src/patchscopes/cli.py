@@ -30,6 +30,7 @@ console = Console()
 PLUGINS: list[str] = [
     "patchscopes.server.cli",
     "patchscopes.evals.cli",
+    "patchscopes.relations.cli",
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M"

@@ -11,6 +11,7 @@ Each stage keeps the value with the best macro mean of validation accuracy and c
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -153,3 +154,16 @@ def apply_choice(cfg: LrcConfig, choice: dict[str, Any]) -> LrcConfig:
         beta=float(choice["beta"]),
         chosen_by="validation sweep",
     )
+
+
+def sweep_frame(directory: str | Path) -> pd.DataFrame:
+    """The ``sweep`` table of a sweep run directory (read-only; no configuration check)."""
+    rows: list[dict[str, Any]] = []
+    path = Path(directory) / "sweep.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.extend(json.loads(line)["rows"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return pd.DataFrame(rows)

@@ -1,0 +1,85 @@
+"""``patchscopes eval lrc``: the LRC paper's Table 5 on a bundled model (sweep on validation, then test).
+
+    patchscopes eval lrc --profile quick --out runs/lrc-quick
+    patchscopes eval lrc --profile default --out runs/lrc
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from patchscopes.errors import PatchscopeError
+
+console = Console()
+
+
+def _ints(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def lrc_command(
+    profile: Annotated[str, typer.Option(help="quick (CI, ~1 relation, 1 seed) or default (the documented run).")] = "default",
+    model: Annotated[Optional[str], typer.Option(help="Registry name or path (default: the profile's model).")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory (resumable; another configuration is refused).")] = Path("runs/lrc"),
+    sweep: Annotated[bool, typer.Option(help="Choose layers, rank and beta on a validation split first.")] = True,
+    relations: Annotated[Optional[str], typer.Option(help="Comma-separated relation names (the files' 'name').")] = None,
+    relations_dir: Annotated[Optional[Path], typer.Option(help="Read relation JSON files from here instead.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, e.g. 42,43,44.")] = None,
+    subject_layer: Annotated[Optional[int], typer.Option(help="Subject layer (without --sweep).")] = None,
+    object_layer: Annotated[Optional[int], typer.Option(help="Object layer (without --sweep).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Inverse rank (without --sweep).")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="Steering strength (without --sweep).")] = None,
+    n_lre: Annotated[Optional[int], typer.Option(help="Training prompts per LRE.")] = None,
+    figures: Annotated[Optional[Path], typer.Option(help="Also write the sweep figure into this directory.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Accuracy and causality of LRC, LRC (first token, final layer), SVM and input averaging (Table 5)."""
+    from patchscopes import load_model
+    from patchscopes.relations.evaluate import PROFILES, run_lrc_eval
+    from patchscopes.relations.report import markdown_table, paper_table5, per_relation_table, plot_sweep
+    from patchscopes.relations.sweep import SWEEP_PROFILES, SweepConfig, apply_choice, run_lrc_sweep, sweep_frame
+
+    try:
+        if profile not in PROFILES:
+            raise typer.BadParameter(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+        cfg = PROFILES[profile]
+        overrides = {
+            "model": model,
+            "relations": tuple(r.strip() for r in relations.split(",")) if relations else None,
+            "relations_dir": str(relations_dir) if relations_dir else None,
+            "seeds": _ints(seeds),
+            "subject_layer": subject_layer,
+            "object_layer": object_layer,
+            "rank": rank,
+            "beta": beta,
+            "n_lre": n_lre,
+        }
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        lm = load_model(cfg.model)
+        if sweep:
+            sweep_cfg = SweepConfig(base=cfg, **SWEEP_PROFILES.get(profile, {}))
+            choice = run_lrc_sweep(lm, sweep_cfg, out / "sweep", progress=progress)
+            console.print(f"sweep choice (validation): {choice}")
+            cfg = apply_choice(cfg, choice)
+            for target in [out / "sweep.png", *([figures / "sweep.png"] if figures else [])]:
+                plot_sweep(sweep_frame(out / "sweep"), target, title=f"{lm.name}: LRC validation sweep")
+        summary = run_lrc_eval(lm, cfg, out / "eval", progress=progress)
+    except PatchscopeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    table = markdown_table(summary, paper_table5(), model=lm.name)
+    report = f"{table}\n\nPer relation:\n\n{per_relation_table(summary)}\n"
+    (out / "table.md").write_text(report)
+    console.print(report)
+    chosen = f"layers {cfg.subject_layer}→{cfg.object_layer}, rank {cfg.rank}, beta {cfg.beta} ({cfg.chosen_by})"
+    console.print(f"{chosen}; written to {out}")
+
+
+def register(app: typer.Typer, eval_app: typer.Typer) -> None:
+    """Add ``patchscopes eval lrc``."""
+    eval_app.command("lrc")(lrc_command)

@@ -1,0 +1,92 @@
+"""The Table 5 analogue as Markdown beside the paper's numbers, and the sweep curves as a figure.
+
+    >>> print(markdown_table(summary, paper_table5()))          # doctest: +SKIP
+    >>> plot_sweep(ResultStore(out / "sweep", cfg).frame("sweep"), "sweep.png")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from patchscopes.datasets import DataNotFoundError, data_file
+
+PAPER_KEYS = {"LRC": "LRC", "LRC (first token, final layer)": "LRC_ft_lfinal", "SVM": "SVM", "input averaging": "input_averaging"}
+METHOD_ORDER = list(PAPER_KEYS)
+
+
+def paper_table5() -> dict[str, Any] | None:
+    """The LRC paper's Table 5 (``paper_tables/lrc_tables.json``), or None when the data is absent."""
+    try:
+        path = data_file("paper_tables/lrc_tables.json")
+    except DataNotFoundError:
+        return None
+    return json.loads(Path(path).read_text()).get("table5_main")
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if not entry:
+        return "–"
+    return f"{entry['mean']:.2f} ± {entry['std']:.2f}"
+
+
+def markdown_table(summary: dict[str, Any], paper: dict[str, Any] | None = None, model: str = "this model") -> str:
+    """Rows: methods; columns: accuracy and causality here, then the paper's models."""
+    papers = sorted(paper) if paper else []
+    head = f"| method | {model} accuracy | {model} causality |" + "".join(f" {m} acc / causality (paper) |" for m in papers)
+    sep = "|---|---|---|" + "---|" * len(papers)
+    lines = [head, sep]
+    for method in METHOD_ORDER:
+        got = summary.get("table", {}).get(method, {})
+        row = f"| {method} | {_cell(got.get('accuracy'))} | {_cell(got.get('causality'))} |"
+        for m in papers:
+            ref = paper[m].get(PAPER_KEYS[method], {}) if paper else {}
+            row += f" {ref['acc'][0]:.2f} / {ref['causality'][0]:.2f} |" if ref else " – |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def per_relation_table(summary: dict[str, Any]) -> str:
+    """Accuracy and causality per relation and method (averaged over seeds)."""
+    frame = pd.DataFrame(summary.get("per_relation", []))
+    if frame.empty:
+        return "(no rows)"
+    pivot = frame.pivot_table(index=["relation", "method"], columns="kind", values="ok").reset_index()
+    lines = ["| relation | method | accuracy | causality |", "|---|---|---|---|"]
+    for _, r in pivot.iterrows():
+        acc, caus = r.get("accuracy", float("nan")), r.get("causality", float("nan"))
+        lines.append(f"| {r['relation']} | {r['method']} | {acc:.2f} | {caus:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_sweep(frame: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """One panel per sweep stage: validation accuracy and causality (macro over relations) against the value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("object_layer", "subject_layer", "rank", "beta") if s in set(frame.get("stage", []))]
+    fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(3.6 * max(len(stages), 1), 3.0), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        part = frame[frame["stage"] == stage].groupby("value")[["accuracy", "causality"]].mean().sort_index()
+        for column, marker in (("accuracy", "o"), ("causality", "s")):
+            ax.plot(part.index, part[column], marker=marker, label=column)
+        if stage == "rank":
+            ax.set_xscale("log", base=2)
+        ax.set_xlabel(stage.replace("_", " "))
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation score")
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
