@@ -13,9 +13,8 @@ _SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "PATCHSCOPES_DATA" not in os.environ and _SHARED_DATA.is_dir():
     os.environ["PATCHSCOPES_DATA"] = str(_SHARED_DATA)
 
-from tiny import ARCHS, tiny_model  # noqa: E402
-
 from patchscopes.models.registry import find_registry_model  # noqa: E402
+from tiny import ARCHS, tiny_model  # noqa: E402
 
 REAL_MODEL = "SmolLM2-135M"
 

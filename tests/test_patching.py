@@ -56,7 +56,11 @@ def _scopes(decoding):
         for j, t in enumerate(targets):
             placeholder = "?" if t.endswith("?") else "x"
             out.append(
-                Patchscope(Source(p, layer=(i + j) % 3), Target(t, layer=(i + 2 * j) % 3, position=Placeholder(placeholder)), decoding=decoding)
+                Patchscope(
+                    Source(p, layer=(i + j) % 3),
+                    Target(t, layer=(i + 2 * j) % 3, position=Placeholder(placeholder)),
+                    decoding=decoding,
+                )
             )
     return out
 
@@ -156,6 +160,8 @@ def test_embeddings_location(tiny):
     [h] = capture(tiny, [ids], [[2]], [EMBED_INDEX])
     base, _, _ = trace(tiny, [ids])
     same, _, _ = trace(tiny, [ids], [[Patch(EMBED_INDEX, [2], h[0])]])
-    other, _, _ = trace(tiny, [ids], [[Patch(EMBED_INDEX, [2], h[0] + 3 * torch.randn_like(h[0]))]])  # not a constant: LayerNorm ignores those
+    other, _, _ = trace(
+        tiny, [ids], [[Patch(EMBED_INDEX, [2], h[0] + 3 * torch.randn_like(h[0]))]]
+    )  # not a constant: LayerNorm ignores those
     assert (base - same).abs().max() <= 1e-5
     assert (base - other).abs().max() > 1e-3

@@ -32,24 +32,73 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
 
 
-def _config(arch: str, vocab: int):  # noqa: ANN202
+def _config(arch: str, vocab: int, hidden: int = 32):  # noqa: ANN202
     import transformers as tf
 
     common = dict(vocab_size=vocab, eos_token_id=1, pad_token_id=0, bos_token_id=1)
     if arch == "gpt2":
         return tf.GPT2Config(n_layer=4, n_embd=32, n_head=4, n_positions=128, **common)
     if arch == "llama":
-        return tf.LlamaConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common)
+        return tf.LlamaConfig(
+            num_hidden_layers=4,
+            hidden_size=hidden,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        )
     if arch == "qwen2":
-        return tf.Qwen2Config(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, **common)
+        return tf.Qwen2Config(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        )
     if arch == "gemma3_text":
-        return tf.Gemma3TextConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128, sliding_window=8, final_logit_softcapping=30.0, **common)
+        return tf.Gemma3TextConfig(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            sliding_window=8,
+            final_logit_softcapping=30.0,
+            **common,
+        )
     if arch == "gpt_neox":
-        return tf.GPTNeoXConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=128, **common)
+        return tf.GPTNeoXConfig(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **common,
+        )
     if arch == "opt":
-        return tf.OPTConfig(num_hidden_layers=4, hidden_size=32, ffn_dim=64, num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=32, **common)
+        return tf.OPTConfig(
+            num_hidden_layers=4,
+            hidden_size=32,
+            ffn_dim=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=32,
+            **common,
+        )
     if arch == "phi":
-        return tf.PhiConfig(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=128, **common)
+        return tf.PhiConfig(
+            num_hidden_layers=4,
+            hidden_size=32,
+            intermediate_size=64,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            **common,
+        )
     if arch == "gptj":
         return tf.GPTJConfig(n_layer=4, n_embd=32, n_head=4, n_positions=128, rotary_dim=4, **common)
     raise ValueError(arch)
@@ -58,13 +107,14 @@ def _config(arch: str, vocab: int):  # noqa: ANN202
 ARCHS = ["gpt2", "llama", "qwen2", "gemma3_text", "gpt_neox", "opt", "phi", "gptj"]
 
 
-@functools.lru_cache(maxsize=None)
-def tiny_model(arch: str, seed: int = 0) -> ModelHandle:
+@functools.cache
+def tiny_model(arch: str, seed: int = 0, hidden: int = 32) -> ModelHandle:
+    """A tiny random model; ``hidden`` (llama only) gives a model of another width for mapping tests."""
     from transformers import AutoModelForCausalLM
 
     tok = tiny_tokenizer()
     torch.manual_seed(seed)
-    config = _config(arch, len(tok))
+    config = _config(arch, len(tok), hidden)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return from_model(model, tok, name=f"tiny-{arch}")

@@ -7,9 +7,9 @@ Hugging Face's last ``hidden_states`` entry has the final norm applied and is ne
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -125,14 +125,19 @@ def capture(
         batch = left_pad([token_ids[r] for r in rows], lm.pad_id, lm.device)
         got: dict[int, torch.Tensor] = {}
 
-        def grab(layer: int, hidden: torch.Tensor) -> None:
+        def grab(layer: int, hidden: torch.Tensor, got: dict[int, torch.Tensor] = got) -> None:
             got[layer] = hidden.detach()
             if layer == deepest and len(got) == len(set(order)):
                 raise _StopForward
 
         with layer_hooks(lm.adapter.blocks, order, grab):
             try:
-                lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+                lm.model(
+                    input_ids=batch.input_ids,
+                    attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids,
+                    use_cache=False,
+                )
             except _StopForward:
                 pass
         for i, r in enumerate(rows):

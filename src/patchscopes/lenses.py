@@ -140,7 +140,9 @@ class AffineLens(Lens):
         progress: bool = True,
     ) -> AffineLens:
         """Fit one map per layer on every position of ``texts`` (after ``skip_first`` tokens), up to ``max_positions``."""
-        layer_list = sorted({resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))})
+        layer_list = sorted(
+            {resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))}
+        )
         last = lm.n_layers - 1
         wanted = sorted(set(layer_list) | {last})
         fitters = {layer: AffineFitter(lm.hidden_size, lm.hidden_size, ridge) for layer in layer_list}
@@ -171,7 +173,9 @@ class AffineLens(Lens):
         directory.mkdir(parents=True, exist_ok=True)
         for layer, m in self.maps.items():
             m.save(directory / f"layer{layer}")
-        (directory / "lens.json").write_text(json.dumps({"type": "affine-lens", "model": self.model_name, "layers": sorted(self.maps)}))
+        (directory / "lens.json").write_text(
+            json.dumps({"type": "affine-lens", "model": self.model_name, "layers": sorted(self.maps)})
+        )
         return directory
 
     @classmethod

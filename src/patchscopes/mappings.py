@@ -111,7 +111,11 @@ class AffineMap(nn.Module):
         return hidden @ w.T + b
 
     def __repr__(self) -> str:
-        keys = ", ".join(f"{k}={v!r}" for k, v in self.metadata.items() if k in ("source_model", "source_layer", "target_model", "target_layer", "r2"))
+        keys = ", ".join(
+            f"{k}={v!r}"
+            for k, v in self.metadata.items()
+            if k in ("source_model", "source_layer", "target_model", "target_layer", "r2")
+        )
         return f"AffineMap({self.d_in}→{self.d_out}{', ' + keys if keys else ''})"
 
     @classmethod
@@ -136,7 +140,10 @@ class AffineMap(nn.Module):
         """Write ``weights.safetensors`` and ``map.json`` into directory ``path``."""
         directory = Path(path)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()}, str(directory / "weights.safetensors"))
+        save_file(
+            {"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()},
+            str(directory / "weights.safetensors"),
+        )
         meta = {"type": "affine", "d_in": self.d_in, "d_out": self.d_out, **self.metadata}
         (directory / "map.json").write_text(json.dumps(meta, indent=2, default=str))
         return directory

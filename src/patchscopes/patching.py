@@ -121,7 +121,7 @@ def run_patched(
         table = _patch_table(lm, batch, group)
         active = {"on": True}
 
-        def write(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        def write(layer: int, hidden: torch.Tensor, active: dict = active, table: dict = table) -> torch.Tensor | None:
             if not active["on"]:
                 return None
             return _apply(hidden, table[layer])
@@ -194,5 +194,7 @@ def trace(
         return new
 
     with layer_hooks(lm.adapter.blocks, sorted(set(table) | set(layers)), hook):
-        out = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False)
+        out = lm.model(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
+        )
     return out.logits.float(), seen, batch

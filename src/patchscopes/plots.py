@@ -1,7 +1,7 @@
 """Heatmaps over (source layer, target layer), layer curves and layer-by-layer text tables (matplotlib).
 
-    >>> fig = heatmap(df, value="top1_prob")        # doctest: +SKIP
-    >>> fig.savefig("grid.png")                       # doctest: +SKIP
+>>> fig = heatmap(df, value="top1_prob")        # doctest: +SKIP
+>>> fig.savefig("grid.png")                       # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ def first_entry(text: str) -> str:
     return text.lstrip(":").strip()
 
 
+def one_line(text: str, limit: int = 40) -> str:
+    """Generated text on one line, newlines shown as ⏎ (for continuations whose line breaks matter)."""
+    flat = text.replace("\n", "⏎")
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
+
+
 def _layer_key(layer: Any) -> float:
     return -1.0 if layer == "embeddings" else float(layer)
 
@@ -44,7 +50,7 @@ def heatmap(
     ax: Any = None,
 ) -> Figure:
     """Mean of ``value`` per (source layer, target layer) as a heatmap; rows are target layers."""
-    table = df.pivot_table(index="target_layer", columns="source_layer", values=value, aggfunc=aggregate)
+    table = df.pivot_table(index="target_layer", columns="source_layer", values=value, aggfunc=aggregate)  # type: ignore[arg-type]
     table = table.reindex(sorted(table.columns, key=_layer_key), axis=1).sort_index(ascending=False)
     if ax is None:
         fig, ax = plt.subplots(figsize=(1.0 + 0.28 * table.shape[1], 1.0 + 0.25 * table.shape[0]))

@@ -1,7 +1,7 @@
 """Named inspection setups from the Patchscopes paper, as Patchscope configurations.
 
-    >>> ENTITY_DESCRIPTION.scope("Diana, Princess of Wales", layer=4).target.layer
-    'same'
+>>> ENTITY_DESCRIPTION.scope("Diana, Princess of Wales", layer=4).target.layer
+'same'
 """
 
 from __future__ import annotations

@@ -58,7 +58,9 @@ class ResultStore:
             saved = json.loads(path.read_text())
             if saved.get("config") != self.config:
                 changed = sorted(
-                    k for k in set(saved.get("config", {})) | set(self.config) if saved.get("config", {}).get(k) != self.config.get(k)
+                    k
+                    for k in set(saved.get("config", {})) | set(self.config)
+                    if saved.get("config", {}).get(k) != self.config.get(k)
                 )
                 raise ConfigMismatchError(
                     f"{self.directory} holds results of another configuration (differs in: {', '.join(changed)}); "

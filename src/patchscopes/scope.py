@@ -1,13 +1,13 @@
 """The Patchscope specification (source, mapping, target, decoding) and running it.
 
-    >>> from patchscopes import Patchscope, Source, Target, Generate, Placeholder
-    >>> scope = Patchscope(
-    ...     source=Source("Diana, Princess of Wales", layer=3),
-    ...     target=Target("Syria: Country in the Middle East, x", layer=3, position=Placeholder("x")),
-    ...     decoding=Generate(max_new_tokens=10),
-    ... )
-    >>> Patchscope.from_json(scope.to_json()) == scope
-    True
+>>> from patchscopes import Patchscope, Source, Target, Generate, Placeholder
+>>> scope = Patchscope(
+...     source=Source("Diana, Princess of Wales", layer=3),
+...     target=Target("Syria: Country in the Middle East, x", layer=3, position=Placeholder("x")),
+...     decoding=Generate(max_new_tokens=10),
+... )
+>>> Patchscope.from_json(scope.to_json()) == scope
+True
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import torch
 
@@ -86,7 +86,7 @@ class Patchscope:
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": {**_loc_dict(self.source), "position": position_to_json(self.source.position)},
-            "target": {**_loc_dict(self.target), "position": position_to_json(self.target.position)},
+            "target": {**_loc_dict(self.target), "position": _target_position_json(self.target.position)},
             "mapping": mapping_to_json(self.mapping),
             "mode": self.mode,
             "decoding": {"type": type(self.decoding).__name__, **self.decoding.__dict__},
@@ -119,6 +119,10 @@ class Patchscope:
             f"Patchscope[{s.model or 'model'} {s.prompt!r} @ layer {s.layer}, pos {s.position}{mapping} "
             f"→ {t.model or 'model'} {tprompt} @ layer {t.layer}, pos {t.position}; {self.mode}; {self.decoding}]"
         )
+
+
+def _target_position_json(position: PositionSpec | str) -> Any:
+    return position if position == SAME else position_to_json(position)  # type: ignore[arg-type]
 
 
 def _loc_dict(loc: Source | Target) -> dict[str, Any]:
@@ -223,8 +227,8 @@ def run_many(
     states: dict[tuple, torch.Tensor] = {}
     # group prompts by their layer sets so that one capture call serves each group
     by_layers: dict[tuple[int, ...], list[tuple]] = {}
-    for k, layers in zip(key_list, layer_lists):
-        by_layers.setdefault(tuple(layers), []).append(k)
+    for k, layer_list in zip(key_list, layer_lists):
+        by_layers.setdefault(tuple(layer_list), []).append(k)
     for layers, group in by_layers.items():
         captured = capture(model, [list(k[0]) for k in group], [list(k[1]) for k in group], list(layers), batch_size)
         for k, tensor in zip(group, captured):
@@ -253,7 +257,9 @@ def run_many(
     return [r for r in results if r is not None]
 
 
-def _result(r: _Resolved, logits: torch.Tensor, generated: list[int], lm: ModelHandle, tlm: ModelHandle, top_k: int) -> PatchscopeResult:
+def _result(
+    r: _Resolved, logits: torch.Tensor, generated: list[int], lm: ModelHandle, tlm: ModelHandle, top_k: int
+) -> PatchscopeResult:
     probs = torch.softmax(logits, dim=-1)
     top = torch.topk(probs, min(top_k, probs.shape[-1]))
     top_ids = top.indices.tolist()

@@ -118,7 +118,9 @@ def sweep(
         preset = custom(preset)
     if target_layers == SAME and preset.target_layer != SAME:
         target_layers = [preset.target_layer]
-    scopes = build_scopes(model, prompts, preset, source_layers, target_layers, position, mapping, decoding, target_model, positions)
+    scopes = build_scopes(
+        model, prompts, preset, source_layers, target_layers, position, mapping, decoding, target_model, positions
+    )
     rows: list[dict[str, Any]] = []
     with progress_bar(len(scopes), f"sweep {preset.name}", enabled=progress) as advance:
         for start in range(0, len(scopes), max(batch_size * 4, 1)):

@@ -60,7 +60,7 @@ def load_attribute_task(path: str | Path) -> AttributeTask:
     path = Path(path)
     csv.field_size_limit(sys.maxsize)
     task = path.stem
-    samples = []
+    samples: list[AttributeSample] = []
     skipped = {"no source snippet": 0, "subject not in snippet": 0}
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, delimiter="\t")
@@ -83,7 +83,9 @@ def load_attribute_task(path: str | Path) -> AttributeTask:
                 skipped["subject not in snippet"] += 1
                 continue
             if "x" not in row["prompt_target"].split() and not row["prompt_target"].rstrip().endswith("x"):
-                raise DataFormatError(f"{path}, line {line}, field 'prompt_target': no placeholder 'x' in {row['prompt_target']!r}")
+                raise DataFormatError(
+                    f"{path}, line {line}, field 'prompt_target': no placeholder 'x' in {row['prompt_target']!r}"
+                )
             samples.append(
                 AttributeSample(
                     task=task,

@@ -67,8 +67,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         unembed="lm_head",
         embed="model.decoder.embed_tokens",
     ),
-    "bloom": ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.word_embeddings"),
-    "falcon": ArchSpec(blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.word_embeddings"),
+    "bloom": ArchSpec(
+        blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.word_embeddings"
+    ),
+    "falcon": ArchSpec(
+        blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head", embed="transformer.word_embeddings"
+    ),
 }
 
 

@@ -77,14 +77,12 @@ def build_cache(entry: RegistryModel) -> Path:
         out = work / "model"
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
-        files = {
-            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()
-        }
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()}
         manifest = {"format": CACHE_FORMAT, "model": entry.name, "gguf_sha256": entry.sha256, "files": files}
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if final.exists():

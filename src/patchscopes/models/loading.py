@@ -165,7 +165,7 @@ def load_model(
             "hub ids need network access or a local Hugging Face cache"
         ) from exc
     if "device_map" not in from_pretrained_kwargs:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     handle = from_model(model, tokenizer, name=name, adapter=adapter, source=path)
     handle.weights_sha256 = digest
     return handle

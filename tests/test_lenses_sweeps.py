@@ -1,0 +1,98 @@
+"""Lenses (logit, affine) and sweeps: fast paths equal the generic Patchscope, tidy tables, plots."""
+
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from patchscopes import TOKEN_IDENTITY, AffineLens, LogitLens, run, sweep
+from patchscopes.capture import capture
+from patchscopes.sweep import COLUMNS
+from tiny import tiny_model
+
+TEXTS = [
+    "The capital of France is Paris. The capital of Japan is Tokyo.",
+    "Diana, Princess of Wales, was a member of the British royal family.",
+    "Apples are red or green. The official currency of the United States is the dollar.",
+] * 4
+
+
+def test_affine_lens_fast_path_equals_patchscope(tmp_path):
+    lm = tiny_model("qwen2")
+    lens = AffineLens.fit(lm, TEXTS, layers=range(lm.n_layers), progress=False)
+    last = lm.n_layers - 1
+    # at the last layer the least-squares map is the identity, so the affine lens equals the logit lens
+    assert torch.allclose(lens.maps[last].weight, torch.eye(lm.hidden_size), atol=1e-3)
+    df = lens.sweep(lm, [TEXTS[0]], progress=False)
+    for _, row in df.iterrows():
+        result = run(lens.patchscope(TEXTS[0], row.source_layer), lm)
+        assert result.top_tokens[0] == row.top1
+        assert abs(result.top_probs[0] - row.top1_prob) < 1e-4
+    lens.save(tmp_path / "lens")
+    again = AffineLens.load(tmp_path / "lens")
+    ids = lm.tokenize(TEXTS[1]).ids
+    [h] = capture(lm, [ids], [[3]], [1])
+    assert torch.equal(again.logits(lm, 1, h[0]), lens.logits(lm, 1, h[0]))
+
+
+def test_affine_lens_beats_logit_lens_on_fit_quality():
+    lm = tiny_model("llama")
+    lens = AffineLens.fit(lm, TEXTS, layers=[0, 1], progress=False)
+    assert all(m.metadata["n_fit"] > 50 for m in lens.maps.values())
+
+
+def test_sweep_grid_shape_and_columns(tmp_path):
+    from patchscopes import plots
+
+    lm = tiny_model("gpt2")
+    df = sweep(lm, TEXTS[:2], TOKEN_IDENTITY, source_layers=[0, 2], target_layers=[1, 2, 3], progress=False)
+    assert list(df.columns[: len(COLUMNS)]) == COLUMNS
+    assert len(df) == 2 * 2 * 3
+    assert set(df.source_layer) == {0, 2} and set(df.target_layer) == {1, 2, 3}
+    assert df.top1_prob.between(0, 1).all()
+    fig = plots.heatmap(df, value="top1_prob")
+    assert plots.save(fig, tmp_path / "h.png").stat().st_size > 1000
+    same = sweep(lm, TEXTS[:1], TOKEN_IDENTITY, progress=False)
+    assert (same.source_layer == same.target_layer).all() and len(same) == lm.n_layers
+    everything = sweep(lm, TEXTS[:1], TOKEN_IDENTITY, source_layers=[1], target_layers=None, progress=False)
+    assert len(everything) == lm.n_layers
+
+
+def test_sweep_extra_columns_and_positions():
+    lm = tiny_model("llama")
+    df = sweep(
+        lm,
+        ["Diana, Princess of Wales", "The capital of France"],
+        "Syria: Country in the Middle East, x",
+        source_layers=[1],
+        positions=[0, -1],
+        extra=lambda r: {"n_generated": len(r.generated_ids)},
+        progress=False,
+    )
+    assert isinstance(df, pd.DataFrame) and "n_generated" in df.columns
+    assert list(df.source_position) == [0, len(lm.tokenize("The capital of France").ids) - 1]
+
+
+def test_token_identity_last_layer_predicts_own_next_token(smol):
+    """On real text the token-identity Patchscope at the last layer gives the model's own next token."""
+    from patchscopes.patching import trace
+
+    texts = [
+        "The capital of France is",
+        "Diana, Princess of Wales, was a member of the British royal",
+        "Water boils at a temperature of one hundred degrees",
+        "The quick brown fox jumps over the lazy",
+        "In 1492, Columbus sailed across the Atlantic",
+    ]
+    last = smol.n_layers - 1
+    df = sweep(smol, texts, TOKEN_IDENTITY, source_layers=[last], progress=False)
+    for text, (_, row) in zip(texts, df.iterrows()):
+        own, _, _ = trace(smol, [smol.tokenize(text).ids])
+        own_top = smol.token_strings([int(own[0, -1].argmax())])[0]
+        assert row.top1 == own_top, (text, row.top1, own_top)
+
+
+def test_logit_lens_sweep_real(smol):
+    df = LogitLens().sweep(smol, ["The capital of France is"], progress=False)
+    assert len(df) == smol.n_layers
+    assert df.iloc[-1].top1 == " Paris"
