@@ -57,13 +57,13 @@ async def one(client: httpx.AsyncClient, url: str, path: str, body: dict[str, An
     try:
         if path.endswith("/stream"):
             async with client.stream("POST", url + path, json=body) as response:
-                events = (
-                    [json.loads(line) async for line in response.aiter_lines() if line] if response.status_code == 200 else []
-                )
-                await response.aread()
-                ok = response.status_code != 200 or (events and events[-1]["type"] == "done")
-                status = response.status_code if ok else f"{response.status_code}-incomplete"
-                retry = response.headers.get("Retry-After")
+                status, retry = response.status_code, response.headers.get("Retry-After")
+                if status == 200:  # a stream counts as answered only when it ends with its result
+                    events = [json.loads(line) async for line in response.aiter_lines() if line]
+                    if not events or events[-1]["type"] != "done":
+                        status = "200-incomplete"
+                else:
+                    await response.aread()
         else:
             response = await client.post(url + path, json=body)
             status, retry = response.status_code, response.headers.get("Retry-After")
@@ -88,7 +88,8 @@ def serves(url: str, model: str, attempts: int = 30) -> bool:
             return False
         for _ in range(attempts):
             response = client.post(
-                url + "/api/inspect", json={"model": model, "prompt": "Still serving after the burst", "source_layers": "-1"}
+                url + "/api/inspect",
+                json={"model": model, "prompt": f"Still serving at {time.time():.3f}", "source_layers": "-1"},
             )
             if response.status_code == 200:
                 return True
