@@ -9,7 +9,7 @@ import torch
 
 from patchscopes.mappings import AffineMap
 from patchscopes.positions import Placeholder, Substring
-from patchscopes.presets import ENTITY_DESCRIPTION, TOKEN_IDENTITY
+from patchscopes.presets import TOKEN_IDENTITY
 from patchscopes.scope import Generate, NextToken, Patchscope, PatchscopeResult, Source, Target, run_many
 from tiny import tiny_model
 
@@ -98,7 +98,7 @@ def test_blocks_are_found_through_the_adapter_path() -> None:
 def test_equals_native_on_smollm2(smol) -> None:  # noqa: ANN001
     prompt = "Diana, Princess of Wales"
     scopes = [TOKEN_IDENTITY.scope(prompt, layer=layer, position=-1) for layer in (2, 9)]
-    scopes += [ENTITY_DESCRIPTION.scope(prompt, layer=6, position=-1, decoding=Generate(max_new_tokens=6))]
+    scopes += [TOKEN_IDENTITY.scope(prompt, layer=6, position=-1, decoding=Generate(max_new_tokens=4))]
     native = run_many(scopes, smol, batch_size=3)
-    _assert_same(native, run_many_nnsight(scopes, smol, batch_size=3))
-    _assert_same(native[2:], run_many_nnsight(scopes[2:], smol, batch_size=1))
+    _assert_same(native, run_many_nnsight(scopes, smol, batch_size=3))  # batched: next token and generation
+    _assert_same(native[2:], run_many_nnsight(scopes[2:], smol))  # one generation on its own
