@@ -33,6 +33,7 @@ PLUGINS: list[str] = [
     "patchscopes.evals.cli",
     "patchscopes.crossmodel.cli",
     "patchscopes.relations.cli",
+    "patchscopes.backends.cli",
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M"

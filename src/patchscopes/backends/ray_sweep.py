@@ -171,7 +171,11 @@ def distributed_sweep(
         positions = [position] * len(prompts)
     elif len(positions) != len(prompts):
         raise BackendError(f"positions has {len(positions)} entries for {len(prompts)} prompts; give one per prompt")
-    preset_name = preset if isinstance(preset, str) else preset.name
+    if isinstance(preset, str):
+        from patchscopes.presets import PRESETS, custom
+
+        preset = PRESETS[preset] if preset in PRESETS else custom(preset)
+    preset_name = preset.name
     sweep_kwargs: dict[str, Any] = {
         "preset": preset,
         "source_layers": list(source_layers) if source_layers is not None else None,
