@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,8 +43,13 @@ def edited_answer_probs(
     answers: Sequence[str],
     layers: Sequence[int] | None = None,
     batch_size: int = 16,
-) -> list[torch.Tensor]:
-    """Teacher-forced probabilities of each token of ``answers[i]`` after ``edits[i]`` (one tensor per edit)."""
+    also: Sequence[str] | None = None,
+) -> list[Any]:
+    """Teacher-forced probabilities of each token of ``answers[i]`` after ``edits[i]`` (one tensor per edit).
+
+    With ``also`` (single-token answers only) each item is a pair: the probabilities of ``answers[i]`` and
+    of ``also[i]``, read from the same next-token distribution.
+    """
     hooked = list(range(lm.n_layers)) if layers is None else sorted(set(layers))
     prompts = [RelationPrompt(e.prompt.relation, e.prompt.subject, ans, e.prompt.text) for e, ans in zip(edits, answers)]
     located = [p.locate(lm) for p in prompts]
@@ -69,7 +75,12 @@ def edited_answer_probs(
             logits = answer_logits(lm, [located[i] for i in group])
         for r, i in enumerate(group):
             probs = torch.softmax(logits[r], dim=-1).cpu()
-            out.append(probs[torch.arange(len(located[i].answer)), torch.tensor(located[i].answer_ids)])
+            mine = probs[torch.arange(len(located[i].answer)), torch.tensor(located[i].answer_ids)]
+            if also is None:
+                out.append(mine)
+            else:
+                other = RelationPrompt(edits[i].prompt.relation, edits[i].prompt.subject, also[i], edits[i].prompt.text)
+                out.append((mine, probs[0, other.locate(lm).answer_ids[:1]]))
     return out
 
 
@@ -82,6 +93,51 @@ def causality(
     batch_size: int = 16,
 ) -> list[bool]:
     """Per edit: does ``min p(new tokens) > min p(old tokens)`` after the edit?"""
-    p_new = edited_answer_probs(lm, concepts, edits, beta, [e.new for e in edits], layers, batch_size)
-    p_old = edited_answer_probs(lm, concepts, edits, beta, [e.old for e in edits], layers, batch_size)
+    p_new, p_old = new_and_old_probs(lm, concepts, edits, beta, layers, batch_size)
     return [bool(n.min() > o.min()) for n, o in zip(p_new, p_old)]
+
+
+def new_and_old_probs(
+    lm: ModelHandle,
+    concepts: ConceptSet,
+    edits: Sequence[ConceptEdit],
+    beta: float,
+    layers: Sequence[int] | None = None,
+    batch_size: int = 16,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Answer-token probabilities of the new and the old object after each edit.
+
+    When both answers are single tokens one forward pass over the prompt gives both (the same numbers as
+    the teacher-forced runs, which are used otherwise).
+    """
+    single = [
+        len(RelationPrompt(e.prompt.relation, e.prompt.subject, e.new, e.prompt.text).locate(lm).answer) == 1
+        and len(RelationPrompt(e.prompt.relation, e.prompt.subject, e.old, e.prompt.text).locate(lm).answer) == 1
+        for e in edits
+    ]
+    p_new: list[torch.Tensor | None] = [None] * len(edits)
+    p_old: list[torch.Tensor | None] = [None] * len(edits)
+    fast = [i for i, ok in enumerate(single) if ok]
+    if fast:
+        both = edited_answer_probs(
+            lm,
+            concepts,
+            [edits[i] for i in fast],
+            beta,
+            [edits[i].new for i in fast],
+            layers,
+            batch_size,
+            also=[edits[i].old for i in fast],
+        )
+        for i, (n, o) in zip(fast, both):
+            p_new[i], p_old[i] = n, o
+    slow = [i for i, ok in enumerate(single) if not ok]
+    if slow:
+        sub = [edits[i] for i in slow]
+        for i, n, o in zip(
+            slow,
+            edited_answer_probs(lm, concepts, sub, beta, [e.new for e in sub], layers, batch_size),
+            edited_answer_probs(lm, concepts, sub, beta, [e.old for e in sub], layers, batch_size),
+        ):
+            p_new[i], p_old[i] = n, o
+    return [t for t in p_new if t is not None], [t for t in p_old if t is not None]

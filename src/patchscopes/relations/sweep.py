@@ -43,14 +43,15 @@ class SweepConfig:
     """The grids; the base configuration gives model, relations, n_lre, the first seed and the fixed values."""
 
     base: LrcConfig
-    object_layers: tuple[int, ...] = (18, 20, 22, 24)
-    subject_layers: tuple[int, ...] = (10, 13, 16, 19)
-    ranks: tuple[int, ...] = (8, 16, 32, 64, 128, 192, 288, 576)
-    betas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
+    object_layers: tuple[int, ...] = (18, 21, 24)
+    subject_layers: tuple[int, ...] = (12, 16, 20)
+    ranks: tuple[int, ...] = (16, 64, 192, 576)
+    betas: tuple[float, ...] = (0.05, 0.1, 0.2, 0.4)
+    n_lre: int = 1
 
 
 SWEEP_PROFILES: dict[str, dict[str, Any]] = {
-    "quick": {"object_layers": (25, 26), "subject_layers": (23, 24), "ranks": (16, 64, 576), "betas": (0.1, 0.3)},
+    "quick": {"object_layers": (27, 28), "subject_layers": (25, 26), "ranks": (16, 576), "betas": (0.1, 0.3)},
     "default": {},
 }
 
@@ -107,7 +108,7 @@ def _best(frame: pd.DataFrame, stage: str) -> Any:
 
 def run_lrc_sweep(lm: ModelHandle, sweep: SweepConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
     """Run (or resume) the sweep into ``out_dir``; returns and writes ``choice.json`` and the ``sweep`` table."""
-    cfg = sweep.base
+    cfg = replace(sweep.base, n_lre=sweep.n_lre)
     out = Path(out_dir)
     store = ResultStore(out, {**asdict(sweep), "weights_sha256": lm.weights_sha256})
     jac = JacobianCache(out.parent / "jacobian-cache")
