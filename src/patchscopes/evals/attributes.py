@@ -70,19 +70,22 @@ class AttributesConfig:
     """Every parameter of an attribute-extraction run.
 
     ``screen`` samples per task are screened (seeded order); the probe uses every screened sample the
-    model answers; the (ℓ, ℓ*) grid uses at most ``grid_samples`` of those. Layers are every
-    ``layer_step``-th block from 0 unless ``source_layers`` / ``target_layers`` are given.
+    model answers; the (ℓ, ℓ*) grid uses at most ``grid_samples`` of those. Source layers are every
+    ``layer_step``-th block from 0 and target layers every ``target_layer_step``-th, unless
+    ``source_layers`` / ``target_layers`` are given. ``require_answer=False`` drops the paper's filter.
     """
 
     tasks: tuple[str, ...] = TABLE2_TASKS
     task_files: tuple[str, ...] = ()
-    screen: int | None = 12
+    screen: int | None = 8
     grid_samples: int | None = 2
-    layer_step: int = 6
+    layer_step: int = 7
+    target_layer_step: int = 14
     source_layers: tuple[int, ...] | None = None
     target_layers: tuple[int, ...] | None = None
     max_new_tokens: int = 20
     case_sensitive: bool = False
+    require_answer: bool = True
     folds: int = 3
     batch_size: int = 32
     seed: int = 0
@@ -90,7 +93,7 @@ class AttributesConfig:
 
 DEFAULT_ATTRIBUTES = AttributesConfig()
 QUICK_ATTRIBUTES = AttributesConfig(
-    tasks=("country_currency", "substance_phase"), screen=6, grid_samples=1, source_layers=(2, 12), target_layers=(2, 12)
+    tasks=("country_currency",), screen=4, grid_samples=1, source_layers=(3, 12), target_layers=(3,)
 )
 
 
@@ -277,7 +280,7 @@ def run_attributes(
     """
     out = Path(out)
     sources = _layers(lm, config.source_layers, config.layer_step)
-    targets = _layers(lm, config.target_layers, config.layer_step)
+    targets = _layers(lm, config.target_layers, config.target_layer_step)
     config = replace(config, source_layers=tuple(sources), target_layers=tuple(targets))
     store = open_store(out, run_config("attributes", lm, config.seed, config))
     counter = UnitCounter(stop_after)
@@ -288,7 +291,7 @@ def run_attributes(
             if not store.done("screen", task.name):
                 store.append("screen", task.name, _screen_rows(lm, samples, config))
                 counter.tick()
-            answered = _answered(store.frame("screen"), task.name)
+            answered = _answered(store.frame("screen"), task.name, config.require_answer)
             kept = [s for s in samples if s.sample_id in answered]
             if not store.done("probe", task.name):
                 store.append("probe", task.name, _probe_rows(lm, kept, list(range(lm.n_layers)), config))
@@ -298,7 +301,7 @@ def run_attributes(
     grid_units = []
     for task in tasks:
         samples = seeded_sample(first_snippets(task.samples), config.screen, config.seed)
-        answered = _answered(screen, task.name)
+        answered = _answered(screen, task.name, config.require_answer)
         kept = [s for s in samples if s.sample_id in answered]
         grid_units += kept[: config.grid_samples] if config.grid_samples is not None else kept
     with progress_bar(
@@ -313,10 +316,10 @@ def run_attributes(
     return finish(lm.name, store, len(tasks))
 
 
-def _answered(screen: pd.DataFrame, task: str) -> set[str]:
+def _answered(screen: pd.DataFrame, task: str, require_answer: bool = True) -> set[str]:
     if screen.empty:
         return set()
-    part = screen[(screen.task == task) & screen.answered]
+    part = screen[(screen.task == task) & (screen.answered | (not require_answer))]
     return set(part.sample_id.astype(str))
 
 

@@ -88,7 +88,8 @@ def attributes(
     task_file: Annotated[Optional[list[Path]], typer.Option(help="Your own task TSV file(s) in the same format.")] = None,
     screen: Annotated[Optional[int], typer.Option(help="Samples screened per task.")] = None,
     grid_samples: Annotated[Optional[int], typer.Option(help="Answered samples per task in the (ℓ, ℓ*) grid.")] = None,
-    layer_step: Annotated[Optional[int], typer.Option(help="Grid layers: every n-th block from 0.")] = None,
+    layer_step: Annotated[Optional[int], typer.Option(help="Grid source layers: every n-th block from 0.")] = None,
+    target_layer_step: Annotated[Optional[int], typer.Option(help="Grid target layers: every n-th block from 0.")] = None,
     case_sensitive: Annotated[bool, typer.Option(help="Compare object and generation case-sensitively.")] = False,
     progress: Progress = True,
 ) -> None:
@@ -97,7 +98,8 @@ def attributes(
     from patchscopes.models.loading import load_model
 
     config = replace(QUICK_ATTRIBUTES if quick else DEFAULT_ATTRIBUTES, seed=seed, case_sensitive=case_sensitive)
-    for name, value in (("screen", screen), ("grid_samples", grid_samples), ("layer_step", layer_step)):
+    options = {"screen": screen, "grid_samples": grid_samples, "layer_step": layer_step, "target_layer_step": target_layer_step}
+    for name, value in options.items():
         if value is not None:
             config = replace(config, **{name: value})
     if task:

@@ -46,7 +46,7 @@ class Entity:
 class EntitiesConfig:
     """Every parameter of an entity-resolution run. ``layers=None`` means every ``layer_step``-th block from 0."""
 
-    per_group: int | None = 15
+    per_group: int | None = 10
     layers: tuple[int, ...] | None = None
     layer_step: int = 3
     max_new_tokens: int = 20
@@ -56,7 +56,7 @@ class EntitiesConfig:
 
 
 DEFAULT_ENTITIES = EntitiesConfig()
-QUICK_ENTITIES = EntitiesConfig(per_group=2, layers=(2, 10), max_new_tokens=8)
+QUICK_ENTITIES = EntitiesConfig(per_group=1, layers=(3,), max_new_tokens=8)
 
 
 def load_entities(path: str | Path | None = None) -> list[Entity]:

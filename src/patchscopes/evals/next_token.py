@@ -44,8 +44,8 @@ class NextTokenConfig:
     ``max_tokens`` truncates long texts. The affine lens sees at most ``train_positions`` positions.
     """
 
-    n_eval: int = 100
-    train_positions: int = 4000
+    n_eval: int = 60
+    train_positions: int = 3000
     layers: tuple[int, ...] | None = None
     min_context: int = 4
     max_tokens: int = 64
@@ -57,7 +57,7 @@ class NextTokenConfig:
 
 
 DEFAULT_NEXT_TOKEN = NextTokenConfig()
-QUICK_NEXT_TOKEN = NextTokenConfig(n_eval=6, train_positions=1200, layers=(0, 8, 16, -1), unit_size=3)
+QUICK_NEXT_TOKEN = NextTokenConfig(n_eval=4, train_positions=800, layers=(0, 15, -1), unit_size=2)
 
 
 @dataclass

@@ -1,0 +1,170 @@
+"""One self-contained HTML page for a run directory of ``patchscopes eval …``: plots, tables, configuration,
+and the paper's numbers beside ours.
+
+    >>> path = write_report("runs/attributes")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from patchscopes.datasets import data_dir
+from patchscopes.errors import PatchscopeError
+
+PAPER_FILE = "paper_tables/patchscopes_tables.json"
+
+
+class ReportError(PatchscopeError, ValueError):
+    """A directory that holds no evaluation run, or a paper-numbers file that cannot be read."""
+
+
+def load_paper_tables(path: str | Path | None = None) -> dict[str, Any] | None:
+    """The transcribed paper numbers (``<data>/paper_tables/patchscopes_tables.json`` or a user's JSON); None if absent."""
+    if path is None:
+        path = data_dir() / PAPER_FILE
+        if not path.is_file():
+            return None
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read paper numbers from {path}: {exc}") from exc
+
+
+def _table(df: pd.DataFrame, digits: int = 3) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.{digits}f}", border=0, classes="t", na_rep="–")
+
+
+def _image(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    name = html.escape(path.name)
+    return f'<figure><img alt="{name}" src="data:image/png;base64,{data}"><figcaption>{name}</figcaption></figure>'
+
+
+def paper_next_token(paper: dict[str, Any], ours: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Precision@1 at the paper's layers 10 and 20, beside ours at the same relative depth."""
+    fig = paper["next_token_prediction_fig2"]
+    rows = []
+    for model, depth in fig["models"].items():
+        for key, values in fig["approx_precision_at_1"][model].items():
+            layer = int(key.removeprefix("layer"))
+            rows.append({"model": f"{model} (paper)", "layer": f"{layer}/{depth}", **{m: values[m] for m in values}})
+    for key in ("layer10", "layer20"):
+        fraction = int(key.removeprefix("layer")) / 40
+        layer = round(fraction * n_layers)
+        part = ours[ours.layer == layer].set_index("method")["precision_at_1"] if len(ours) else pd.Series(dtype=float)
+        rows.append(
+            {
+                "model": "ours",
+                "layer": f"{layer}/{n_layers}",
+                "logit_lens": part.get("logit_lens"),
+                "tuned_lens": part.get("affine_lens"),
+                "token_identity": part.get("token_identity"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def paper_attributes(paper: dict[str, Any], ours: pd.DataFrame) -> pd.DataFrame:
+    """Table 2 (GPT-J, % mean ± std over ℓ) beside our per-task summary."""
+    rows = []
+    table = paper["table2_feature_extraction_main"]
+    known = {task: values for group in table.values() for task, values in group.items()}
+    mine = ours.set_index("task") if "task" in ours else pd.DataFrame()
+    for task in list(known) + [t for t in mine.index if t not in known]:
+        p = known.get(task)
+        row: dict[str, Any] = {
+            "task": task,
+            "paper probe": f"{p['probe'][0]:.1f} ± {p['probe'][1]:.1f}" if p else "",
+            "paper patchscope": f"{p['patchscope'][0]:.1f} ± {p['patchscope'][1]:.1f}" if p else "",
+            "paper sig.": (p.get("sig") or "") if p else "",
+        }
+        if task in mine.index and "patchscope_mean" in mine:
+            m = mine.loc[task]
+            row["our probe"] = f"{m.probe_mean:.1f} ± {m.probe_std:.1f}"
+            row["our patchscope"] = f"{m.patchscope_mean:.1f} ± {m.patchscope_std:.1f}"
+            row["our p (Bonferroni)"] = m.p_bonferroni
+            row["our samples (grid/probe)"] = f"{m.grid_samples:.0f}/{m.probe_samples:.0f}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paper_entities(paper: dict[str, Any], ours: pd.DataFrame) -> pd.DataFrame:
+    """Fig. 3 RougeL of popular entities (Vicuna 13B, layers 0–9) beside our popular and rare curves."""
+    fig = paper["entity_resolution_fig3_rougeL_popular_vicuna"]
+    curve = fig["M13B->M*13B"]
+    layers = sorted(set(range(len(curve))) | set(ours.layer if len(ours) else []))
+    rows = []
+    for layer in layers:
+        row: dict[str, Any] = {"layer": layer, "paper popular (Vicuna-13B)": curve[layer] if layer < len(curve) else None}
+        for group in ("popular", "rare"):
+            hit = ours[(ours.popularity == group) & (ours.layer == layer)] if len(ours) else ours
+            row[f"our {group} RougeL"] = float(hit.rougeL.iloc[0]) if len(hit) else None
+            row[f"our {group} similarity"] = float(hit.similarity.iloc[0]) if len(hit) else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def render(directory: str | Path, paper_path: str | Path | None = None) -> str:
+    """The HTML page for one run directory."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ReportError(f"{directory} holds no config.json: pass a directory written by `patchscopes eval …`")
+    record = json.loads(config_path.read_text())
+    config = record.get("config", {})
+    kind = config.get("eval", "unknown")
+    summary = pd.read_csv(directory / "summary.csv") if (directory / "summary.csv").is_file() else pd.DataFrame()
+    paper = load_paper_tables(paper_path)
+    parts = [
+        f"<h1>patchscopes: {html.escape(kind)} — {html.escape(str(config.get('model')))}</h1>",
+        "<h2>Results</h2>",
+        _table(summary) if len(summary) else "<p>No summary yet (the run has not finished a unit).</p>",
+    ]
+    comparison = None
+    if paper is not None:
+        try:
+            if kind == "next-token":
+                n_layers = int(summary.layer.max()) + 1 if len(summary) else 0
+                comparison = paper_next_token(paper, summary, n_layers)
+            elif kind == "attributes":
+                comparison = paper_attributes(paper, summary)
+            elif kind == "entities":
+                comparison = paper_entities(paper, summary)
+        except KeyError as exc:
+            raise ReportError(f"the paper-numbers file lacks the entry {exc} needed for a {kind} report") from exc
+    parts.append("<h2>The paper's numbers beside ours</h2>")
+    if comparison is not None:
+        note = (paper or {}).get("_source", "")
+        parts += [_table(comparison, 2), f"<p class='note'>{html.escape(note)}</p>"]
+    else:
+        parts.append("<p>No paper numbers available (no paper_tables file in the data directory).</p>")
+    parts.append("<h2>Figures</h2>")
+    parts += [_image(p) for p in sorted(directory.glob("*.png"))]
+    parts += [
+        "<h2>Configuration</h2>",
+        f"<pre>{html.escape(json.dumps(record, indent=2))}</pre>",
+    ]
+    style = (
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        "table.t{border-collapse:collapse;font-size:13px}table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}"
+        "img{max-width:100%}figure{margin:1em 0}.note{color:#666;font-size:12px}pre{background:#f6f6f6;padding:1em;overflow:auto}"
+    )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(kind)} report</title>"
+        f"<style>{style}</style></head><body>{''.join(parts)}</body></html>"
+    )
+
+
+def write_report(directory: str | Path, output: str | Path | None = None, paper_path: str | Path | None = None) -> Path:
+    """Write the page (default ``<directory>/report.html``) and return its path."""
+    path = Path(output) if output is not None else Path(directory) / "report.html"
+    text = render(directory, paper_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,215 @@
+"""Unit tests of the evaluations' building blocks on small fixtures (no real model needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from patchscopes.evals.attribute_data import AttributeSample, load_attribute_task
+from patchscopes.evals.attributes import fill_placeholder, first_line, first_snippets, is_correct, summarize
+from patchscopes.evals.entities import load_entities, select_entities
+from patchscopes.evals.next_token import read_corpus
+from patchscopes.evals.probing import paired_test, probe_accuracy
+from patchscopes.positions import resolve_positions
+from patchscopes.relations.data import DataFormatError
+from patchscopes.report import ReportError, render
+from patchscopes.results import ConfigMismatchError, ResultStore
+
+
+@pytest.mark.parametrize(
+    ("generated", "obj", "expected"),
+    [
+        (" is the Dollar.", "Dollar", True),
+        (" is the dollar.", "Dollar", True),  # case-insensitive by default
+        (" is New York City", "NewYork", True),  # spaces removed on both sides
+        (" is the pound", "Dollar", False),
+        ("", "Dollar", False),
+        (" is a liquid", "", False),  # an empty object never matches
+    ],
+)
+def test_correctness_rule(generated: str, obj: str, expected: bool) -> None:
+    assert is_correct(generated, obj) is expected
+
+
+def test_correctness_rule_case_sensitive_and_first_line() -> None:
+    assert not is_correct(" is the dollar", "Dollar", case_sensitive=True)
+    assert is_correct(" is the Dollar", "Dollar", case_sensitive=True)
+    text = " is a liquid.\n\nThe transition from solid to liquid"
+    assert is_correct(text, "solid") and not is_correct(first_line(text), "solid")
+
+
+def test_fill_placeholder_only_whole_word() -> None:
+    assert fill_placeholder("The official currency of x", "Japan") == "The official currency of Japan"
+    assert fill_placeholder("Among fox, box: the class of x", "owl") == "Among fox, box: the class of owl"
+    with pytest.raises(Exception, match="no placeholder"):
+        fill_placeholder("no marker here", "Japan")
+
+
+def test_paired_t_test_matches_scipy_and_bonferroni() -> None:
+    a, b = [50.0, 60.0, 55.0, 70.0], [40.0, 42.0, 47.0, 45.0]
+    ref = stats.ttest_rel(a, b)
+    test = paired_test(a, b, n_tests=12)
+    assert test.t == pytest.approx(ref.statistic)
+    assert test.p == pytest.approx(ref.pvalue)
+    assert test.p_corrected == pytest.approx(min(1.0, ref.pvalue * 12))
+    assert paired_test([1.0, 2.0], [1.0, 2.0]).winner is None  # identical series: undefined, not significant
+    assert paired_test([90.0, 91.0, 92.0, 93.0, 95.0], [10.0, 10.0, 11.0, 12.0, 12.0], n_tests=2).winner == "a"
+
+
+def test_probe_separable_and_chance() -> None:
+    rng = np.random.default_rng(0)
+    labels = ["a", "b", "c"] * 10
+    centers = {"a": 0.0, "b": 5.0, "c": 10.0}
+    x = np.stack([rng.normal(centers[y], 0.3, size=4) for y in labels])
+    assert probe_accuracy(x, labels, folds=3, seed=0) == 1.0
+    # unique labels can never be predicted on held-out folds
+    assert probe_accuracy(x[:6], ["p", "q", "r", "s", "t", "u"], folds=3, seed=0) == 0.0
+    # a training fold holding a single class predicts it
+    assert probe_accuracy(np.zeros((6, 2)), ["a"] * 6, folds=3) == 1.0
+
+
+def test_probe_equals_plain_reference_cross_validation() -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import KFold
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    labels = np.array(["u", "v"] * 12)
+    x = rng.normal(size=(24, 5)) + (labels == "v")[:, None] * 0.8
+    correct = 0
+    for train, test in KFold(3, shuffle=True, random_state=7).split(x):
+        scaler = StandardScaler().fit(x[train])
+        model = LogisticRegression(max_iter=1000).fit(scaler.transform(x[train]), labels[train])
+        correct += (model.predict(scaler.transform(x[test])) == labels[test]).sum()
+    assert probe_accuracy(x, list(labels), folds=3, seed=7) == pytest.approx(correct / 24)
+
+
+def test_position_recomputed_from_subject(smol_tokenizer_model) -> None:  # noqa: ANN001
+    lm = smol_tokenizer_model
+    sample = AttributeSample(
+        "t",
+        "0",
+        "The official currency of x",
+        "United States",
+        "Dollar",
+        " released in the United States on May 2",
+        2,
+        "United States",
+    )
+    tok = lm.tokenize(sample.prompt_source)
+    [pos] = resolve_positions(sample.source_position, sample.prompt_source, tok.offsets)
+    subject_end = sample.prompt_source.index("United States") + len("United States")
+    assert tok.offsets[pos][1] == subject_end  # the last token of the subject
+    assert tok.offsets[pos + 1][0] >= subject_end  # and the next one starts after it
+
+
+@pytest.fixture
+def smol_tokenizer_model():  # noqa: ANN201
+    from tiny import tiny_model
+
+    return tiny_model("llama")
+
+
+def test_first_snippets_one_per_sample(data_root) -> None:  # noqa: ANN001
+    task = load_attribute_task(data_root / "patchscopes/factual/country_currency.tsv")
+    firsts = first_snippets(task.samples)
+    assert len({s.sample_id for s in firsts}) == len(firsts) < len(task.samples)
+
+
+def test_summary_any_target_layer_then_mean_over_source_layers() -> None:
+    import pandas as pd
+
+    grid = pd.DataFrame(
+        [
+            # sample 1 correct at ℓ=0 via ℓ*=5 only; at ℓ=5 never
+            {"task": "t", "sample_id": "1", "source_layer": 0, "target_layer": 0, "correct": False},
+            {"task": "t", "sample_id": "1", "source_layer": 0, "target_layer": 5, "correct": True},
+            {"task": "t", "sample_id": "1", "source_layer": 5, "target_layer": 0, "correct": False},
+            {"task": "t", "sample_id": "1", "source_layer": 5, "target_layer": 5, "correct": False},
+            {"task": "t", "sample_id": "2", "source_layer": 0, "target_layer": 0, "correct": True},
+            {"task": "t", "sample_id": "2", "source_layer": 0, "target_layer": 5, "correct": True},
+            {"task": "t", "sample_id": "2", "source_layer": 5, "target_layer": 0, "correct": True},
+            {"task": "t", "sample_id": "2", "source_layer": 5, "target_layer": 5, "correct": False},
+        ]
+    ).assign(correct_first_line=False)
+    probe = pd.DataFrame(
+        [{"task": "t", "layer": 0, "probe_accuracy": 0.5, "n": 2}, {"task": "t", "layer": 5, "probe_accuracy": 0.0, "n": 2}]
+    )
+    row = summarize(grid, probe, n_tasks=1).iloc[0]
+    assert row.patchscope_mean == pytest.approx(75.0)  # ℓ=0: 2/2, ℓ=5: 1/2
+    assert row.patchscope_std == pytest.approx(25.0)
+    assert row.probe_mean == pytest.approx(25.0)
+
+
+def test_entities_builtin_list() -> None:
+    entities = load_entities()
+    assert len(entities) >= 150
+    assert sum(e.popularity == "popular" for e in entities) == sum(e.popularity == "rare" for e in entities)
+    assert len({e.name for e in entities}) == len(entities)
+    chosen = select_entities(entities, 3, seed=1)
+    assert [e.popularity for e in chosen] == ["popular"] * 3 + ["rare"] * 3
+    assert chosen == select_entities(entities, 3, seed=1)
+
+
+def test_malformed_entity_file_names_file_line_field(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "mine.tsv"
+    path.write_text("entity\tpopularity\tdescription\nAda Lovelace\tpopular\tMathematician\nNobody\tfamous\tSomeone\n")
+    with pytest.raises(DataFormatError, match=r"mine.tsv, line 3, field 'popularity'"):
+        load_entities(path)
+    path.write_text("entity\tdescription\nAda\tMathematician\n")
+    with pytest.raises(DataFormatError, match="missing column"):
+        load_entities(path)
+
+
+def test_malformed_task_file_names_file_line_field(tmp_path) -> None:  # noqa: ANN001
+    path = tmp_path / "task.tsv"
+    path.write_text("prompt_target\tsubject\tobject\tprompt_source\nThe capital of x\tFrance\t\tin France today\n")
+    with pytest.raises(DataFormatError, match=r"task.tsv, line 2, field 'object'"):
+        load_attribute_task(path)
+
+
+def test_read_corpus_text_and_tsv(tmp_path) -> None:  # noqa: ANN001
+    (tmp_path / "a.txt").write_text("first text\n\nsecond text\nfirst text\n")
+    (tmp_path / "b.tsv").write_text("prompt_source\tother\n third\tz\n")
+    assert read_corpus([tmp_path / "a.txt", tmp_path / "b.tsv"]) == ["first text", "second text", "third"]
+    (tmp_path / "c.tsv").write_text("text\n x\n")
+    with pytest.raises(Exception, match="prompt_source"):
+        read_corpus([tmp_path / "c.tsv"])
+
+
+def test_changed_config_is_refused(tmp_path) -> None:  # noqa: ANN001
+    ResultStore(tmp_path, {"eval": "entities", "seed": 0})
+    with pytest.raises(ConfigMismatchError, match="seed"):
+        ResultStore(tmp_path, {"eval": "entities", "seed": 1})
+
+
+def test_report_renders_tables_figures_and_paper(tmp_path, data_root) -> None:  # noqa: ANN001
+    import pandas as pd
+
+    from patchscopes import plots
+
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"eval": "attributes", "model": "m"}, "environment": {}}))
+    pd.DataFrame(
+        [
+            {
+                "task": "country_currency",
+                "grid_samples": 2,
+                "probe_samples": 5,
+                "patchscope_mean": 40.0,
+                "patchscope_std": 5.0,
+                "probe_mean": 20.0,
+                "probe_std": 2.0,
+                "p_bonferroni": 0.5,
+            }
+        ]
+    ).to_csv(tmp_path / "summary.csv", index=False)
+    import matplotlib.pyplot as plt
+
+    plots.save(plt.figure(), tmp_path / "heatmap_country_currency.png")
+    page = render(tmp_path)
+    assert "data:image/png;base64," in page and "51.0 ± 8.9" in page and "40.0 ± 5.0" in page and "country_currency" in page
+    with pytest.raises(ReportError, match="config.json"):
+        render(tmp_path / "missing")
