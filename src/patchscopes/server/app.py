@@ -38,7 +38,7 @@ from patchscopes.server.jobs import Job, JobQueue
 from patchscopes.server.limits import Limits
 from patchscopes.server.plan import Plan, make_plan
 from patchscopes.server.pool import Loader, MapIndex, ModelPool
-from patchscopes.server.schemas import InspectRequest, TokenizeRequest
+from patchscopes.server.schemas import ERRORS, ErrorBody, InspectRequest, InspectResponse, TokenizeRequest
 from patchscopes.server.work import run_plan
 
 log = logging.getLogger("patchscopes.server")
@@ -194,7 +194,7 @@ def create_app(
             "limits": limits.to_dict(),
         }
 
-    @app.post("/api/tokenize", summary="Split a prompt into tokens with character spans")
+    @app.post("/api/tokenize", summary="Split a prompt into tokens with character spans", responses=ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         if len(body.prompt) > limits.max_prompt_chars:
             raise LimitError(
@@ -232,7 +232,13 @@ def create_app(
         record = {"request": body.model_dump(), "plan": plan.summary(), "rows": rows, "elapsed_s": round(elapsed, 3)}
         return results.add(record, key=body.model_dump_json())
 
-    @app.post("/api/inspect", summary="Run an inspection and return all rows (cancelled if the client disconnects)")
+    @app.post(
+        "/api/inspect",
+        summary="Run an inspection and return all rows (cancelled if the client disconnects)",
+        response_model=InspectResponse,
+        response_model_exclude_unset=True,
+        responses=ERRORS,
+    )
     async def inspect(body: InspectRequest, request: Request) -> dict[str, Any]:
         cached = results.find(body.model_dump_json())
         if cached is not None:  # the same request ran recently (a shared link, say): answer from the store
@@ -258,6 +264,7 @@ def create_app(
         "/api/inspect/stream",
         summary="Run an inspection, streaming NDJSON events: queued, started, rows (with progress), done or error",
         response_class=StreamingResponse,
+        responses=ERRORS,
     )
     async def inspect_stream(body: InspectRequest, request: Request) -> StreamingResponse:
         cached = results.find(body.model_dump_json())
@@ -298,7 +305,7 @@ def create_app(
 
         return StreamingResponse(stream(), media_type="application/x-ndjson", headers={"Cache-Control": "no-store"})
 
-    @app.get("/api/results/{rid}", summary="A finished result (the last few are kept)")
+    @app.get("/api/results/{rid}", summary="A finished result (the last few are kept)", responses={404: {"model": ErrorBody}})
     async def result(rid: str) -> dict[str, Any]:
         return {k: v for k, v in results.get(_rid(rid)).items() if k != "key"}
 

@@ -62,3 +62,42 @@ class InspectRequest(BaseModel):
     answer: Optional[str] = Field(
         default=None, max_length=10_000, description="Also report the probability of this answer's first token (e.g. ' Paris')."
     )
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: a short kind and a message naming the bad value and the fix."""
+
+    error: str = Field(description="e.g. invalid_request, over_limit, bad_layers, model_not_allowed, no_map, queue_full")
+    message: str
+
+
+class Row(BaseModel):
+    """One Patchscope of an inspection: what the state of the chosen token at layer ℓ decodes to at ℓ*."""
+
+    source_layer: int
+    target_layer: int
+    text: str = Field(description="Generated text (or the top token when only the next token is decoded).")
+    summary: str = Field(description="The text up to the end of its first few-shot entry.")
+    top_tokens: list[str]
+    top_probs: list[Optional[float]]
+    top1: str
+    top1_prob: Optional[float]
+    answer_prob: Optional[float] = Field(default=None, description="Probability of the answer's first token, when asked.")
+
+
+class InspectResponse(BaseModel):
+    """All rows of an inspection, the checked plan, and the id for ``/api/results/{id}/csv`` and ``/png``."""
+
+    result_id: str
+    plan: dict[str, object]
+    rows: list[Row]
+    elapsed_s: float
+    cached: bool = False
+
+
+ERRORS: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody, "description": "A model that is not on the allow-list"},
+    413: {"model": ErrorBody, "description": "A request body over max_body_bytes"},
+    422: {"model": ErrorBody, "description": "Malformed or over a bound (prompt length, layers, tokens), or no map"},
+    429: {"model": ErrorBody, "description": "The work queue is full; see the Retry-After header"},
+}
