@@ -86,8 +86,8 @@ class MapIndex:
                     f"map {m!r} has no source_model/target_model in its metadata; "
                     "refit it with AffineMap.fit(..., source_model=, target_model=)"
                 )
-            layers = m.metadata.get("source_layer"), m.metadata.get("target_layer")
-            key = (int(layers[0]), int(layers[1])) if all(isinstance(v, int) for v in layers) else None
+            layer, target_layer = m.metadata.get("source_layer"), m.metadata.get("target_layer")
+            key = (layer, target_layer) if isinstance(layer, int) and isinstance(target_layer, int) else None
             self._maps.setdefault((src, tgt), {})[key] = m
 
     def pairs(self) -> list[dict[str, Any]]:

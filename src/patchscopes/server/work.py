@@ -34,7 +34,7 @@ def layer_chunks(plan: Plan, chunk_cells: int) -> list[tuple[list[int], list[int
         per_layer = 1 if plan.target_layers == SAME else len(plan.target_layers)
         step = max(1, size // per_layer)
         return [(plan.source_layers[i : i + step], plan.target_layers) for i in range(0, len(plan.source_layers), step)]
-    targets = list(plan.target_layers)
+    targets: list[int] = [int(t) for t in plan.target_layers]
     return [([layer], targets[i : i + size]) for layer in plan.source_layers for i in range(0, len(targets), size)]
 
 
@@ -95,7 +95,7 @@ def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32
                 extra=extra,
                 progress=False,
             )
-        part = [_row(r, generate) for r in frame.to_dict("records")]
+        part = [_row({str(k): v for k, v in r.items()}, generate) for r in frame.to_dict("records")]
         rows.extend(part)
         ctx.emit({"type": "rows", "rows": part, "done": len(rows), "total": total})
     return rows
