@@ -97,12 +97,16 @@ def fit_maps(
     batch_size: int = 16,
     max_heldout_positions: int = 20000,
     progress: bool = False,
+    ridge_grid: Sequence[float] = (),
 ) -> FitReport:
     """One affine map per ``(ℓ, ℓ*)`` in ``pairs`` from ``source`` layer ℓ to ``target`` layer ℓ*.
 
     ``ridge`` adds ``ridge·I`` to the normal equations (0 = ordinary least squares); ``heldout`` is the share
     of texts (the last ones) kept out of the fit for R²; ``skip_first`` drops each text's first paired
     positions (attention sinks). Every map carries its provenance in ``metadata``.
+
+    ``ridge_grid`` (relative penalties, multiples of the mean diagonal of XᵀX) instead picks, per pair, the
+    penalty with the best held-out R²; that R² then served for selection too (``metadata["ridge_selected"]``).
     """
     if not texts:
         raise MappingError("no texts to fit on: pass at least two texts (one is held out)")
@@ -149,28 +153,43 @@ def fit_maps(
     maps: dict[tuple[int, int], AffineMap] = {}
     r2: dict[tuple[int, int], float] = {}
     for s, t in resolved:
-        amap = AffineMap.from_fitter(
-            fitters[(s, t)],
-            source_model=source.name,
-            target_model=target.name,
-            source_weights_sha256=source.weights_sha256,
-            target_weights_sha256=target.weights_sha256,
-            source_layer=s,
-            target_layer=t,
-            corpus_sha256=corpus,
-            n_fit_texts=len(fit_texts),
-            n_heldout_texts=len(held_texts),
-            n_heldout_positions=min(n_heldout, max_heldout_positions),
-            alignment=alignment,
-            skip_first=skip_first,
-        )
-        if n_heldout:
-            x = torch.cat(hx[s])[:max_heldout_positions]
-            y = torch.cat(hy[t])[:max_heldout_positions]
-            with torch.no_grad():
-                r2[(s, t)] = r2_score(amap(x), y)
-            amap.metadata["r2"] = r2[(s, t)]
-        else:
-            amap.metadata["r2"] = None
-        maps[(s, t)] = amap
+        fitter = fitters[(s, t)]
+        held = (torch.cat(hx[s])[:max_heldout_positions], torch.cat(hy[t])[:max_heldout_positions]) if n_heldout else None
+        scale = float(fitter.xtx.diagonal()[:-1].mean())
+        candidates = [(None, ridge)] + [(rel, rel * scale) for rel in ridge_grid if held is not None]
+        best: tuple[float, AffineMap] | None = None
+        for relative, absolute in candidates:
+            fitter.ridge = absolute
+            amap = AffineMap.from_fitter(
+                fitter,
+                source_model=source.name,
+                target_model=target.name,
+                source_weights_sha256=source.weights_sha256,
+                target_weights_sha256=target.weights_sha256,
+                source_layer=s,
+                target_layer=t,
+                corpus_sha256=corpus,
+                n_fit_texts=len(fit_texts),
+                n_heldout_texts=len(held_texts),
+                n_heldout_positions=min(n_heldout, max_heldout_positions),
+                alignment=alignment,
+                skip_first=skip_first,
+                ridge_base=ridge,
+                ridge_grid=list(ridge_grid),
+                ridge_relative=relative,
+                ridge_selected=bool(ridge_grid) and held is not None,
+            )
+            score = float("nan")
+            if held is not None:
+                with torch.no_grad():
+                    score = r2_score(amap(held[0]), held[1])
+            amap.metadata["r2"] = None if held is None else score
+            if best is None or (score > best[0]):
+                best = (score, amap)
+            if not ridge_grid:
+                break
+        assert best is not None
+        maps[(s, t)] = best[1]
+        if held is not None:
+            r2[(s, t)] = best[0]
     return FitReport(maps, n_fit, min(n_heldout, max_heldout_positions), corpus, time.perf_counter() - started, r2)

@@ -57,6 +57,7 @@ class CrossModelConfig:
     n_entities: int = 40
     entity_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     ridge: float = 0.0
+    ridge_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # relative penalties tried; best held-out R² kept
     heldout: float = 0.1
     skip_first: int = 1
     max_new_tokens: int = 20
@@ -127,6 +128,7 @@ def get_maps(
     heldout: float,
     skip_first: int,
     progress: bool = False,
+    ridge_grid: tuple[float, ...] = (),
 ) -> dict[tuple[int, int], AffineMap]:
     """Maps for ``pairs``: loaded from ``store`` when fitted on the same corpus for these models, else fitted and saved."""
     corpus = corpus_sha256(texts[: len(texts) - int(len(texts) * heldout + 0.999999)])
@@ -136,13 +138,14 @@ def get_maps(
         name = pair_name(source.name, target.name, s, t, tag)
         if store.exists(name):
             amap = store.load(name)
-            if amap.metadata.get("corpus_sha256") == corpus and amap.metadata.get("ridge") == ridge:
+            same_fit = amap.metadata.get("ridge_base") == ridge and amap.metadata.get("ridge_grid") == list(ridge_grid)
+            if amap.metadata.get("corpus_sha256") == corpus and same_fit:
                 check_provenance(amap, source, target, s, t)
                 maps[(s, t)] = amap
                 continue
         missing.append((s, t))
     if missing:
-        report = fit_maps(source, target, texts, missing, ridge=ridge, heldout=heldout, skip_first=skip_first, progress=progress)
+        report = fit_maps(source, target, texts, missing, ridge, heldout, skip_first, progress=progress, ridge_grid=ridge_grid)
         for (s, t), amap in report.maps.items():
             store.save(pair_name(source.name, target.name, s, t, tag), amap, overwrite=True)
             maps[(s, t)] = amap
@@ -150,8 +153,8 @@ def get_maps(
 
 
 def _per_pair(maps: dict[tuple[int, int], AffineMap]) -> Callable[[int, int], AffineMap]:
-    def mapping(source_layer: int, target_layer: int) -> AffineMap:
-        return maps[(source_layer, target_layer)]
+    def mapping(source_layer: int, target_layer: int | str) -> AffineMap:
+        return maps[(source_layer, source_layer if target_layer == "same" else int(target_layer))]
 
     mapping.per_layer_pair = True  # type: ignore[attr-defined]
     return mapping
@@ -278,13 +281,15 @@ def run_cross_model(
     eval_texts = corpus_texts(config.n_eval_texts, config.seed, offset=config.n_fit_texts)
     tag = f"wiki{config.n_fit_texts}-s{config.seed}" + (f"-r{config.ridge:g}" if config.ridge else "")
     log(f"maps: {len(pairs)} layer pairs, {len(fit_texts)} fit texts, store {maps_store.root}")
-    maps = get_maps(source, target, pairs, fit_texts, maps_store, tag, config.ridge, config.heldout, config.skip_first, progress)
+    fit_args = (config.ridge, config.heldout, config.skip_first, progress, config.ridge_grid)
+    maps = get_maps(source, target, pairs, fit_texts, maps_store, tag, *fit_args)
     map_rows = [
         {
             "source_layer": s,
             "target_layer": t,
             "r2": m.metadata.get("r2"),
             "n_fit": m.metadata.get("n_fit"),
+            "ridge_relative": m.metadata.get("ridge_relative"),
             "name": pair_name(source.name, target.name, s, t, tag),
         }
         for (s, t), m in sorted(maps.items())
