@@ -5,6 +5,7 @@ bounded (resident set size before and after), and that it keeps serving afterwar
 127.0.0.1 and stops by itself (every request has a timeout).
 
     python bench/load_test.py                         # starts `patchscopes serve` on a free port, SmolLM2-135M
+    python bench/load_test.py --quick                 # one source layer per inspection: a fast smoke run
     python bench/load_test.py --url http://127.0.0.1:8000 --pid 12345   # an already running server
 
 Exit status 0 when every check passes.
@@ -140,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--layers", default="0-29:3", help="source layers of each inspection")
     parser.add_argument("--queue", type=int, default=4, help="queue capacity of the server this script starts")
+    parser.add_argument("--quick", action="store_true", help="one source layer per inspection (a fast smoke run)")
     parser.add_argument("--out", help="also write the report as JSON here")
     args = parser.parse_args(argv)
     proc = None
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"the server did not start: {' '.join(cmd)}")
             time.sleep(0.5)
     try:
-        report = check(url, args.model, args.requests, pid, args.layers)
+        report = check(url, args.model, args.requests, pid, "-1" if args.quick else args.layers)
     finally:
         if proc is not None:
             proc.terminate()

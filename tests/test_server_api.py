@@ -297,3 +297,26 @@ def test_app_refuses_empty_allow_list_and_maps_for_other_models() -> None:
         create_app([])
     with pytest.raises(ModelNotAllowedError, match="tiny-qwen2"):
         create_app(["tiny-llama"], loader=loader, maps=[_map()])
+
+
+def test_serve_command_takes_registry_names_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from patchscopes.cli import app as cli
+
+    runner = CliRunner()
+    for bad in ("./models/evil", "/tmp/model", "gpt2"):
+        result = runner.invoke(cli, ["serve", "--models", bad, "--no-preload"])
+        assert result.exit_code != 0 and "not a registry model" in result.output
+    calls: list[dict] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+    from patchscopes.models.registry import find_registry_model
+
+    if not find_registry_model("SmolLM2-135M").is_installed():  # type: ignore[union-attr]
+        pytest.skip("SmolLM2-135M is not installed")
+    result = runner.invoke(cli, ["serve", "--models", "smollm2", "--no-preload", "--port", "8123", "--queue", "2"])
+    assert result.exit_code == 0, result.output
+    (call,) = calls
+    assert call["host"] == "127.0.0.1" and call["port"] == 8123
+    assert call["app"].state.pool.allowed == ["SmolLM2-135M"] and call["app"].state.jobs.capacity == 2
