@@ -213,3 +213,12 @@ def test_map_round_trip_keeps_provenance(tmp_path):
     )
     MapStore(tmp_path).save("m--m/L00-L00", amap)
     assert MapStore(tmp_path).load("m--m/L00-L00").metadata["source_model"] == "m"
+
+
+def test_ridge_grid_keeps_the_best_held_out_fit():
+    a, b = tiny_model("llama"), tiny_model("llama", hidden=48)
+    plain = fit_maps(a, b, TEXTS[:10], pairs=[(1, 2)], heldout=0.3)
+    tuned = fit_maps(a, b, TEXTS[:10], pairs=[(1, 2)], heldout=0.3, ridge_grid=(1e-3, 1e-1, 10.0))
+    meta = tuned.maps[(1, 2)].metadata
+    assert meta["ridge_selected"] and meta["ridge_grid"] == [1e-3, 1e-1, 10.0]
+    assert tuned.r2[(1, 2)] >= plain.r2[(1, 2)] - 1e-9
