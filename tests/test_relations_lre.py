@@ -175,3 +175,17 @@ def test_summary_is_macro_over_relations_then_over_seeds() -> None:
     )
     table = summarise(rows)["table"]["LRC"]["accuracy"]
     assert table["mean"] == pytest.approx((0.5 + 1.0) / 2) and table["std"] == pytest.approx(0.25) and table["seeds"] == 2
+
+
+def test_single_token_fast_path_equals_teacher_forcing(llama) -> None:  # noqa: ANN001
+    from patchscopes.relations.steering import new_and_old_probs
+
+    torch.manual_seed(1)
+    concepts = ConceptSet(["of", "Tokyo", "is"], torch.randn(3, llama.hidden_size))
+    edits = [ConceptEdit(PROMPT, "of", "is"), ConceptEdit(PROMPT, "of", "Tokyo")]  # one-token and two-token answers
+    lengths = [len(RelationPrompt("r", "France", o, PROMPT.text).locate(llama).answer) for o in ("of", "is", "Tokyo")]
+    assert lengths == [1, 1, 2]
+    new, old = new_and_old_probs(llama, concepts, edits, 0.5)
+    for i, edit in enumerate(edits):
+        torch.testing.assert_close(new[i], edited_answer_probs(llama, concepts, [edit], 0.5, [edit.new])[0])
+        torch.testing.assert_close(old[i], edited_answer_probs(llama, concepts, [edit], 0.5, [edit.old])[0])
