@@ -4,6 +4,7 @@ Tests that talk to NDIF itself skip unless NDIF_API_KEY is set."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from patchscopes.backends.errors import BackendError, MissingAPIKeyError, ModelNotHostedError
 from patchscopes.positions import Placeholder
-from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target, run_many
+from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target
+from patchscopes.scope import run_many as native_run_many
 from tiny import tiny_model
 
 pytest.importorskip("nnsight")
@@ -33,6 +35,13 @@ STATUS = {  # the shape of NDIF's raw /status answer
         "b": {"repo_id": "meta-llama/Llama-3.1-70B", "application_state": "DEPLOYING", "deployment_level": "WARM"},
     }
 }
+
+
+def run_many(scopes, model, target_model=None, batch_size=16):  # noqa: ANN001, ANN201
+    """The native engine's plain padded-batch path (the reference this backend mirrors), on any core version."""
+    if "engine" in inspect.signature(native_run_many).parameters:
+        return native_run_many(scopes, model, target_model, batch_size=batch_size, engine="plain")
+    return native_run_many(scopes, model, target_model, batch_size=batch_size)
 
 
 def _scopes() -> list[Patchscope]:

@@ -276,8 +276,8 @@ def run_many_nnsight(
     for r in resolved:
         keys.setdefault((tuple(r.src_ids), tuple(r.src_positions)), set()).add(r.src_layer)
     by_layers: dict[tuple[int, ...], list[tuple]] = {}
-    for k, layers in keys.items():
-        by_layers.setdefault(tuple(sorted(layers)), []).append(k)
+    for k, needed in keys.items():
+        by_layers.setdefault(tuple(sorted(needed)), []).append(k)
     states: dict[tuple, torch.Tensor] = {}
     for layers, group in by_layers.items():
         captured = capture_nnsight(src, [list(k[0]) for k in group], [list(k[1]) for k in group], list(layers), batch_size)

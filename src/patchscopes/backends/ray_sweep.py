@@ -109,7 +109,7 @@ def run_shard(
                 continue
         df = sweep(lm, [prompts[example]], positions=[positions[example]], progress=False, **sweep_kwargs)
         df["example"] = example
-        rows = df.to_dict(orient="records")
+        rows = [{str(k): v for k, v in row.items()} for row in df.to_dict(orient="records")]
         with locked(lock):
             fresh = ResultStore(out_dir, config)  # re-read: another attempt may have written it meanwhile
             fresh.append(TABLE, unit_key(example), rows)
