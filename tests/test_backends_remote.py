@@ -137,3 +137,25 @@ def test_ndif_gpt2_token_identity() -> None:  # pragma: no cover - needs NDIF
     remote = ndif_model("openai-community/gpt2")
     [result] = run_many_nnsight([TOKEN_IDENTITY.scope("Diana, Princess of Wales", layer=3, position=-1)], remote)
     assert result.top_tokens
+
+
+def test_cli_ndif_check_without_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from patchscopes.cli import app
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    result = CliRunner().invoke(app, ["ndif-check", "meta-llama/Llama-3.1-70B"])
+    assert result.exit_code == 2
+    assert API_KEY_ENV in result.output
+
+
+def test_cli_layer_lists() -> None:
+    import typer
+
+    from patchscopes.backends.cli import _layers
+
+    assert _layers("all") is None
+    assert _layers("0-9:3,20") == [0, 3, 6, 9, 20]
+    with pytest.raises(typer.BadParameter, match="non-negative"):
+        _layers("-1")
