@@ -112,3 +112,11 @@ def test_equals_native_on_smollm2(smol) -> None:  # noqa: ANN001
     native = run_many(scopes, smol, batch_size=3)
     _assert_same(native, run_many_nnsight(scopes, smol, batch_size=3))  # batched: next token and generation
     _assert_same(native[2:], run_many_nnsight(scopes[2:], smol))  # one generation on its own
+
+
+def test_progress_callback_counts_every_patchscope() -> None:
+    lm = tiny_model("llama")
+    scopes = _scopes(NextToken()) + _scopes(Generate(max_new_tokens=2))[:3]
+    seen: list[int] = []
+    run_many_nnsight(scopes, lm, batch_size=4, on_batch=seen.append)
+    assert sum(seen) == len(scopes) and max(seen) <= 4

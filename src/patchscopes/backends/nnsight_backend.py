@@ -260,10 +260,12 @@ def run_many_nnsight(
     target_model: ModelHandle | NNsightModel | None = None,
     batch_size: int = 16,
     remote: Remote | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> list[PatchscopeResult]:
     """Run Patchscopes through nnsight; same arguments and results as :func:`patchscopes.scope.run_many`.
 
-    ``remote`` (``True`` for NDIF, ``"local"`` for a serialised dry run) overrides the wrappers' own setting.
+    ``remote`` (``True`` for NDIF, ``"local"`` for a serialised dry run) overrides the wrappers' own setting;
+    ``on_batch(n)`` is called after each target batch of ``n`` Patchscopes (for progress bars).
 
     >>> results = run_many_nnsight(scopes, lm, batch_size=8)                 # doctest: +SKIP
     >>> results = run_many_nnsight(scopes, ndif_model("meta-llama/Llama-3.1-8B"))  # doctest: +SKIP
@@ -298,6 +300,8 @@ def run_many_nnsight(
             outs = decode_patched(tgt, [patches[i] for i in part], decoding)
             for i, (logits, generated) in zip(part, outs):
                 results[i] = _result(resolved[i], logits, generated, lm, tlm, decoding.top_k)
+            if on_batch is not None:
+                on_batch(len(part))
     return [r for r in results if r is not None]
 
 
