@@ -136,8 +136,10 @@ def _fit_lens(
     if (path / "lens.json").is_file():
         return AffineLens.load(path)
     fit_layers = [layer for layer in layers if layer != lm.n_layers - 1]
+    if not fit_layers:  # only the last layer, where the affine lens is the identity
+        return AffineLens({}, lm.name)
     lens = AffineLens.fit(
-        lm, train, fit_layers or [0], max_positions=config.train_positions, ridge=config.ridge, progress=progress
+        lm, train, fit_layers, max_positions=config.train_positions, ridge=config.ridge, progress=progress
     )
     lens.save(path)
     return lens
