@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -61,6 +62,17 @@ def _normalised(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(json.loads(json.dumps(df.to_dict(orient="records"))))
 
 
+def assert_same_table(got: pd.DataFrame, reference: pd.DataFrame) -> None:
+    """Equal rows; probabilities to float tolerance (a different batch composition changes the last digits)."""
+    floats = ["top_probs", "top1_prob"]
+    exact = [c for c in reference.columns if c not in floats]
+    pd.testing.assert_frame_equal(got[exact].reset_index(drop=True), reference[exact].reset_index(drop=True))
+    for column in floats:
+        a = np.array(got[column].tolist(), dtype=float)
+        b = np.array(reference[column].tolist(), dtype=float)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
 def _kill_first_attempt(marker_dir: str, shard: int, after: int):  # noqa: ANN202
     def after_unit(s: int, example: int) -> None:
         marker = Path(marker_dir) / f"killed-{s}"
@@ -83,7 +95,7 @@ def test_killed_worker_is_retried_and_table_equals_single_process(ray_cluster, t
     assert (tmp_path / "killed-0").exists(), "the worker was never killed: the test did not test a failure"
     reference = _normalised(sweep(load_model(checkpoint), PROMPTS, TOKEN_IDENTITY, progress=False, **kwargs))
     assert len(df) == len(PROMPTS) * 3 * 2
-    pd.testing.assert_frame_equal(df[reference.columns], reference)
+    assert_same_table(df, reference)
     lines = (out / "rows.jsonl").read_text().splitlines()
     keys = [json.loads(line)["key"] for line in lines if line.strip()]
     assert len(keys) == len(set(keys)) == len(PROMPTS), "a unit was written twice"
