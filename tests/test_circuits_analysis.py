@@ -16,7 +16,7 @@ from tiny import tiny_model
 @pytest.mark.parametrize("name", TASKS)
 def test_tasks_are_minimal_pairs(name):
     task = make_task(name, n=40, seed=1)
-    assert len(task.examples) == 40
+    assert len(task.examples) == 40 and len({e.prompt for e in task.examples}) > 20
     for ex in task.examples:
         assert ex.target != ex.foil and ex.prompt != ex.corrupt
     train, held = task.split(30)

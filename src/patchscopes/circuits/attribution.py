@@ -107,15 +107,22 @@ def n_heads_of(lm) -> int:  # noqa: ANN001
 
 
 class _Recorder:
-    """Hooks that record sender activations [B, T, n_senders, d] and rewrite/observe receiver inputs."""
+    """Hooks that record sender activations into a [B, T, n_senders, d] buffer and observe or rewrite receiver inputs.
+
+    When rewriting (``present`` set), receiver r reads its input from the corrupt run plus, for each sender s
+    with an edge s → r in the circuit, (a_s(now) − a_s(corrupt)): only kept edges cost anything.
+    """
 
     def __init__(self, lm, graph: Graph, layout: BlockLayout) -> None:  # noqa: ANN001
         self.lm, self.graph, self.layout = lm, graph, layout
-        self.acts: list[torch.Tensor] = []  # sender activations in sender order
+        self.buffer: torch.Tensor | None = None
+        self.filled = 0
         self.grads: dict[int, torch.Tensor] = {}
         self.replace_input: torch.Tensor | None = None
-        self.corrupt: torch.Tensor | None = None  # [B, T, S, d] for evaluation
-        self.absent: torch.Tensor | None = None  # [S, R] float: 1 = edge removed
+        self.corrupt: torch.Tensor | None = None  # sender activations of the corrupt run
+        self.corrupt_inputs: dict[int, torch.Tensor] | None = None  # receiver inputs of the corrupt run
+        self.record_inputs: dict[int, torch.Tensor] | None = None
+        self.present: list[torch.Tensor] | None = None  # per receiver: indices of senders with a kept edge
         self.track_grads = False
 
     def _heads(self, layer: int, z: torch.Tensor) -> torch.Tensor:
@@ -123,16 +130,22 @@ class _Recorder:
         weight = proj.weight if not self.layout.conv1d else proj.weight.T  # [d_out, d_in]
         b, t, _ = z.shape
         h = self.graph.n_heads
-        zh = z.view(b, t, h, -1)
-        wh = weight.view(weight.shape[0], h, -1)
-        return torch.einsum("bthk,dhk->bthd", zh, wh)
+        return torch.einsum("bthk,dhk->bthd", z.detach().view(b, t, h, -1), weight.detach().view(weight.shape[0], h, -1))
+
+    def _record(self, acts: torch.Tensor) -> None:
+        assert self.buffer is not None
+        n = acts.shape[2]
+        self.buffer[:, :, self.filled : self.filled + n] = acts.detach()
+        self.filled += n
 
     def _receiver(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        if self.absent is not None and self.corrupt is not None:
-            current = torch.cat(self.acts, dim=2) if len(self.acts) > 1 else self.acts[0]
-            k = current.shape[2]
-            diff = current - self.corrupt[:, :, :k]
-            x = x - torch.einsum("btsd,s->btd", diff, self.absent[:k, index].to(diff.dtype))
+        if self.record_inputs is not None:
+            self.record_inputs[index] = x.detach()
+        if self.present is not None and self.corrupt is not None and self.corrupt_inputs is not None and self.buffer is not None:
+            idx = self.present[index]
+            x = self.corrupt_inputs[index]
+            if len(idx):
+                x = x + (self.buffer[:, :, idx] - self.corrupt[:, :, idx]).sum(dim=2)
         if self.track_grads:
             x = x + 0  # a fresh node: its gradient is the one through this receiver only
             x.register_hook(lambda g, i=index: self.grads.__setitem__(i, g.detach()))
@@ -144,12 +157,14 @@ class _Recorder:
         blocks = self.lm.adapter.blocks
 
         def on_input(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-            self.acts = []
             if self.replace_input is not None:
                 hidden = self.replace_input
             if self.track_grads and not hidden.requires_grad:
                 hidden = hidden.detach().requires_grad_(True)
-            self.acts.append(hidden.unsqueeze(2))
+            b, t, d = hidden.shape
+            self.buffer = torch.empty(b, t, len(self.graph.senders), d, dtype=hidden.dtype)
+            self.filled = 0
+            self._record(hidden.unsqueeze(2))
             return hidden
 
         def pre(index: int):  # noqa: ANN202
@@ -166,13 +181,13 @@ class _Recorder:
             handles.append(mlp_norm.register_forward_pre_hook(pre(2 * layer + 1), with_kwargs=True))
 
             def on_o_proj(module: nn.Module, args: tuple, layer: int = layer) -> None:
-                self.acts.append(self._heads(layer, args[0]))
+                self._record(self._heads(layer, args[0]))
 
             handles.append(_module(block, self.layout.o_proj).register_forward_pre_hook(on_o_proj))
 
             def on_mlp(module: nn.Module, args: tuple, output: Any) -> None:
                 out = output[0] if isinstance(output, tuple) else output
-                self.acts.append(out.unsqueeze(2))
+                self._record(out.unsqueeze(2))
 
             handles.append(_module(block, self.layout.mlp).register_forward_hook(on_mlp))
         final = self.lm.adapter.final_norm
@@ -187,7 +202,8 @@ class _Recorder:
                 h.remove()
 
     def senders(self) -> torch.Tensor:
-        return torch.cat(self.acts, dim=2)
+        assert self.buffer is not None and self.filled == self.buffer.shape[2]
+        return self.buffer
 
 
 def _metric(logits: torch.Tensor, data: Encoded) -> torch.Tensor:
@@ -263,22 +279,29 @@ def attribute(lm, data: Encoded, method: str = "eap", steps: int = 5, batch_size
                 with torch.no_grad():
                     _, info = _run(lm, sub.corrupt_ids)
                     corrupt = rec.senders()
-                    _, _ = _run(lm, sub.ids)
-                    clean = rec.senders()
-                mask = info["mask"].to(clean.dtype)[:, :, None, None]
-                grads = torch.zeros(clean.shape[0], clean.shape[1], len(graph.receivers), clean.shape[-1])
+                    clean = None
+                    if method == "eap-ig":
+                        _run(lm, sub.ids)
+                        clean = rec.senders()
+                grads: torch.Tensor | None = None
                 alphas = [1.0] if method == "eap" else [(k + 1) / steps for k in range(steps)]
                 rec.track_grads = True
                 for alpha in alphas:
                     rec.grads = {}
-                    if method == "eap-ig":
+                    if clean is not None:
                         rec.replace_input = (corrupt[:, :, 0] + alpha * (clean[:, :, 0] - corrupt[:, :, 0])).detach()
                     logits, _ = _run(lm, sub.ids)
                     _metric(logits, sub).sum().backward()
+                    if clean is None:
+                        clean = rec.senders()  # EAP: the gradient run is the clean run
+                    if grads is None:
+                        grads = torch.zeros(clean.shape[0], clean.shape[1], len(graph.receivers), clean.shape[-1])
                     for i, g in rec.grads.items():
                         grads[:, :, i] += g.float() / len(alphas)
                     rec.replace_input = None
                 rec.track_grads = False
+                assert clean is not None and grads is not None
+                mask = info["mask"].to(clean.dtype)[:, :, None, None]
                 delta = ((corrupt - clean) * mask).float()
                 total += torch.einsum("btsd,btrd->sr", delta, grads)
     finally:
@@ -299,45 +322,55 @@ def _check_aligned(data: Encoded) -> None:
 
 
 @torch.no_grad()
+def evaluate_many(lm, data: Encoded, keeps: Sequence[torch.Tensor | None], batch_size: int = 32) -> list[dict[str, float]]:  # noqa: ANN001
+    """:func:`evaluate_edges` for several edge sets, sharing the clean and corrupt runs."""
+    _check_aligned(data)
+    layout = layout_for(lm)
+    graph = Graph.build(lm.n_layers, n_heads_of(lm))
+    keep_ts = [graph.valid.clone() if k is None else k.to(torch.bool) & graph.valid for k in keeps]
+    rec = _Recorder(lm, graph, layout)
+    m_clean, m_cor = [], []
+    m_circ: list[list[torch.Tensor]] = [[] for _ in keep_ts]
+    with rec.hooks():
+        for start in range(0, len(data), batch_size):
+            sub = data.subset(list(range(start, min(start + batch_size, len(data)))))
+            rec.record_inputs = {}
+            logits, _ = _run(lm, sub.corrupt_ids)
+            m_cor.append(_metric(logits, sub))
+            rec.corrupt, rec.corrupt_inputs, rec.record_inputs = rec.senders().clone(), rec.record_inputs, None
+            logits, _ = _run(lm, sub.ids)
+            m_clean.append(_metric(logits, sub))
+            for keep_t, out in zip(keep_ts, m_circ):
+                rec.present = [torch.nonzero(keep_t[:, r]).flatten() for r in range(len(graph.receivers))]
+                logits, _ = _run(lm, sub.ids)
+                out.append(_metric(logits, sub))
+            rec.present, rec.corrupt, rec.corrupt_inputs = None, None, None
+    clean, cor = float(torch.cat(m_clean).mean()), float(torch.cat(m_cor).mean())
+    denom = clean - cor
+    rows = []
+    for keep_t, out in zip(keep_ts, m_circ):
+        circ = float(torch.cat(out).mean())
+        rows.append({
+            "clean": clean,
+            "corrupt": cor,
+            "circuit": circ,
+            "faithfulness": (circ - cor) / denom if abs(denom) > 1e-9 else float("nan"),
+            "n_edges": int(keep_t.sum()),
+        })  # fmt: skip
+    return rows
+
+
 def evaluate_edges(lm, data: Encoded, keep: torch.Tensor | None, batch_size: int = 32) -> dict[str, float]:  # noqa: ANN001
     """Mean logit difference of the clean run, the corrupt run and the run with only ``keep`` edges clean.
 
     ``keep``: boolean [n_senders, n_receivers] (``None`` = every edge). Returns ``clean``, ``corrupt``,
     ``circuit`` and ``faithfulness`` = (circuit − corrupt) / (clean − corrupt).
     """
-    _check_aligned(data)
-    layout = layout_for(lm)
-    graph = Graph.build(lm.n_layers, n_heads_of(lm))
-    keep_t = graph.valid.clone() if keep is None else keep.to(torch.bool) & graph.valid
-    rec = _Recorder(lm, graph, layout)
-    m_clean, m_cor, m_circ = [], [], []
-    with rec.hooks():
-        for start in range(0, len(data), batch_size):
-            sub = data.subset(list(range(start, min(start + batch_size, len(data)))))
-            logits, _ = _run(lm, sub.corrupt_ids)
-            m_cor.append(_metric(logits, sub))
-            rec.corrupt = rec.senders()
-            logits, _ = _run(lm, sub.ids)
-            m_clean.append(_metric(logits, sub))
-            rec.absent = (~keep_t).float()
-            logits, _ = _run(lm, sub.ids)
-            m_circ.append(_metric(logits, sub))
-            rec.absent, rec.corrupt = None, None
-    clean, cor, circ = (float(torch.cat(x).mean()) for x in (m_clean, m_cor, m_circ))
-    denom = clean - cor
-    return {
-        "clean": clean,
-        "corrupt": cor,
-        "circuit": circ,
-        "faithfulness": (circ - cor) / denom if abs(denom) > 1e-9 else float("nan"),
-        "n_edges": int(keep_t.sum()),
-    }
+    return evaluate_many(lm, data, [keep], batch_size)[0]
 
 
 def faithfulness_curve(lm, data: Encoded, scores: EdgeScores, sizes: Sequence[int], batch_size: int = 32) -> pd.DataFrame:  # noqa: ANN001
     """Faithfulness of the top-n edges for each n in ``sizes`` (plus the share of all edges)."""
-    rows = []
-    for n in sizes:
-        out = evaluate_edges(lm, data, scores.top_edges(n), batch_size=batch_size)
-        rows.append({"method": scores.method, "top_n": n, "edge_share": n / scores.graph.n_edges, **out})
+    outs = evaluate_many(lm, data, [scores.top_edges(n) for n in sizes], batch_size=batch_size)
+    rows = [{"method": scores.method, "top_n": n, "edge_share": n / scores.graph.n_edges, **out} for n, out in zip(sizes, outs)]
     return pd.DataFrame(rows)

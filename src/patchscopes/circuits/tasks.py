@@ -194,15 +194,13 @@ def _fact(hyponym: str, category: str, foil: str, corrupt_hyponym: str) -> Examp
 
 
 def hierarchy(n: int, rng: random.Random) -> list[Example]:
-    """Known facts (all but the held-out hyponyms); the foil is the category of the corrupt hyponym."""
+    """Known facts (all but the held-out hyponyms, at most 70); the foil is the category of the corrupt hyponym."""
     pairs = [(h, c) for c, hs in HIERARCHY.items() for h in hs[:-N_HELD_OUT]]
+    rng.shuffle(pairs)
     out = []
-    for i in range(n):
-        hyponym, category = pairs[i % len(pairs)] if n <= len(pairs) else rng.choice(pairs)
+    for hyponym, category in pairs[:n]:  # each fact once: at most len(pairs) examples, so no prompt is in two splits
         other_hyponym, other = rng.choice([p for p in pairs if p[1] != category])
         out.append(_fact(hyponym, category, other, other_hyponym))
-    if n <= len(pairs):
-        rng.shuffle(out)
     return out
 
 

@@ -1,0 +1,147 @@
+"""``patchscopes circuits discover | edit | report`` (the CLI parses and prints; ``pipeline`` computes)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from patchscopes.errors import PatchscopeError
+
+console = Console()
+circuits_app = typer.Typer(help="Circuits: weight masks, edge attribution, the knowledge-edit view.", no_args_is_help=True)
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(",") if x.strip())
+
+
+def _config(
+    model: str,
+    task: list[str] | None,
+    method: list[str] | None,
+    densities: str,
+    layers: str,
+    steps: int,
+    n: int,
+    n_train: int,
+    batch_size: int,
+    lr: float,
+    ig_steps: int,
+    n_attr: int,
+    seed: int,
+    quick: bool,
+):  # noqa: ANN202
+    from patchscopes.circuits.pipeline import RunConfig
+
+    tasks = tuple(task or (["hierarchy"] if quick else ["subj_verb", "hierarchy"]))
+    if quick:
+        cfg = RunConfig.quick_profile(model, tasks)
+        return RunConfig(**{**cfg.to_dict(), "methods": tuple(method or cfg.methods), "seed": seed})
+    layer_list = None if layers == "all" else tuple(int(x) for x in layers.split(","))
+    return RunConfig(model=model, tasks=tasks, methods=tuple(method or ("mask", "eap", "eap-ig")), densities=_floats(densities),
+                     layers=layer_list, n_examples=n, n_train=n_train, steps_per_stage=steps, batch_size=batch_size, lr=lr,
+                     ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
+
+
+Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
+Out = Annotated[Path, typer.Option(help="Run directory (resumable; one configuration per directory).")]
+Task = Annotated[Optional[list[str]], typer.Option(help="det_noun, subj_verb, sentiment, hierarchy (repeatable).")]
+Method = Annotated[Optional[list[str]], typer.Option(help="mask, eap, eap-ig (repeatable; default all three).")]
+Densities = Annotated[str, typer.Option(help="Target densities, largest first is not required: 0.5,0.35,0.15,0.05")]
+Layers = Annotated[str, typer.Option(help="Blocks the mask covers: all, or a list like 24,25,26,27,28,29.")]
+Steps = Annotated[int, typer.Option(help="Mask training steps per density stage.")]
+N = Annotated[int, typer.Option(help="Examples generated per task (train + held out).")]
+NTrain = Annotated[int, typer.Option(help="Of which used to train the mask.")]
+Batch = Annotated[int, typer.Option(help="Batch size of mask training and attribution.")]
+Lr = Annotated[float, typer.Option(help="Adam learning rate of the mask logits.")]
+IgSteps = Annotated[int, typer.Option(help="Interpolation steps of EAP-IG.")]
+NAttr = Annotated[int, typer.Option(help="Held-out examples used for EAP / EAP-IG and their curves.")]
+Seed = Annotated[int, typer.Option(help="Seed of data, sampling and random baselines.")]
+Quick = Annotated[bool, typer.Option(help="CI profile: last block, 2 steps per stage, 16 examples, densities 0.5 and 0.05.")]
+
+
+@circuits_app.command("discover")
+def discover_cmd(
+    model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
+    densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
+    batch_size: Batch = 8, lr: Lr = 0.25, ig_steps: IgSteps = 5, n_attr: NAttr = 32, seed: Seed = 0, quick: Quick = False,
+) -> None:  # fmt: skip
+    """Find circuits: a weight mask trained through decreasing densities, and EAP / EAP-IG edge scores."""
+    from patchscopes.circuits.pipeline import discover
+    from patchscopes.models.loading import load_model
+
+    try:
+        cfg = _config(model, task, method, densities, layers, steps, n, n_train, batch_size, lr, ig_steps, n_attr, seed, quick)
+        lm = load_model(model)
+        discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))
+    except PatchscopeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    console.print(f"done: {out}")
+
+
+@circuits_app.command("edit")
+def edit_cmd(
+    model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
+    densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
+    batch_size: Batch = 8, lr: Lr = 0.25, ig_steps: IgSteps = 5, n_attr: NAttr = 32, seed: Seed = 0, quick: Quick = False,
+    circuit_task: Annotated[str, typer.Option(help="Whose circuits take the edit.")] = "hierarchy",
+    edit_steps: Annotated[int, typer.Option(help="Fine-tuning steps of each edit.")] = 20,
+    edit_lr: Annotated[float, typer.Option(help="Adam learning rate of the edit.")] = 1e-3,
+) -> None:  # fmt: skip
+    """Insert held-out 'X is a kind of Y' facts through each circuit, its complement and a random set of its size."""
+    from patchscopes.circuits.pipeline import edit
+    from patchscopes.models.loading import load_model
+
+    try:
+        cfg = _config(model, task, method, densities, layers, steps, n, n_train, batch_size, lr, ig_steps, n_attr, seed, quick)
+        lm = load_model(model)
+        edit(
+            lm,
+            cfg,
+            out,
+            task=circuit_task,
+            steps=edit_steps,
+            lr=edit_lr,
+            log=lambda m: console.print(m, markup=False, highlight=False),
+        )
+    except PatchscopeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+
+
+@circuits_app.command("report")
+def report_cmd(
+    out: Out = Path("runs/circuits/smol"),
+    figures: Annotated[Optional[Path], typer.Option(help="Write the figures here (default: OUT/figures).")] = None,
+) -> None:
+    """Tables (composition both ways, overlap, faithfulness, EAP curves, edits) and figures of a run."""
+    from patchscopes.circuits.pipeline import report
+
+    try:
+        tables = report(out, figures if figures is not None else out / "figures")
+    except PatchscopeError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        raise typer.Exit(code=2) from None
+    for name, df in tables.items():
+        if name in ("history", "eap_edges"):
+            continue
+        table = Table(title=name)
+        frame = df.reset_index() if name == "overlap" else df
+        cols = [c for c in frame.columns if c not in ("n_params", "n_modules", "lr", "n_facts", "final_loss", "total_abs_change")]
+        for c in cols:
+            table.add_column(str(c))
+        for _, row in frame[cols].iterrows():
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
+        (out / f"{name}.csv").parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out / f"{name}.csv")
+
+
+def register(app: typer.Typer, eval_app: typer.Typer) -> None:
+    """Plug ``circuits`` into the main CLI."""
+    app.add_typer(circuits_app, name="circuits")
