@@ -159,3 +159,28 @@ def test_cli_layer_lists() -> None:
     assert _layers("0-9:3,20") == [0, 3, 6, 9, 20]
     with pytest.raises(typer.BadParameter, match="non-negative"):
         _layers("-1")
+
+
+def test_preflight_before_a_remote_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nnsight
+
+    from patchscopes.backends.remote import check_remote_ready
+
+    nm = wrap(tiny_model("llama"))
+    monkeypatch.setenv(API_KEY_ENV, "k-1")
+    monkeypatch.setattr(nnsight.CONFIG.API, "APIKEY", None)
+    with pytest.raises(ModelNotHostedError, match="other/model"):
+        check_remote_ready(nm, hosted={"other/model": "RUNNING"})
+    check_remote_ready(nm, hosted={nm.name: "RUNNING"})
+    assert nnsight.CONFIG.API.APIKEY == "k-1"  # handed to nnsight for the request
+
+
+def test_hosted_model_handle_is_built_without_weights(smol) -> None:  # noqa: ANN001
+    """``ndif_model`` builds the structure on the meta device: the handle tokenizes and resolves layers."""
+    from patchscopes.backends.remote import ndif_model
+
+    nm = ndif_model(smol.source, check=False)
+    assert nm.remote is True
+    assert nm.handle.device.type == "meta"
+    assert (nm.handle.n_layers, nm.handle.hidden_size) == (smol.n_layers, smol.hidden_size)
+    assert nm.handle.tokenize("Diana, Princess of Wales").ids == smol.tokenize("Diana, Princess of Wales").ids

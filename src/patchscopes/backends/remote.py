@@ -131,8 +131,10 @@ def ndif_model(repo_id: str, revision: str | None = None, check: bool = True) ->
         check_hosted(repo_id, hosted_models())
     require_nnsight()
     from nnsight.modeling.transformers import TransformersModel
+    from transformers import AutoTokenizer
 
-    envoy = TransformersModel(repo_id, revision=revision, task=TASK)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id, revision=revision)
+    envoy = TransformersModel(repo_id, revision=revision, task=TASK, tokenizer=tokenizer)
     handle = from_model(envoy._module, envoy.tokenizer, name=repo_id, source=f"ndif:{repo_id}")
     return NNsightModel(handle, envoy, remote=True)
 
