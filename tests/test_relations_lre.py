@@ -189,3 +189,18 @@ def test_single_token_fast_path_equals_teacher_forcing(llama) -> None:  # noqa: 
     for i, edit in enumerate(edits):
         torch.testing.assert_close(new[i], edited_answer_probs(llama, concepts, [edit], 0.5, [edit.new])[0])
         torch.testing.assert_close(old[i], edited_answer_probs(llama, concepts, [edit], 0.5, [edit.old])[0])
+
+
+def test_attribute_lens_patchscope_equals_decoding_w_s_plus_b(llama) -> None:  # noqa: ANN001
+    from patchscopes.relations.bridges import attribute_lens_scope, describe_concept
+    from patchscopes.relations.lrc import subject_states
+    from patchscopes.scope import run
+
+    lre = estimate_lre(llama, [PROMPT], subject_layer=1, object_layer=-1, aggregation="first")
+    assert lre.object_layer == llama.n_layers - 1
+    result = run(attribute_lens_scope(lre, PROMPT.text, PROMPT.subject), llama)
+    state = subject_states(llama, [PROMPT], 1)[0]
+    torch.testing.assert_close(result.logits.float(), lre.attribute_lens(llama, state), atol=1e-4, rtol=1e-4)
+    concepts = ConceptSet(["a", "b"], torch.eye(2, llama.hidden_size), {"subject_layer": 1, "subject_norm": 3.0})
+    description = describe_concept(llama, concepts, "b")
+    assert len(description.top_tokens) == 10 and description.text == description.top_tokens[0]
