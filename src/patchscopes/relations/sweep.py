@@ -3,7 +3,8 @@
 For the first seed, each relation's *training* split is split again 50/50 per object into fit and
 validation parts. In order: the object layer (subject layer fixed; one forward-mode Jacobian pass gives
 every object layer at once), then the subject layer (at the chosen object layer), then the rank, then β.
-Each stage keeps the value with the best macro mean of validation accuracy and causality.
+Each stage keeps the value with the best macro mean of validation accuracy plus causality (the rank
+stage: accuracy alone, to save the steering runs).
 
     >>> choice = run_lrc_sweep(lm, SweepConfig(base=PROFILES["default"]), "runs/lrc/sweep")   # doctest: +SKIP
     >>> choice["subject_layer"], choice["object_layer"], choice["rank"], choice["beta"]       # doctest: +SKIP
@@ -75,6 +76,7 @@ def _score(
     o_layer: int,
     rank: int,
     beta: float,
+    steer: bool = True,
 ) -> dict[str, float]:
     rel = data.relation.name
 
@@ -90,7 +92,7 @@ def _score(
     states = cached(("subjects", s_layer), lambda: subject_states(lm, data.test_prompts, s_layer, cfg.batch_size))
     objects_all = sorted({s.object for s in data.train})
     edits = cached(("edits",), lambda: causal_edits(lm, data.test_prompts, objects_all, cfg.seeds[0], cfg.batch_size))
-    accuracy, success = evaluate_concepts(lm, concepts, data.test_prompts, states, edits, beta, cfg.batch_size)
+    accuracy, success = evaluate_concepts(lm, concepts, data.test_prompts, states, edits if steer else [], beta, cfg.batch_size)
     return {
         "accuracy": sum(accuracy) / len(accuracy),
         "causality": sum(success) / len(success) if success else float("nan"),
@@ -138,7 +140,8 @@ def run_lrc_sweep(lm: ModelHandle, sweep: SweepConfig, out_dir: str | Path, prog
     s_layers = sorted({resolve_layer(x, lm.n_layers) for x in sweep.subject_layers} | {s0})
     s_layers = [s for s in s_layers if s < best_o]
     best_s = int(stage("subject_layer", s_layers, lambda d, v: _score(lm, d, cfg, jac, memo, v, best_o, cfg.rank, cfg.beta)))
-    best_r = int(stage("rank", list(sweep.ranks), lambda d, v: _score(lm, d, cfg, jac, memo, best_s, best_o, v, cfg.beta)))
+    # the rank is chosen by validation accuracy alone (no steering runs: they are the expensive part on a CPU)
+    best_r = int(stage("rank", list(sweep.ranks), lambda d, v: _score(lm, d, cfg, jac, memo, best_s, best_o, v, cfg.beta, False)))
     best_b = float(stage("beta", list(sweep.betas), lambda d, v: _score(lm, d, cfg, jac, memo, best_s, best_o, best_r, v)))
     choice.update({"subject_layer": best_s, "object_layer": best_o, "rank": best_r, "beta": best_b})
     store.write_json("choice.json", choice)
