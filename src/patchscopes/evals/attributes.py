@@ -212,13 +212,13 @@ def _grid_rows(
             "task": sample.task,
             "sample_id": sample.sample_id,
             "object": sample.object,
-            "source_layer": int(row.source_layer),
-            "target_layer": int(row.target_layer),
-            "text": row.text,
-            "correct": is_correct(row.text, sample.object, config.case_sensitive),
-            "correct_first_line": is_correct(first_line(row.text), sample.object, config.case_sensitive),
+            "source_layer": int(source),
+            "target_layer": int(target),
+            "text": str(text),
+            "correct": is_correct(str(text), sample.object, config.case_sensitive),
+            "correct_first_line": is_correct(first_line(str(text)), sample.object, config.case_sensitive),
         }
-        for row in df.itertuples()
+        for source, target, text in zip(df["source_layer"].tolist(), df["target_layer"].tolist(), df["text"].tolist())
     ]
 
 
@@ -233,7 +233,7 @@ def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int) -> pd.DataF
             probe[probe.task == task].set_index("layer")["probe_accuracy"] * 100 if len(probe) else pd.Series(dtype=float)
         )
         probe_layers = probe_part.reindex(layers)
-        test = paired_test(per_layer.to_numpy(), probe_layers.to_numpy(), n_tests=n_tasks)
+        test = paired_test(per_layer.tolist(), probe_layers.tolist(), n_tests=n_tasks)
         rows.append(
             {
                 "task": task,

@@ -101,7 +101,7 @@ def attributes(
     options = {"screen": screen, "grid_samples": grid_samples, "layer_step": layer_step, "target_layer_step": target_layer_step}
     for name, value in options.items():
         if value is not None:
-            config = replace(config, **{name: value})
+            config = replace(config, **{name: value})  # type: ignore[arg-type]
     if task:
         config = replace(config, tasks=tuple(task))
     if task_file:

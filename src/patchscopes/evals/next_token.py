@@ -272,6 +272,6 @@ def run_next_token(
 def summary_table(summary: pd.DataFrame, every: int = 1) -> pd.DataFrame:
     """Wide table: one row per layer, Precision@1 and surprisal per method."""
     wide = summary.pivot_table(index="layer", columns="method", values=["precision_at_1", "surprisal"])
-    wide.columns = [f"{metric}:{method}" for metric, method in wide.columns]
+    wide.columns = [":".join(map(str, column)) for column in wide.columns]
     wide = wide.reset_index()
     return wide[wide.layer % every == 0] if every > 1 else wide
