@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -97,6 +97,47 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
 
 
 @torch.no_grad()
+def continue_generation(
+    lm: ModelHandle,
+    logits: torch.Tensor,
+    past: Any,
+    mask: torch.Tensor,
+    last_positions: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> list[list[int]]:
+    """Decode ``max_new_tokens`` per row from next-token ``logits`` and a KV cache (unpatched steps).
+
+    Greedy unless ``temperature > 0``; a row stops at the model's end-of-sequence token (not included).
+    """
+    rows = logits.shape[0]
+    eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=lm.device)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    done = torch.zeros(rows, dtype=torch.bool, device=lm.device)
+    step_logits, positions = logits, last_positions
+    for _ in range(max_new_tokens):
+        if temperature > 0:
+            probs = torch.softmax(step_logits / temperature, dim=-1).cpu()
+            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(lm.device)
+        else:
+            nxt = step_logits.argmax(-1)
+        finished = torch.isin(nxt, eos)
+        for i, token in enumerate(nxt.tolist()):
+            if not done[i] and not finished[i]:
+                generated[i].append(token)
+        done |= finished
+        if bool(done.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        positions = positions + 1
+        step = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        past = step.past_key_values
+        step_logits = step.logits[:, -1].float()
+    return generated
+
+
+@torch.no_grad()
 def run_patched(
     lm: ModelHandle,
     runs: Sequence[PatchedRun],
@@ -115,7 +156,6 @@ def run_patched(
     outputs: list[RunOutput] = []
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     keep_last = {"logits_to_keep": 1} if _accepts(lm.model, "logits_to_keep") else {}
-    eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=lm.device)
     for group in chunks(list(runs), batch_size):
         batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
         table = _patch_table(lm, batch, group)
@@ -138,37 +178,18 @@ def run_patched(
             logits = out.logits[:, -1].float()
             generated: list[list[int]] = [[] for _ in group]
             if max_new_tokens > 0:
-                mask, positions, past = batch.attention_mask, batch.position_ids[:, -1:], out.past_key_values
-                done = torch.zeros(len(group), dtype=torch.bool, device=lm.device)
-                step_logits = logits
-                for _ in range(max_new_tokens):
-                    if temperature > 0:
-                        probs = torch.softmax(step_logits / temperature, dim=-1).cpu()
-                        nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(lm.device)
-                    else:
-                        nxt = step_logits.argmax(-1)
-                    for i, token in enumerate(nxt.tolist()):
-                        if not done[i]:
-                            generated[i].append(token)
-                    done |= torch.isin(nxt, eos)
-                    if bool(done.all()):
-                        break
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    positions = positions + 1
-                    step = lm.model(
-                        input_ids=nxt[:, None],
-                        attention_mask=mask,
-                        position_ids=positions,
-                        past_key_values=past,
-                        use_cache=True,
-                    )
-                    past = step.past_key_values
-                    step_logits = step.logits[:, -1].float()
+                generated = continue_generation(
+                    lm,
+                    logits,
+                    out.past_key_values,
+                    batch.attention_mask,
+                    batch.position_ids[:, -1:],
+                    max_new_tokens,
+                    temperature,
+                    generator,
+                )
         for i in range(len(group)):
-            tokens = generated[i]
-            if tokens and tokens[-1] in lm.eos_ids:
-                tokens = tokens[:-1]
-            outputs.append(RunOutput(logits=logits[i].cpu(), generated=tokens))
+            outputs.append(RunOutput(logits=logits[i].cpu(), generated=generated[i]))
         if on_batch is not None:
             on_batch(len(group))
     return outputs

@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import torch
 
 from patchscopes.capture import EMBEDDINGS, LayerSpec, capture, resolve_layer
+from patchscopes.engine import fast_eligible, run_patched_fast, supports_fast
 from patchscopes.errors import MappingError, SpecError
 from patchscopes.mappings import AffineMap, as_mapping, mapping_from_json, mapping_to_json
 from patchscopes.models.loading import ModelHandle
@@ -27,6 +28,7 @@ from patchscopes.patching import Patch, PatchedRun, PatchMode, run_patched
 from patchscopes.positions import Placeholder, PositionSpec, Substring, position_from_json, position_to_json, resolve_positions
 
 SAME = "same"  # target layer/position/prompt taken from the source
+Engine = Literal["auto", "fast", "plain"]
 
 
 @dataclass(frozen=True)
@@ -214,8 +216,16 @@ def run_many(
     target_model: ModelHandle | None = None,
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
+    engine: Engine = "auto",
 ) -> list[PatchscopeResult]:
-    """Run many Patchscopes; sources are captured once per prompt, targets run in padded batches."""
+    """Run many Patchscopes; sources are captured once per prompt, targets run in batches.
+
+    ``engine="auto"`` uses the fast engine (:mod:`patchscopes.engine`: shared target prefixes, skipped
+    layers) wherever it applies — a verified architecture, greedy decoding, one block-layer patch — and the
+    plain padded-batch engine elsewhere; ``"plain"`` always uses the plain one, ``"fast"`` requires the fast one.
+    """
+    if engine not in ("auto", "fast", "plain"):
+        raise SpecError(f"engine {engine!r} is not 'auto', 'fast' or 'plain'")
     tlm = target_model or model
     resolved = [_resolve(s, model, tlm) for s in scopes]
     # capture: one pass per distinct (source prompt, positions), all needed layers at once
@@ -251,9 +261,21 @@ def run_many(
         max_new = decoding.max_new_tokens if isinstance(decoding, Generate) else 0
         temperature = decoding.temperature if isinstance(decoding, Generate) else 0.0
         seed = decoding.seed if isinstance(decoding, Generate) else None
-        outs = run_patched(tlm, [runs[i] for i in idx], max_new, batch_size, temperature, seed, on_batch)
-        for i, out in zip(idx, outs):
-            results[i] = _result(resolved[i], out.logits, out.generated, model, tlm, decoding.top_k)
+        fast_ok = engine != "plain" and temperature == 0 and supports_fast(tlm)
+        if engine == "fast" and not fast_ok:
+            raise SpecError(
+                f"the fast engine does not cover {tlm.name} ({getattr(tlm.model.config, 'model_type', '?')}) "
+                "or sampled decoding; use engine='auto' or 'plain'"
+            )
+        fast = [i for i in idx if fast_ok and fast_eligible(runs[i])]
+        chosen = set(fast)
+        plain = [i for i in idx if i not in chosen]
+        for members, runner in ((fast, run_patched_fast), (plain, run_patched)):
+            if not members:
+                continue
+            outs = runner(tlm, [runs[i] for i in members], max_new, batch_size, temperature, seed, on_batch)
+            for i, out in zip(members, outs):
+                results[i] = _result(resolved[i], out.logits, out.generated, model, tlm, decoding.top_k)
     return [r for r in results if r is not None]
 
 

@@ -20,7 +20,7 @@ from patchscopes.models.loading import ModelHandle
 from patchscopes.positions import PositionSpec
 from patchscopes.presets import Preset, custom
 from patchscopes.progress import progress_bar
-from patchscopes.scope import SAME, Decoding, Patchscope, PatchscopeResult, run_many
+from patchscopes.scope import SAME, Decoding, Engine, Patchscope, PatchscopeResult, run_many
 
 COLUMNS = [
     "example",
@@ -56,6 +56,12 @@ def result_row(example: int, result: PatchscopeResult) -> dict[str, Any]:
         "top1": result.top_tokens[0],
         "top1_prob": result.top_probs[0],
     }
+
+
+def chunk_size(lm: ModelHandle, batch_size: int, budget_bytes: int = 128 << 20) -> int:
+    """Scopes per chunk: enough for large fast-engine batches, few enough that their logits fit the budget."""
+    vocab = int(getattr(lm.adapter.unembed, "out_features", 0) or lm.tokenizer.vocab_size or 50_000)
+    return max(batch_size, min(4096, budget_bytes // (4 * vocab)))
 
 
 def build_scopes(
@@ -104,6 +110,7 @@ def sweep(
     batch_size: int = 32,
     extra: Callable[[PatchscopeResult], dict[str, Any]] | None = None,
     progress: bool = True,
+    engine: Engine = "auto",
 ) -> pd.DataFrame:
     """Run ``preset`` (or a target prompt with placeholder ``x``) over prompts × source layers × target layers.
 
@@ -111,6 +118,8 @@ def sweep(
     rule for the logit lens), ``None`` means every target block, a list gives the grid explicitly.
     ``position`` applies to every prompt; ``positions`` gives one per prompt instead.
     ``mapping`` may be one mapping, or a callable ``(ℓ, ℓ*) → mapping`` marked ``per_layer_pair = True``.
+    ``engine`` picks the engine (see :func:`patchscopes.scope.run_many`). Work runs in chunks whose size
+    keeps the per-chunk logits within about 128 MB, so memory stays bounded for any number of prompts.
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -122,10 +131,11 @@ def sweep(
         model, prompts, preset, source_layers, target_layers, position, mapping, decoding, target_model, positions
     )
     rows: list[dict[str, Any]] = []
+    chunk = chunk_size(target_model or model, batch_size)
     with progress_bar(len(scopes), f"sweep {preset.name}", enabled=progress) as advance:
-        for start in range(0, len(scopes), max(batch_size * 4, 1)):
-            part = scopes[start : start + batch_size * 4]
-            results = run_many([s for _, s in part], model, target_model, batch_size=batch_size, on_batch=advance)
+        for start in range(0, len(scopes), chunk):
+            part = scopes[start : start + chunk]
+            results = run_many([s for _, s in part], model, target_model, batch_size=batch_size, on_batch=advance, engine=engine)
             for (example, _), result in zip(part, results):
                 row = result_row(example, result)
                 if extra is not None:

@@ -1,0 +1,98 @@
+"""The fast engine (shared prefixes, replayed layers) equals the plain engine, which the other tests hold
+to the reference semantics: same logits within float noise, identical greedy text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from patchscopes import (
+    ENTITY_DESCRIPTION,
+    TOKEN_IDENTITY,
+    Generate,
+    NextToken,
+    Patchscope,
+    Source,
+    Substring,
+    Target,
+    run_many,
+    sweep,
+)
+from patchscopes.engine import run_patched_fast
+from patchscopes.errors import SpecError
+from patchscopes.patching import Patch, PatchedRun, run_patched
+from tiny import ARCHS, tiny_model
+
+ATOL = 1e-4  # fp32; the fast path changes only the shapes of the matmuls
+SOURCES = ["Diana, Princess of Wales", "The capital of France is Paris", "cat"]
+TARGETS = [
+    ("Syria: Country in the Middle East, x", "x"),
+    ("The official currency of x is the", "x"),  # patch before the end: a suffix of several tokens
+    ("cat -> cat\n1135 -> 1135\nhello -> hello\n?", "?"),
+]
+
+
+def _grid(lm, decoding):
+    from patchscopes import Placeholder
+
+    layers = sorted({0, 1, lm.n_layers // 2, lm.n_layers - 1})
+    return [
+        Patchscope(Source(s, layer=ls), Target(t, layer=lt, position=Placeholder(ph)), decoding=decoding)
+        for s in SOURCES
+        for t, ph in TARGETS
+        for ls in layers
+        for lt in layers
+    ]
+
+
+def _compare(lm, decoding, batch_size=7):
+    scopes = _grid(lm, decoding)
+    fast = run_many(scopes, lm, batch_size=batch_size, engine="fast")
+    plain = run_many(scopes, lm, batch_size=batch_size, engine="plain")
+    worst = max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain))
+    assert worst <= ATOL, worst
+    assert [f.generated_ids for f in fast] == [p.generated_ids for p in plain]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fast_equals_plain_tiny(arch):
+    lm = tiny_model(arch)
+    _compare(lm, NextToken())
+    _compare(lm, Generate(max_new_tokens=5))
+
+
+def test_fast_equals_plain_real(smol):
+    scopes = [ENTITY_DESCRIPTION.scope(s, layer=l_) for s in SOURCES for l_ in (2, 9, 17, 29)]
+    scopes += [TOKEN_IDENTITY.scope(s, layer=l_, target_layer=t) for s in SOURCES for l_ in (0, 15) for t in (3, 29)]
+    scopes += [
+        Patchscope(
+            Source("Diana, Princess of Wales", layer=12),
+            Target("The official currency of x is", layer=4, position=Substring("x")),
+            decoding=Generate(max_new_tokens=20),
+        )
+    ]
+    fast = run_many(scopes, smol, batch_size=8, engine="fast")
+    plain = run_many(scopes, smol, batch_size=8, engine="plain")
+    assert max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain)) <= ATOL
+    assert [f.text for f in fast] == [p.text for p in plain]
+
+
+def test_multi_position_and_add_mode():
+    lm = tiny_model("llama")
+    target = lm.tokenize("The official currency of the United States is").ids
+    vec = torch.randn(2, lm.hidden_size)
+    runs = [PatchedRun(target, [Patch(2, [3, 5], vec, mode)]) for mode in ("replace", "add")]
+    fast = run_patched_fast(lm, runs, max_new_tokens=4)
+    plain = run_patched(lm, runs, max_new_tokens=4)
+    for f, p in zip(fast, plain):
+        assert (f.logits - p.logits).abs().max() <= ATOL and f.generated == p.generated
+
+
+def test_sweep_engines_agree_and_fast_rejects_sampling():
+    lm = tiny_model("qwen2")
+    a = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, engine="fast", progress=False)
+    b = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, engine="plain", progress=False)
+    assert list(a.top1) == list(b.top1)
+    assert max(abs(x - y) for x, y in zip(a.top1_prob, b.top1_prob)) < 1e-5
+    with pytest.raises(SpecError, match="fast engine"):
+        run_many([ENTITY_DESCRIPTION.scope("Diana", layer=1, decoding=Generate(temperature=1.0, seed=0))], lm, engine="fast")
