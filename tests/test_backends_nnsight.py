@@ -120,3 +120,27 @@ def test_progress_callback_counts_every_patchscope() -> None:
     seen: list[int] = []
     run_many_nnsight(scopes, lm, batch_size=4, on_batch=seen.append)
     assert sum(seen) == len(scopes) and max(seen) <= 4
+
+
+def test_checkpoint_generation_settings_do_not_change_greedy_decoding() -> None:
+    """Logits processors in the model's generation config (here: no token may repeat) must not reach the
+    patched generation, which decodes raw logits like the native engine."""
+    lm = tiny_model("gpt2")  # its greedy continuations repeat tokens, so the setting would change them
+    config = lm.model.generation_config
+    saved = (config.repetition_penalty, config.no_repeat_ngram_size)
+    scopes = _scopes(Generate(max_new_tokens=6))[:2]
+    native = run_many(scopes, lm)
+    assert any(len(set(r.generated_ids)) < len(r.generated_ids) for r in native)
+    try:
+        config.repetition_penalty, config.no_repeat_ngram_size = 5.0, 1
+        _assert_same(native, run_many_nnsight(scopes, lm))
+    finally:
+        config.repetition_penalty, config.no_repeat_ngram_size = saved
+
+
+def test_sampling_is_reproducible_with_a_seed() -> None:
+    lm = tiny_model("llama")
+    scopes = [s for s in _scopes(Generate(max_new_tokens=6, temperature=1.0, seed=3))[:2]]
+    first, second = run_many_nnsight(scopes, lm), run_many_nnsight(scopes, lm)
+    assert [r.generated_ids for r in first] == [r.generated_ids for r in second]
+    assert all(len(r.generated_ids) > 0 for r in first)

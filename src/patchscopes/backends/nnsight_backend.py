@@ -90,6 +90,8 @@ def wrap(lm: ModelHandle, remote: Remote = False) -> NNsightModel:
         if first is not None and first.device.type == "meta" and lm.device.type != "meta":
             cls = _offloaded_class()  # embedding offloaded: nnsight would send the inputs to the meta device
         envoy = cls(lm.model, tokenizer=copy.deepcopy(lm.tokenizer))
+        if getattr(envoy.tokenizer, "padding_side", "left") != "left":
+            raise BackendError(f"nnsight pads {lm.name} on the {envoy.tokenizer.padding_side}; the backend needs left padding")
         _WRAPPERS[lm.model] = envoy
     return NNsightModel(lm, envoy, remote)
 
@@ -203,6 +205,11 @@ def _generate_kwargs(nm: NNsightModel, decoding: Any) -> dict[str, Any]:
         "max_new_tokens": max(decoding.max_new_tokens, 1) if isinstance(decoding, Generate) else 1,
         "eos_token_id": sorted(lm.eos_ids) or None,
         "pad_token_id": lm.pad_id,
+        # the native engine decodes the raw logits: neutralise processors a checkpoint's generation config may set
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
+        "num_beams": 1,
     }
     if isinstance(decoding, Generate) and decoding.temperature > 0:
         kwargs.update(do_sample=True, temperature=decoding.temperature, top_k=0, top_p=1.0)
