@@ -11,6 +11,7 @@ import csv as csv_module
 import io
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,9 +40,10 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture(scope="module")
-def url(smol) -> Iterator[str]:  # noqa: ANN001
-    with serve_in_thread(create_app(["SmolLM2-135M"], loader=lambda name: smol)) as base:
-        yield base
+def server(smol) -> Iterator[tuple[str, object]]:  # noqa: ANN001
+    app = create_app(["SmolLM2-135M"], loader=lambda name: smol)
+    with serve_in_thread(app) as base:
+        yield base, app
 
 
 @pytest.fixture
@@ -55,7 +57,8 @@ def browser(tmp_path: Path):  # noqa: ANN201
         context.close()
 
 
-def test_inspection_in_a_real_browser(url: str, browser, tmp_path: Path) -> None:  # noqa: ANN001
+def test_inspection_in_a_real_browser(server, browser, tmp_path: Path) -> None:  # noqa: ANN001
+    url, app = server
     page = browser.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -105,4 +108,19 @@ def test_inspection_in_a_real_browser(url: str, browser, tmp_path: Path) -> None
     assert again.locator("#results-table tbody tr").count() == 25
     assert again.input_value("#source-layers") == "0-28:7" and again.input_value("#heat-value") == "answer_prob"
     assert again.locator("#tokens .tok.selected").inner_text() == "␣is"
+
+    # a long generation, cancelled from the page: the server stops the job
+    again.select_option("#preset", "entity-description")
+    again.fill("#source-layers", "all")
+    again.fill("#target-layers", "same")
+    again.fill("#max-new-tokens", "20")
+    again.click("#run")
+    again.wait_for_selector("#status:has-text('running')", timeout=30_000)
+    again.click("#cancel")
+    again.wait_for_selector("#status:has-text('cancelled')", timeout=10_000)
+    deadline = time.monotonic() + 60
+    while app.state.jobs.snapshot()["active"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = app.state.jobs.snapshot()
+    assert stats["active"] == 0 and stats["cancelled"] == 1 and stats["completed"] == 1
     assert errors == []

@@ -173,3 +173,22 @@ def test_chunks_cover_every_cell_once(source: str, target: str, new_tokens: int,
         else [(s, t) for s in plan.source_layers for t in plan.target_layers]
     )
     assert sorted(cells) == sorted(expected) and len(cells) == len(set(cells))
+
+
+def test_cancellation_stops_inside_a_chunk_and_leaves_no_hooks() -> None:
+    model = slow_model(delay=0.05)  # 4 blocks: 0.2 s a forward pass, 41 passes to generate 40 tokens
+    app = create_app(["slow"], loader=lambda name: model, limits=Limits(chunk_cells=1000, max_generated_tokens=10_000))
+    request = {**SLOW, "prompt": "One long chunk", "source_layers": "all", "target_layers": "all", "max_new_tokens": 40}
+    hooks = [len(block._forward_hooks) for block in model.adapter.blocks]
+    with serve_in_thread(app) as url, httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{url}/api/inspect/stream", json=request) as stream:
+            lines = stream.iter_lines()
+            assert json.loads(next(lines))["type"] == "queued"
+            assert json.loads(next(lines))["type"] == "started"
+            time.sleep(0.5)  # the single chunk (about 8 s) is under way
+            left = time.monotonic()
+        queue = wait_idle(client, url, timeout=5)
+        assert time.monotonic() - left < 4.0 and queue["cancelled"] == 1 and queue["completed"] == 0
+        assert [len(block._forward_hooks) for block in model.adapter.blocks] == hooks
+        small = client.post(f"{url}/api/inspect", json={**SLOW, "source_layers": "1"})
+        assert small.status_code == 200 and len(small.json()["rows"]) == 1

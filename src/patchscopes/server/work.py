@@ -1,5 +1,5 @@
-"""Run a checked :class:`~patchscopes.server.plan.Plan` with :func:`patchscopes.sweep.sweep`, a few source
-layers at a time, so that progress streams and a cancelled job stops between chunks."""
+"""Run a checked :class:`~patchscopes.server.plan.Plan` with :func:`patchscopes.sweep.sweep`, a few cells
+at a time, so that progress streams; a cancelled job stops at its next forward pass."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from patchscopes.capture import layer_hooks
+from patchscopes.models.loading import ModelHandle
 from patchscopes.plots import first_entry
 from patchscopes.scope import SAME, Generate, PatchscopeResult
 from patchscopes.server.jobs import JobContext
@@ -36,6 +38,19 @@ def layer_chunks(plan: Plan, chunk_cells: int) -> list[tuple[list[int], list[int
         return [(plan.source_layers[i : i + step], plan.target_layers) for i in range(0, len(plan.source_layers), step)]
     targets: list[int] = [int(t) for t in plan.target_layers]
     return [([layer], targets[i : i + size]) for layer in plan.source_layers for i in range(0, len(targets), size)]
+
+
+@contextmanager
+def stop_when_cancelled(models: list[ModelHandle], ctx: JobContext) -> Iterator[None]:
+    """Check for cancellation on every forward pass (at block 0), so a cancelled chunk stops mid-way."""
+
+    def check(layer: int, hidden: torch.Tensor) -> None:
+        ctx.check()
+
+    with ExitStack() as stack:
+        for lm in {id(m): m for m in models}.values():
+            stack.enter_context(layer_hooks(lm.adapter.blocks, [0], check))
+        yield
 
 
 @contextmanager
@@ -80,7 +95,8 @@ def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32
     batch = chunk_size(plan, chunk_cells)
     for sources, targets in layer_chunks(plan, chunk_cells):
         ctx.check()
-        with model_locks(pool, {plan.model.name, plan.target_model.name}):
+        locks = model_locks(pool, {plan.model.name, plan.target_model.name})
+        with locks, stop_when_cancelled([plan.model, plan.target_model], ctx):
             frame = sweep(
                 plan.model,
                 [plan.request.prompt],
