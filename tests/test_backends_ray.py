@@ -105,3 +105,13 @@ def test_killed_worker_is_retried_and_table_equals_single_process(ray_cluster, t
     assert (out / "rows.jsonl").read_text().splitlines() == lines
     with pytest.raises(ConfigMismatchError):
         distributed_sweep(checkpoint, PROMPTS, TOKEN_IDENTITY, out, source_layers=[1], n_shards=2)
+
+
+def test_run_configuration_records_prompts_and_options() -> None:
+    from patchscopes.backends.ray_sweep import sweep_config
+
+    base = sweep_config("m", ["a", "b"], [-1, -1], {"preset": "token-identity", "source_layers": [1]})
+    assert base["n_prompts"] == 2 and base["source_layers"] == [1]
+    assert sweep_config("m", ["a", "c"], [-1, -1], {"preset": "token-identity", "source_layers": [1]}) != base
+    options = {"preset": "token-identity", "source_layers": [1], "engine": "plain"}
+    assert sweep_config("m", ["a", "b"], [-1, -1], options)["engine"] == "plain"

@@ -153,12 +153,14 @@ def distributed_sweep(
     dtype: str = "float32",
     address: str | None = None,
     after_unit: Callable[[int, int], None] | None = None,
+    **sweep_options: Any,
 ) -> pd.DataFrame:
     """Run :func:`patchscopes.sweep.sweep` as Ray tasks over prompt shards into ``out_dir``; return the table.
 
     Ray is started locally when it is not running yet (or joins ``address``, e.g. ``"auto"`` for a cluster).
     A shard failing more than ``max_retries`` times raises :class:`ShardFailedError`; what finished stays
-    in ``out_dir`` and the same call resumes it.
+    in ``out_dir`` and the same call resumes it. Other keyword arguments (say ``engine="plain"``) go to
+    :func:`~patchscopes.sweep.sweep` unchanged and are recorded in the run configuration.
     """
     try:
         import ray
@@ -183,6 +185,7 @@ def distributed_sweep(
         "mapping": mapping,
         "decoding": decoding,
         "batch_size": batch_size,
+        **sweep_options,
     }
     config = sweep_config(model, prompts, positions, {**sweep_kwargs, "preset": preset_name})
     out = str(out_dir)
