@@ -320,3 +320,26 @@ def test_serve_command_takes_registry_names_only(monkeypatch: pytest.MonkeyPatch
     (call,) = calls
     assert call["host"] == "127.0.0.1" and call["port"] == 8123
     assert call["app"].state.pool.allowed == ["SmolLM2-135M"] and call["app"].state.jobs.capacity == 2
+
+
+def test_a_failure_during_the_work_is_reported_without_the_trace() -> None:
+    import copy
+
+    from patchscopes.models.loading import from_model
+
+    base = tiny_model("llama")
+    model = copy.deepcopy(base.model)
+
+    def explode(module, args):  # noqa: ANN001, ANN202
+        raise RuntimeError("secret detail of the machine")
+
+    model.model.layers[2].register_forward_pre_hook(explode)
+    broken = from_model(model, base.tokenizer, name="broken")
+    api = TestClient(create_app(["broken"], loader=lambda name: broken), raise_server_exceptions=False)
+    request = {"model": "broken", "prompt": PROMPT, "preset": "custom", "target_prompt": "cat -> x", "source_layers": "0"}
+    plain = api.post("/api/inspect", json=request)
+    assert plain.status_code == 500 and plain.json()["error"] == "internal" and "secret" not in plain.text
+    with api.stream("POST", "/api/inspect/stream", json=request) as response:
+        events = [json.loads(line) for line in response.iter_lines() if line]
+    assert events[-1]["type"] == "error" and events[-1]["error"] == "internal" and "secret" not in json.dumps(events)
+    assert api.get("/api/health").json()["queue"]["failed"] == 2

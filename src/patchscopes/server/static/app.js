@@ -55,10 +55,8 @@ async function loadInfo() {
   state.info = await response.json();
   const names = state.info.models.map((m) => m.name);
   $("model").innerHTML = names.map((n) => `<option>${escapeHtml(n)}</option>`).join("");
-  const q = state.info.queue;
   $("server-state").textContent = `models: ${names.join(", ")}`;
   $("max-new-tokens").max = state.info.limits.max_new_tokens;
-  void q;
 }
 
 function fillTargets() {
