@@ -52,7 +52,7 @@ def test_quick_profiles_end_to_end(smol, data_root, tmp_path) -> None:  # noqa: 
     for name, files in (
         ("next-token", ["summary.csv", "next_token.png"]),
         ("entities", ["summary.csv", "entities.png"]),
-        ("attributes", ["summary.csv", "grid.csv"]),
+        ("attributes", ["summary.csv", "grid.csv", "heatmaps.png"]),
     ):
         out = tmp_path / name
         result = runner.invoke(app, ["eval", name, "--quick", "--out", str(out), "--no-progress"])

@@ -56,6 +56,7 @@ def test_paired_t_test_matches_scipy_and_bonferroni() -> None:
     assert test.p == pytest.approx(ref.pvalue)
     assert test.p_corrected == pytest.approx(min(1.0, ref.pvalue * 12))
     assert paired_test([1.0, 2.0], [1.0, 2.0]).winner is None  # identical series: undefined, not significant
+    assert np.isnan(paired_test([1.0, 2.0, 4.0], [float("nan"), 1.0, 2.0], n_tests=12).p_corrected)  # never min(1, nan) = 1
     assert paired_test([90.0, 91.0, 92.0, 93.0, 95.0], [10.0, 10.0, 11.0, 12.0, 12.0], n_tests=2).winner == "a"
 
 

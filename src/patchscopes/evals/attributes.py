@@ -276,7 +276,7 @@ def run_attributes(
     """Run (or resume) attribute extraction vs probing into ``out``.
 
     Units: one screening unit and one probe unit per task, one grid unit per (task, sample). Writes
-    ``summary.csv``, ``grid.csv`` and one heatmap ``heatmap_<task>.png`` per task.
+    ``summary.csv``, ``grid.csv`` and ``heatmaps.png`` (one panel per task).
     """
     out = Path(out)
     sources = _layers(lm, config.source_layers, config.layer_step)
@@ -323,6 +323,44 @@ def _answered(screen: pd.DataFrame, task: str, require_answer: bool = True) -> s
     return set(part.sample_id.astype(str))
 
 
+def heatmaps(grid: pd.DataFrame, model_name: str, column: str = "correct") -> Any:
+    """One panel per task: the share of samples whose object appears, per (ℓ, ℓ*), on a fixed 0–1 scale."""
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(grid.task))
+    cols = min(4, len(tasks))
+    rows = (len(tasks) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False, layout="constrained")
+    image = None
+    for ax, task in zip(axes.flat, tasks):
+        part = grid[grid.task == task]
+        table = part.assign(v=part[column].astype(float)).pivot_table(index="target_layer", columns="source_layer", values="v")
+        table = table.sort_index(ascending=False)
+        image = ax.imshow(table.to_numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+        ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], fontsize=7)
+        ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index], fontsize=7)
+        ax.set_title(f"{task} (n={part.sample_id.nunique()})", fontsize=8)
+        ax.set_xlabel("source layer ℓ", fontsize=7)
+        ax.set_ylabel("target layer ℓ*", fontsize=7)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.6, label="accuracy")
+    fig.suptitle(f"{model_name}: attribute extraction accuracy over (ℓ, ℓ*)", fontsize=10)
+    return fig
+
+
+def summarize_run(out: str | Path) -> AttributesResult:
+    """Recompute the summaries, CSVs and heatmaps of an existing run directory (no model needed)."""
+    import json
+
+    record = json.loads((Path(out) / "config.json").read_text())
+    config = record["config"]
+    store = ResultStore(out, config)
+    n_tasks = len(config["params"]["task_files"] or config["params"]["tasks"])
+    return finish(str(config["model"]), store, n_tasks)
+
+
 def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResult:
     """Summaries, CSVs and heatmaps from whatever ``store`` holds."""
     out = store.directory
@@ -336,11 +374,7 @@ def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResul
     grid.to_csv(out / "grid.csv", index=False)
     probe.to_csv(out / "probe.csv", index=False)
     screen.to_csv(out / "screen.csv", index=False)
-    for task, part in grid.groupby("task", sort=False) if not grid.empty else []:
-        title = f"{model_name}: {task}, accuracy over (ℓ, ℓ*), {part.sample_id.nunique()} sample(s)"
-        plots.save(
-            plots.heatmap(part.assign(correct=part.correct.astype(float)), value="correct", title=title),
-            out / f"heatmap_{task}.png",
-        )
+    if not grid.empty:
+        plots.save(heatmaps(grid, model_name), out / "heatmaps.png")
     store.write_json("summary.json", {"kind": "attributes", "n_tasks": n_tasks})
     return AttributesResult(screen, probe, grid, summary, out)

@@ -65,13 +65,16 @@ class PairedTest:
 
 
 def paired_test(a: Sequence[float], b: Sequence[float], n_tests: int = 1) -> PairedTest:
-    """``scipy.stats.ttest_rel(a, b)``; the p-value times ``n_tests`` (capped at 1). NaN when undefined."""
+    """``scipy.stats.ttest_rel(a, b)``; the p-value times ``n_tests`` (capped at 1).
+
+    NaN when undefined: fewer than two pairs, a missing value, or a constant difference (zero variance).
+    """
     from scipy import stats
 
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(x) != len(y):
         raise ValueError(f"paired samples need equal lengths, got {len(x)} and {len(y)}")
-    if len(x) < 2 or np.allclose(x - y, (x - y)[0]):
+    if len(x) < 2 or not np.isfinite(x - y).all() or np.allclose(x - y, (x - y)[0]):
         return PairedTest(float("nan"), float("nan"), float("nan"), len(x))
     result = stats.ttest_rel(x, y)
     p = float(result.pvalue)
