@@ -315,6 +315,8 @@ def test_serve_command_takes_registry_names_only(monkeypatch: pytest.MonkeyPatch
 
     if not find_registry_model("SmolLM2-135M").is_installed():  # type: ignore[union-attr]
         pytest.skip("SmolLM2-135M is not installed")
+    missing_map = runner.invoke(cli, ["serve", "--models", "SmolLM2-135M", "--map", "no-such-map-dir", "--no-preload"])
+    assert missing_map.exit_code == 2 and "not a saved affine map" in missing_map.output
     result = runner.invoke(cli, ["serve", "--models", "smollm2", "--no-preload", "--port", "8123", "--queue", "2"])
     assert result.exit_code == 0, result.output
     (call,) = calls
