@@ -33,10 +33,13 @@ ARGS = [
 ]
 PROMPT = "The capital of France is"
 
-pytestmark = pytest.mark.skipif(
-    not Path(CHROMIUM).is_file(),
-    reason=f"no chromium binary at {CHROMIUM}: apt-get install -y chromium (or set PATCHSCOPES_CHROMIUM)",
-)
+pytestmark = [
+    pytest.mark.real,
+    pytest.mark.skipif(
+        not Path(CHROMIUM).is_file(),
+        reason=f"no chromium binary at {CHROMIUM}: apt-get install -y chromium (or set PATCHSCOPES_CHROMIUM)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")

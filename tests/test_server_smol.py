@@ -3,12 +3,14 @@ next-token distribution computed with plain transformers."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from patchscopes.server import create_app
 
 PROMPT = "The capital of France is"
+pytestmark = pytest.mark.real
 
 
 def test_logit_lens_last_layer_is_the_models_own_prediction(smol) -> None:  # noqa: ANN001
