@@ -70,6 +70,13 @@ def paper_next_token(paper: dict[str, Any], ours: pd.DataFrame, n_layers: int) -
     return pd.DataFrame(rows)
 
 
+def _pm(mean: Any, std: Any) -> str:
+    """``mean ± std`` with one decimal, or ``–`` when missing."""
+    if mean is None or pd.isna(mean):
+        return "–"
+    return f"{mean:.1f} ± {std:.1f}" if std is not None and not pd.isna(std) else f"{mean:.1f}"
+
+
 def paper_attributes(paper: dict[str, Any], ours: pd.DataFrame) -> pd.DataFrame:
     """Table 2 (GPT-J, % mean ± std over ℓ) beside our per-task summary."""
     rows = []
@@ -80,16 +87,16 @@ def paper_attributes(paper: dict[str, Any], ours: pd.DataFrame) -> pd.DataFrame:
         p = known.get(task)
         row: dict[str, Any] = {
             "task": task,
-            "paper probe": f"{p['probe'][0]:.1f} ± {p['probe'][1]:.1f}" if p else "",
-            "paper patchscope": f"{p['patchscope'][0]:.1f} ± {p['patchscope'][1]:.1f}" if p else "",
+            "paper probe": _pm(*p["probe"]) if p else "",
+            "paper patchscope": _pm(*p["patchscope"]) if p else "",
             "paper sig.": (p.get("sig") or "") if p else "",
         }
         if task in mine.index and "patchscope_mean" in mine:
             m = mine.loc[task]
-            row["our probe"] = f"{m.probe_mean:.1f} ± {m.probe_std:.1f}"
-            row["our patchscope"] = f"{m.patchscope_mean:.1f} ± {m.patchscope_std:.1f}"
+            row["our probe"] = _pm(m.probe_mean, m.probe_std)
+            row["our patchscope"] = _pm(m.patchscope_mean, m.patchscope_std)
             row["our p (Bonferroni)"] = m.p_bonferroni
-            row["our samples (grid/probe)"] = f"{m.grid_samples:.0f}/{m.probe_samples:.0f}"
+            row["our samples (grid/probe)"] = "–" if pd.isna(m.grid_samples) else f"{m.grid_samples:.0f}/{m.probe_samples:.0f}"
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -126,21 +133,23 @@ def render(directory: str | Path, paper_path: str | Path | None = None) -> str:
         "<h2>Results</h2>",
         _table(summary) if len(summary) else "<p>No summary yet (the run has not finished a unit).</p>",
     ]
-    comparison = None
+    comparison, note = None, ""
     if paper is not None:
         try:
             if kind == "next-token":
                 n_layers = int(summary.layer.max()) + 1 if len(summary) else 0
                 comparison = paper_next_token(paper, summary, n_layers)
+                note = paper["next_token_prediction_fig2"].get("_note", "")
             elif kind == "attributes":
                 comparison = paper_attributes(paper, summary)
+                note = paper.get("_source", "")
             elif kind == "entities":
                 comparison = paper_entities(paper, summary)
+                note = paper["entity_resolution_fig3_rougeL_popular_vicuna"].get("_note", "")
         except KeyError as exc:
             raise ReportError(f"the paper-numbers file lacks the entry {exc} needed for a {kind} report") from exc
     parts.append("<h2>The paper's numbers beside ours</h2>")
     if comparison is not None:
-        note = (paper or {}).get("_source", "")
         parts += [_table(comparison, 2), f"<p class='note'>{html.escape(note)}</p>"]
     else:
         parts.append("<p>No paper numbers available (no paper_tables file in the data directory).</p>")
