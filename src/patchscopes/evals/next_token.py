@@ -138,9 +138,7 @@ def _fit_lens(
     fit_layers = [layer for layer in layers if layer != lm.n_layers - 1]
     if not fit_layers:  # only the last layer, where the affine lens is the identity
         return AffineLens({}, lm.name)
-    lens = AffineLens.fit(
-        lm, train, fit_layers, max_positions=config.train_positions, ridge=config.ridge, progress=progress
-    )
+    lens = AffineLens.fit(lm, train, fit_layers, max_positions=config.train_positions, ridge=config.ridge, progress=progress)
     lens.save(path)
     return lens
 
