@@ -107,11 +107,12 @@ def test_blocks_are_found_through_the_adapter_path() -> None:
 
 def test_equals_native_on_smollm2(smol) -> None:  # noqa: ANN001
     prompt = "Diana, Princess of Wales"
-    scopes = [TOKEN_IDENTITY.scope(prompt, layer=layer, position=-1) for layer in (2, 9)]
-    scopes += [TOKEN_IDENTITY.scope(prompt, layer=6, position=-1, decoding=Generate(max_new_tokens=4))]
+    scopes = [TOKEN_IDENTITY.scope(prompt, layer=2, position=-1, target_layer=9)]
+    scopes += [TOKEN_IDENTITY.scope(prompt, layer=6, position=-1, decoding=Generate(max_new_tokens=3))]
+    scopes += [TOKEN_IDENTITY.scope("The capital of France is", layer=6, position=-1, decoding=Generate(max_new_tokens=3))]
     native = run_many(scopes, smol, batch_size=3)
-    _assert_same(native, run_many_nnsight(scopes, smol, batch_size=3))  # batched: next token and generation
-    _assert_same(native[2:], run_many_nnsight(scopes[2:], smol))  # one generation on its own
+    _assert_same(native, run_many_nnsight(scopes, smol, batch_size=3))  # batched: next token, two generations
+    _assert_same(native[1:2], run_many_nnsight(scopes[1:2], smol))  # one generation on its own
 
 
 def test_progress_callback_counts_every_patchscope() -> None:

@@ -1,6 +1,6 @@
 """Patchscopes compiled into nnsight traces: run locally, as a serialised round trip, or on NDIF.
 
-A Patchscope becomes two nnsight ``generate`` blocks, one invoke per prompt:
+A Patchscope becomes two nnsight blocks, a ``trace`` and a ``generate``, with one invoke per prompt:
 
 1. *source*: read the block outputs (or the input of block 0 for ``"embeddings"``) at the source
    positions, every needed layer in one pass that stops after the deepest one;
@@ -61,7 +61,9 @@ class NNsightModel:
         return self.handle.name
 
 
-_WRAPPERS: weakref.WeakKeyDictionary[torch.nn.Module, Any] = weakref.WeakKeyDictionary()
+# id(model) -> its nnsight wrapper, while some NNsightModel holds it (the wrapper keeps the model alive, so the
+# id cannot be reused meanwhile); weak, so that wrapping never keeps a model in memory
+_WRAPPERS: weakref.WeakValueDictionary[int, Any] = weakref.WeakValueDictionary()
 
 
 def require_nnsight() -> Any:
@@ -74,7 +76,7 @@ def require_nnsight() -> Any:
 
 
 def wrap(lm: ModelHandle, remote: Remote = False) -> NNsightModel:
-    """Wrap a loaded model for the nnsight backend (the wrapper is cached per model).
+    """Wrap a loaded model for the nnsight backend (reused while a wrapper of the same model is alive).
 
     The tokenizer is copied, since nnsight sets padding options on the one it holds.
 
@@ -83,7 +85,7 @@ def wrap(lm: ModelHandle, remote: Remote = False) -> NNsightModel:
     require_nnsight()
     from nnsight.modeling.transformers import TransformersModel
 
-    envoy = _WRAPPERS.get(lm.model)
+    envoy = _WRAPPERS.get(id(lm.model))
     if envoy is None:
         first = next(lm.model.parameters(), None)
         cls = TransformersModel
@@ -92,7 +94,7 @@ def wrap(lm: ModelHandle, remote: Remote = False) -> NNsightModel:
         envoy = cls(lm.model, tokenizer=copy.deepcopy(lm.tokenizer))
         if getattr(envoy.tokenizer, "padding_side", "left") != "left":
             raise BackendError(f"nnsight pads {lm.name} on the {envoy.tokenizer.padding_side}; the backend needs left padding")
-        _WRAPPERS[lm.model] = envoy
+        _WRAPPERS[id(lm.model)] = envoy
     return NNsightModel(lm, envoy, remote)
 
 
