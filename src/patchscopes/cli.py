@@ -201,6 +201,7 @@ def models(ctx: typer.Context) -> None:
     console.print("install one with: patchscopes models install NAME   (the default model is " + DEFAULT_MODEL + ")")
     for entry in REGISTRY.values():
         console.print(f"  {entry.name}: {entry.notes}", soft_wrap=True)
+        console.print(f"    ({entry.install_command})", soft_wrap=True, markup=False)
 
 
 @models_app.command("install")
