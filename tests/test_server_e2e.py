@@ -2,7 +2,9 @@
 
 Opens the page served by a real uvicorn server with SmolLM2-135M, types a prompt, picks a token, runs a
 token-identity grid and checks the layer table and the heatmap, the hover details, the CSV export and
-that the page's URL reproduces the view. Set ``PATCHSCOPES_ARTIFACTS`` to keep the screenshot.
+that the page's URL reproduces the view, and that Cancel stops the server's job; then, on a slowed tiny
+model, that the page waits out a full queue (429) and succeeds. Set ``PATCHSCOPES_ARTIFACTS`` to keep the
+screenshot.
 """
 
 from __future__ import annotations
@@ -33,13 +35,10 @@ ARGS = [
 ]
 PROMPT = "The capital of France is"
 
-pytestmark = [
-    pytest.mark.real,
-    pytest.mark.skipif(
-        not Path(CHROMIUM).is_file(),
-        reason=f"no chromium binary at {CHROMIUM}: apt-get install -y chromium (or set PATCHSCOPES_CHROMIUM)",
-    ),
-]
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).is_file(),
+    reason=f"no chromium binary at {CHROMIUM}: apt-get install -y chromium (or set PATCHSCOPES_CHROMIUM)",
+)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +59,7 @@ def browser(tmp_path: Path):  # noqa: ANN201
         context.close()
 
 
+@pytest.mark.real
 def test_inspection_in_a_real_browser(server, browser, tmp_path: Path) -> None:  # noqa: ANN001
     url, app = server
     page = browser.new_page()
@@ -127,3 +127,48 @@ def test_inspection_in_a_real_browser(server, browser, tmp_path: Path) -> None: 
     stats = app.state.jobs.snapshot()
     assert stats["active"] == 0 and stats["cancelled"] == 1 and stats["completed"] == 1
     assert errors == []
+
+
+def test_the_page_waits_out_a_busy_server(browser) -> None:  # noqa: ANN001
+    import copy
+    import json
+    import threading
+
+    import httpx
+
+    from patchscopes.models.loading import from_model
+    from patchscopes.server import Limits
+    from tiny import tiny_model
+
+    base = tiny_model("llama")
+    model = copy.deepcopy(base.model)
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda module, args: time.sleep(0.05))
+    slow = from_model(model, base.tokenizer, name="slow")
+    app = create_app(["slow"], loader=lambda name: slow, limits=Limits(queue_capacity=1, workers=1))
+    release, holding = threading.Event(), threading.Event()
+    busy = {"model": "slow", "prompt": "Busy", "source_layers": "all", "target_layers": "all", "max_new_tokens": 40}
+
+    def occupy(url: str) -> None:  # holds the only slot until released, then drops the connection
+        with httpx.Client(timeout=60) as client, client.stream("POST", f"{url}/api/inspect/stream", json=busy) as stream:
+            lines = stream.iter_lines()  # kept: dropping the iterator would close the connection
+            assert json.loads(next(lines))["type"] == "queued"
+            holding.set()
+            release.wait(60)
+
+    with serve_in_thread(app) as url:
+        worker = threading.Thread(target=occupy, args=(url,))
+        worker.start()
+        assert holding.wait(30)
+        page = browser.new_page()
+        page.goto(url + "/?model=slow&prompt=The+capital+of+France&source_layers=1")
+        page.wait_for_selector("body[data-ready='1']")
+        page.click("#run")
+        page.wait_for_selector("#status:has-text('server busy')", timeout=15_000)
+        release.set()  # the blocking client leaves: its job is cancelled and the page's next try gets in
+        worker.join(30)
+        page.wait_for_selector("#status:has-text('done')", timeout=30_000)
+        assert page.locator("#results-table tbody tr").count() == 1
+        assert page.locator("#error").is_hidden()
+    stats = app.state.jobs.snapshot()
+    assert stats["rejected"] >= 1 and stats["cancelled"] == 1 and stats["completed"] == 1

@@ -10,6 +10,15 @@ const FIELDS = {
 };
 const state = { info: null, position: -1, tokens: [], rows: [], plan: null, resultId: null, controller: null };
 
+const MAX_TRIES = 3;  // a busy server (429) is asked again after its Retry-After, this many times in all
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal.addEventListener("abort", () => { clearTimeout(timer); reject(new DOMException("aborted", "AbortError")); });
+  });
+}
+
 function showError(message) {
   const box = $("error");
   box.textContent = message || "";
@@ -155,13 +164,17 @@ async function run() {
   $("progress").value = 0;
   setStatus("sending…");
   try {
-    const response = await fetch("/api/inspect/stream", {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(requestBody()), signal: controller.signal,
-    });
-    if (response.status === 429) {
-      const wait = response.headers.get("Retry-After") || "a few";
-      throw new Error(`${await apiError(response)} (retry in ${wait} s)`);
+    let response;
+    for (let attempt = 1; ; attempt++) {
+      response = await fetch("/api/inspect/stream", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify(requestBody()), signal: controller.signal,
+      });
+      if (response.status !== 429) break;
+      const wait = Math.min(60, parseInt(response.headers.get("Retry-After") || "2", 10) || 2);
+      if (attempt >= MAX_TRIES) throw new Error(`${await apiError(response)} (tried ${attempt} times)`);
+      setStatus(`server busy: trying again in ${wait} s (attempt ${attempt + 1} of ${MAX_TRIES})`);
+      await sleep(wait * 1000, controller.signal);
     }
     if (!response.ok) throw new Error(await apiError(response));
     const reader = response.body.getReader();
