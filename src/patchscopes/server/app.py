@@ -215,7 +215,8 @@ def create_app(
         jobs.refuse_if_full()  # before loading or tokenizing anything
         return await run_in_threadpool(make_plan, body, pool, map_index, limits)
 
-    def _submit(plan: Plan) -> tuple[Job, asyncio.Queue[dict[str, Any]]]:
+    def _submit(plan: Plan, stream: bool) -> tuple[Job, asyncio.Queue[dict[str, Any]]]:
+        """Queue the plan's work; with ``stream`` its progress events arrive in the returned queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
@@ -225,7 +226,7 @@ def create_app(
             except RuntimeError:  # the loop is gone: nobody is listening any more
                 pass
 
-        job = jobs.submit(lambda ctx: run_plan(plan, pool, ctx, limits.chunk_cells), listener=listener)
+        job = jobs.submit(lambda ctx: run_plan(plan, pool, ctx, limits.chunk_cells), listener=listener if stream else None)
         return job, events
 
     def _store(body: InspectRequest, plan: Plan, rows: list[dict[str, Any]], elapsed: float) -> str:
@@ -245,7 +246,7 @@ def create_app(
             return {"result_id": cached["id"], "plan": cached["plan"], "rows": cached["rows"], "elapsed_s": 0.0, "cached": True}
         plan = await _plan(body)
         start = time.monotonic()
-        job, _ = _submit(plan)
+        job, _ = _submit(plan, stream=False)
         future = _awaitable(job)
         try:
             while not future.done():
@@ -272,7 +273,7 @@ def create_app(
             return StreamingResponse(_replay(cached, jobs.snapshot()), media_type="application/x-ndjson")
         plan = await _plan(body)
         start = time.monotonic()
-        job, events = _submit(plan)
+        job, events = _submit(plan, stream=True)
 
         async def stream() -> AsyncIterator[str]:
             future = _awaitable(job)
