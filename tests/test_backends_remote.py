@@ -184,3 +184,11 @@ def test_hosted_model_handle_is_built_without_weights(smol) -> None:  # noqa: AN
     assert nm.handle.device.type == "meta"
     assert (nm.handle.n_layers, nm.handle.hidden_size) == (smol.n_layers, smol.hidden_size)
     assert nm.handle.tokenize("Diana, Princess of Wales").ids == smol.tokenize("Diana, Princess of Wales").ids
+
+
+def test_unreachable_ndif_is_an_error_not_an_empty_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nnsight
+
+    monkeypatch.setattr(nnsight.CONFIG.API, "HOST", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(BackendError, match="could not reach NDIF at http://127.0.0.1:9"):
+        hosted_models()

@@ -139,10 +139,10 @@ def blocks_envoy(nm: NNsightModel) -> Any:
 def _trace_kwargs(nm: NNsightModel, kind: str) -> dict[str, Any]:
     if nm.backend is not None:
         return {"backend": nm.backend(nm.envoy, kind)}
-    if nm.remote is True:
-        from patchscopes.backends.remote import check_remote_ready
+    if nm.remote is True:  # the key, checked for every request (the hosted list once per run_many_nnsight)
+        from patchscopes.backends.remote import api_key
 
-        check_remote_ready(nm)
+        require_nnsight().CONFIG.API.APIKEY = api_key()
     return {"remote": nm.remote} if nm.remote else {}
 
 
@@ -282,6 +282,11 @@ def run_many_nnsight(
     src = as_nnsight(model, remote)
     tgt = src if target_model is None else as_nnsight(target_model, remote)
     lm, tlm = src.handle, tgt.handle
+    for nm in {id(src): src, id(tgt): tgt}.values():
+        if nm.remote is True and nm.backend is None:
+            from patchscopes.backends.remote import check_remote_ready
+
+            check_remote_ready(nm)  # key set and model hosted, before anything is sent
     resolved = [_resolve(s, lm, tlm) for s in scopes]
     keys: dict[tuple, set[int]] = {}
     for r in resolved:

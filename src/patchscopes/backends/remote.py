@@ -48,17 +48,33 @@ def api_key(environ: Mapping[str, str] | None = None) -> str:
     return key
 
 
+def fetch_status(timeout: float = 10.0) -> dict[str, Any]:
+    """NDIF's raw ``/status`` JSON from the configured host (``NDIF_HOST`` overrides it).
+
+    Unlike ``nnsight.status()``, an unreachable service is an error here, not an empty list of models.
+    """
+    import httpx
+
+    require_nnsight()
+    from nnsight.schema.config import CONFIG
+
+    host = CONFIG.API.HOST
+    try:
+        response = httpx.get(f"{host}/status", timeout=timeout)
+        response.raise_for_status()
+        return dict(response.json())
+    except (httpx.HTTPError, ValueError) as exc:
+        message = f"could not reach NDIF at {host} to list hosted models ({exc}); check the network, or NDIF_HOST"
+        raise BackendError(message) from exc
+
+
 def hosted_models(status: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Repo ids NDIF hosts now, with their state (``RUNNING``, ``DEPLOYING``, …).
 
     ``status`` is NDIF's raw ``/status`` JSON; without it the live service is asked (needs the network).
     """
     if status is None:
-        nnsight = require_nnsight()
-        try:
-            status = nnsight.status(raw=True)
-        except Exception as exc:  # noqa: BLE001 - any transport failure means "cannot tell"
-            raise BackendError(f"could not reach NDIF to list hosted models: {exc}") from exc
+        status = fetch_status()
     deployments = (status or {}).get("deployments", {})
     hosted: dict[str, str] = {}
     for name, entry in deployments.items():
@@ -236,6 +252,7 @@ __all__ = [
     "build_requests",
     "check_hosted",
     "check_remote_ready",
+    "fetch_status",
     "hosted_models",
     "model_key",
     "ndif_model",
