@@ -161,14 +161,16 @@ def test_the_page_waits_out_a_busy_server(browser) -> None:  # noqa: ANN001
         worker.start()
         assert holding.wait(30)
         page = browser.new_page()
-        page.goto(url + "/?model=slow&prompt=The+capital+of+France&source_layers=1")
+        page.goto(url + "/?model=slow&prompt=The+capital+of+France&source_layers=1&position=0")
         page.wait_for_selector("body[data-ready='1']")
+        assert page.get_attribute("#tokens .tok.selected", "data-index") == "0"  # the first token, from the URL
         page.click("#run")
         page.wait_for_selector("#status:has-text('server busy')", timeout=15_000)
         release.set()  # the blocking client leaves: its job is cancelled and the page's next try gets in
         worker.join(30)
         page.wait_for_selector("#status:has-text('done')", timeout=30_000)
         assert page.locator("#results-table tbody tr").count() == 1
+        assert "at position 0" in page.inner_text("#summary")
         assert page.locator("#error").is_hidden()
     stats = app.state.jobs.snapshot()
     assert stats["rejected"] >= 1 and stats["cancelled"] == 1 and stats["completed"] == 1

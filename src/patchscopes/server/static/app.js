@@ -42,7 +42,10 @@ function readUrl() {
   for (const [key, id] of Object.entries(FIELDS)) {
     if (params.has(key)) $(id).value = params.get(key);
   }
-  if (params.has("position")) state.position = parseInt(params.get("position"), 10) || -1;
+  if (params.has("position")) {
+    const position = parseInt(params.get("position"), 10);
+    state.position = Number.isNaN(position) ? -1 : position;
+  }
   return params.get("run") === "1";
 }
 
