@@ -84,7 +84,15 @@ def test_training_reaches_target_densities_without_touching_weights(tmp_path):
     data = toy_task(lm)
     before = {n: p.clone() for n, p in lm.model.named_parameters()}
     result = train_mask(
-        lm, data, MaskConfig(), densities=(0.5, 0.2), steps_per_stage=60, lr=0.1, batch_size=12, metadata={"task": "toy"}
+        lm,
+        data,
+        MaskConfig(),
+        densities=(0.5, 0.2),
+        steps_per_stage=60,
+        lr=0.1,
+        penalty=20.0,
+        batch_size=12,
+        metadata={"task": "toy"},
     )
     last = result.history[-1]
     assert last["expected_density"] == pytest.approx(0.2, abs=0.03)

@@ -30,6 +30,7 @@ def _config(
     n_train: int,
     batch_size: int,
     lr: float,
+    penalty: float,
     ig_steps: int,
     n_attr: int,
     seed: int,
@@ -44,7 +45,7 @@ def _config(
     layer_list = None if layers == "all" else tuple(int(x) for x in layers.split(","))
     return RunConfig(model=model, tasks=tasks, methods=tuple(method or ("mask", "eap", "eap-ig")), densities=_floats(densities),
                      layers=layer_list, n_examples=n, n_train=n_train, steps_per_stage=steps, batch_size=batch_size, lr=lr,
-                     ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
+                     penalty=penalty, ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
 
 
 Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
@@ -58,6 +59,7 @@ N = Annotated[int, typer.Option(help="Examples generated per task (train + held 
 NTrain = Annotated[int, typer.Option(help="Of which used to train the mask.")]
 Batch = Annotated[int, typer.Option(help="Batch size of mask training and attribution.")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate of the mask logits.")]
+Penalty = Annotated[float, typer.Option(help="Weight of the density penalty |E[density] - target| in the mask loss.")]
 IgSteps = Annotated[int, typer.Option(help="Interpolation steps of EAP-IG.")]
 NAttr = Annotated[int, typer.Option(help="Held-out examples used for EAP / EAP-IG and their curves.")]
 Seed = Annotated[int, typer.Option(help="Seed of data, sampling and random baselines.")]
@@ -68,14 +70,17 @@ Quick = Annotated[bool, typer.Option(help="CI profile: last block, 2 steps per s
 def discover_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
-    batch_size: Batch = 8, lr: Lr = 0.25, ig_steps: IgSteps = 5, n_attr: NAttr = 32, seed: Seed = 0, quick: Quick = False,
+    batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 1000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
+    seed: Seed = 0, quick: Quick = False,
 ) -> None:  # fmt: skip
     """Find circuits: a weight mask trained through decreasing densities, and EAP / EAP-IG edge scores."""
     from patchscopes.circuits.pipeline import discover
     from patchscopes.models.loading import load_model
 
     try:
-        cfg = _config(model, task, method, densities, layers, steps, n, n_train, batch_size, lr, ig_steps, n_attr, seed, quick)
+        cfg = _config(
+            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick
+        )
         lm = load_model(model)
         discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))
     except PatchscopeError as exc:
@@ -88,17 +93,21 @@ def discover_cmd(
 def edit_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
-    batch_size: Batch = 8, lr: Lr = 0.25, ig_steps: IgSteps = 5, n_attr: NAttr = 32, seed: Seed = 0, quick: Quick = False,
+    batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 1000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
+    seed: Seed = 0, quick: Quick = False,
     circuit_task: Annotated[str, typer.Option(help="Whose circuits take the edit.")] = "hierarchy",
     edit_steps: Annotated[int, typer.Option(help="Fine-tuning steps of each edit.")] = 20,
     edit_lr: Annotated[float, typer.Option(help="Adam learning rate of the edit.")] = 1e-3,
+    edit_densities: Annotated[Optional[str], typer.Option(help="Edit only these densities' circuits (default: all).")] = None,
 ) -> None:  # fmt: skip
     """Insert held-out 'X is a kind of Y' facts through each circuit, its complement and a random set of its size."""
     from patchscopes.circuits.pipeline import edit
     from patchscopes.models.loading import load_model
 
     try:
-        cfg = _config(model, task, method, densities, layers, steps, n, n_train, batch_size, lr, ig_steps, n_attr, seed, quick)
+        cfg = _config(
+            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick
+        )
         lm = load_model(model)
         edit(
             lm,
@@ -108,6 +117,7 @@ def edit_cmd(
             steps=edit_steps,
             lr=edit_lr,
             log=lambda m: console.print(m, markup=False, highlight=False),
+            densities=_floats(edit_densities) if edit_densities else None,
         )
     except PatchscopeError as exc:
         console.print(f"[bold red]error:[/] {exc}")

@@ -203,7 +203,7 @@ def train_mask(
     steps_per_stage: int = 50,
     batch_size: int = 16,
     lr: float = 0.1,
-    penalty: float = 20.0,
+    penalty: float = 1000.0,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,

@@ -43,8 +43,8 @@ class RunConfig:
     n_train: int = 120
     steps_per_stage: int = 25
     batch_size: int = 8
-    lr: float = 0.25
-    penalty: float = 20.0
+    lr: float = 0.6
+    penalty: float = 1000.0
     ig_steps: int = 5
     n_attr: int = 32
     edge_sizes: tuple[int, ...] = (0, 10, 30, 100, 300, 1000, 3000)
@@ -146,14 +146,16 @@ def edit(
     steps: int = 20,
     lr: float = 1e-3,
     log: Log = print,
+    densities: tuple[float, ...] | None = None,
 ) -> ResultStore:
-    """Insert held-out facts through each density's circuit, its complement and a random set; resumable."""
+    """Insert held-out facts through each density's circuit (or those in ``densities``), its complement and a
+    random set of its size; resumable."""
     out = Path(out)
     store = ResultStore(out, cfg.store_config())
     facts = encode(lm, new_facts(cfg.seed))
     _, held = _split(lm, cfg, "hierarchy")  # known facts never edited: the locality set
     locality = held.subset(list(range(min(40, len(held)))))
-    for d in cfg.densities:
+    for d in densities or cfg.densities:
         key = {"task": task, "density": d, "steps": steps, "lr": lr}
         if store.done("edits", key):
             continue
