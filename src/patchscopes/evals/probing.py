@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from patchscopes.evals.common import require
+
 
 def probe_accuracy(features: np.ndarray, labels: Sequence[str], folds: int = 3, seed: int = 0, max_iter: int = 1000) -> float:
     """Held-out accuracy of a logistic-regression probe, by ``folds``-fold cross-validation (shuffled, seeded).
@@ -24,6 +26,7 @@ def probe_accuracy(features: np.ndarray, labels: Sequence[str], folds: int = 3, 
     holds a single class predicts that class. Classes unseen in training can never be predicted, as
     in the paper's setting where many objects are unique.
     """
+    require("sklearn")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import KFold
     from sklearn.pipeline import make_pipeline
@@ -69,7 +72,7 @@ def paired_test(a: Sequence[float], b: Sequence[float], n_tests: int = 1) -> Pai
 
     NaN when undefined: fewer than two pairs, a missing value, or a constant difference (zero variance).
     """
-    from scipy import stats
+    stats = require("scipy.stats")
 
     x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
     if len(x) != len(y):
