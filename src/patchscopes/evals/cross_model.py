@@ -353,6 +353,10 @@ def summarize(store: ResultStore, source: ModelHandle, target: ModelHandle) -> d
             "best_pair": [int(best.source_layer), int(best.target_layer)],
             "best_precision_at_1": round(float(best.hit), 4),
             "mean_precision_at_1": round(float(nt.hit.mean()), 4),
+            # what always answering A's most frequent top-1 token would score: the floor to read the grid against
+            "majority_baseline": round(
+                float(nt.drop_duplicates("example").source_top1.str.strip().str.lower().value_counts(normalize=True).iloc[0]), 4
+            ),
             "last_to_last": round(float(diagonal[diagonal.source_layer == source.n_layers - 1].hit.mean()), 4)
             if len(diagonal)
             else None,
