@@ -146,6 +146,15 @@ def _trace_kwargs(nm: NNsightModel, kind: str) -> dict[str, Any]:
     return {"remote": nm.remote} if nm.remote else {}
 
 
+def check_models_ready(models: Sequence[NNsightModel]) -> None:
+    """Before a real remote run, once per call: each remote model's key is set and the model is hosted."""
+    for nm in {id(m): m for m in models}.values():
+        if nm.remote is True and nm.backend is None:
+            from patchscopes.backends.remote import check_remote_ready
+
+            check_remote_ready(nm)
+
+
 def capture_nnsight(
     nm: NNsightModel,
     token_ids: Sequence[Sequence[int]],
@@ -165,8 +174,8 @@ def capture_nnsight(
     for group in chunks(list(range(len(token_ids))), batch_size):
         items = [(list(token_ids[i]), list(positions[i])) for i in group]
         with envoy.trace(**kwargs) as tracer:
-            saved = nnsight.save([])
-            for ids, cols in items:
+            saved = nnsight.save({})  # keyed by row: invokes may finish in any order
+            for row, (ids, cols) in enumerate(items):
                 with tracer.invoke(ids):
                     seen = {}
                     for layer in visit:
@@ -177,11 +186,11 @@ def capture_nnsight(
                             h = o[0] if isinstance(o, tuple) else o
                         pad = h.shape[1] - len(ids)
                         seen[layer] = h[0, [pad + p for p in cols]].detach().cpu()
-                    saved.append(torch.stack([seen[layer] for layer in order]))
+                    saved[row] = torch.stack([seen[layer] for layer in order])
             with tracer.invoke():
                 _ = blocks[0].input if deepest < 0 else blocks[deepest].output
                 tracer.stop()
-        out.extend(saved)
+        out.extend(saved[row] for row in range(len(items)))
     return out
 
 
@@ -232,8 +241,8 @@ def decode_patched(nm: NNsightModel, items: Sequence[TargetItem], decoding: Any)
     kwargs = {**_trace_kwargs(nm, "target"), **_generate_kwargs(nm, decoding)}
     nnsight = require_nnsight()
     with envoy.generate(**kwargs) as tracer:
-        logits = nnsight.save([])
-        for ids, layer, cols, vectors, mode in items:
+        logits = nnsight.save({})  # keyed by row: invokes may finish in any order
+        for row, (ids, layer, cols, vectors, mode) in enumerate(items):
             with tracer.invoke(ids):
                 if layer < 0:
                     h = blocks[0].input
@@ -246,13 +255,14 @@ def decode_patched(nm: NNsightModel, items: Sequence[TargetItem], decoding: Any)
                     h[:, where] = v
                 else:
                     h[:, where] += v
-                logits.append(envoy.output.logits[0, -1].detach().float().cpu())
+                logits[row] = envoy.output.logits[0, -1].detach().float().cpu()
         with tracer.invoke():
             sequences = nnsight.save(tracer.result.detach().cpu())
     width = max(len(ids) for ids, *_ in items)
     eos = nm.handle.eos_ids
     outputs = []
-    for row, lg in enumerate(logits):
+    for row in range(len(items)):
+        lg = logits[row]
         generated: list[int] = []
         if isinstance(decoding, Generate) and decoding.max_new_tokens > 0:
             for token in sequences[row, width : width + decoding.max_new_tokens].tolist():
@@ -282,11 +292,7 @@ def run_many_nnsight(
     src = as_nnsight(model, remote)
     tgt = src if target_model is None else as_nnsight(target_model, remote)
     lm, tlm = src.handle, tgt.handle
-    for nm in {id(src): src, id(tgt): tgt}.values():
-        if nm.remote is True and nm.backend is None:
-            from patchscopes.backends.remote import check_remote_ready
-
-            check_remote_ready(nm)  # key set and model hosted, before anything is sent
+    check_models_ready([src, tgt])
     resolved = [_resolve(s, lm, tlm) for s in scopes]
     keys: dict[tuple, set[int]] = {}
     for r in resolved:
@@ -319,4 +325,13 @@ def run_many_nnsight(
     return [r for r in results if r is not None]
 
 
-__all__ = ["NNsightModel", "as_nnsight", "blocks_envoy", "capture_nnsight", "decode_patched", "run_many_nnsight", "wrap"]
+__all__ = [
+    "NNsightModel",
+    "as_nnsight",
+    "blocks_envoy",
+    "capture_nnsight",
+    "check_models_ready",
+    "decode_patched",
+    "run_many_nnsight",
+    "wrap",
+]
