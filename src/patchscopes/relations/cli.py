@@ -35,6 +35,7 @@ def lrc_command(
     rank: Annotated[Optional[int], typer.Option(help="Inverse rank (without --sweep).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Steering strength (without --sweep).")] = None,
     n_lre: Annotated[Optional[int], typer.Option(help="Training prompts per LRE.")] = None,
+    run_seeds: Annotated[Optional[str], typer.Option(help="Run only these of the seeds now (parallel processes).")] = None,
     figures: Annotated[Optional[Path], typer.Option(help="Also write the sweep figure into this directory.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
@@ -68,7 +69,7 @@ def lrc_command(
             cfg = apply_choice(cfg, choice)
             for target in [out / "sweep.png", *([figures / "sweep.png"] if figures else [])]:
                 plot_sweep(sweep_frame(out / "sweep"), target, title=f"{lm.name}: LRC validation sweep")
-        summary = run_lrc_eval(lm, cfg, out / "eval", progress=progress)
+        summary = run_lrc_eval(lm, cfg, out / "eval", progress=progress, only_seeds=_ints(run_seeds))
     except PatchscopeError as exc:
         console.print(f"[bold red]error:[/] {exc}")
         raise typer.Exit(code=2) from None

@@ -226,8 +226,14 @@ def summarise(rows: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def run_lrc_eval(lm: ModelHandle, cfg: LrcConfig, out_dir: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Run (or resume) the Table 5 evaluation into ``out_dir``; returns and writes ``summary.json``."""
+def run_lrc_eval(
+    lm: ModelHandle, cfg: LrcConfig, out_dir: str | Path, progress: bool = True, only_seeds: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the Table 5 evaluation into ``out_dir``; returns and writes ``summary.json``.
+
+    ``only_seeds`` runs a subset of the configured seeds now (each seed has its own table, so processes
+    running different seeds can share the directory); the summary covers every seed finished so far.
+    """
     if lm.name != cfg.model:
         raise LrcEvalError(f"the configuration names model {cfg.model!r} but {lm.name!r} was loaded; pass the same model")
     s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
@@ -245,14 +251,16 @@ def run_lrc_eval(lm: ModelHandle, cfg: LrcConfig, out_dir: str | Path, progress:
     }
     with progress_bar(len(relations) * len(cfg.seeds), "LRC evaluation", progress) as advance:
         for seed in cfg.seeds:  # seeds outside: an interrupted run has whole seeds
+            if only_seeds is not None and seed not in only_seeds:
+                continue
             for relation in relations:
                 key = [relation.name, seed]
-                if not store.done("rows", key):
+                if not store.done(f"rows-{seed}", key):
                     data = make_split(relation, samples[relation.name], seed, cfg, prefer[relation.name])
                     if not data.test or len({s.object for s in data.train}) < 2:
                         why = {"relation": relation.name, "seed": seed, "correct": len(data.train) + len(data.test)}
-                        store.append("dropped", key, [why])
-                        store.append("rows", key, [])
+                        store.append(f"dropped-{seed}", key, [why])
+                        store.append(f"rows-{seed}", key, [])
                     else:
                         slug = re.sub(r"[^a-z0-9]+", "-", relation.name.lower())
                         store.append(
@@ -260,8 +268,8 @@ def run_lrc_eval(lm: ModelHandle, cfg: LrcConfig, out_dir: str | Path, progress:
                         )
                 advance(1)
     summary = {
-        **summarise(store.frame("rows")),
-        "dropped": store.frame("dropped").to_dict("records"),
+        **summarise(pd.concat([store.frame(f"rows-{seed}") for seed in cfg.seeds], ignore_index=True)),
+        "dropped": pd.concat([store.frame(f"dropped-{seed}") for seed in cfg.seeds], ignore_index=True).to_dict("records"),
         "correct_samples": {
             r: int(sum(1 for s in correct_samples(lm, rel, cfg, store))) for r, rel in zip(cfg.relations, relations)
         },

@@ -1,7 +1,8 @@
 """A directory cache of per-prompt Jacobians, so seeds, sweeps and restarts never recompute one.
 
 Keyed by model weights, prompt ids, subject position, layers and aggregation; each entry is one
-``.safetensors`` file written atomically.
+``.safetensors`` file written atomically. Processes sharing the directory (seeds run in parallel) take a
+lock file per entry, and wait for an entry another process is computing instead of duplicating it.
 
     >>> cache = JacobianCache("runs/lrc/jacobians")                                  # doctest: +SKIP
     >>> jac = cache(lm, located, subject_layer=16, object_layers=[20], aggregation="mean")   # doctest: +SKIP
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,7 +27,8 @@ from patchscopes.relations.prompts import Located
 class JacobianCache:
     """Callable like :func:`prompt_jacobian`; stores and reuses results under ``directory``."""
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, wait_s: float = 3600.0) -> None:
+        self.wait_s = wait_s
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.hits = 0
@@ -60,9 +63,23 @@ class JacobianCache:
             t = load_file(str(path))
             index = [stored.index(x) for x in layers]
             return PromptJacobian(weight=t["weight"][index], subject=t["subject"], object=t["object"][index])
-        self.misses += 1
-        jac = prompt_jacobian(lm, located, subject_layer, layers, aggregation)
         path = self.directory / f"{base}-{'_'.join(map(str, layers))}.safetensors"
+        lock = path.with_suffix(".lock")
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.close(fd)
+        except FileExistsError:  # another process is computing this entry: wait for it (or for a stale lock to age)
+            waited = 0.0
+            while lock.exists() and not path.is_file() and waited < self.wait_s:
+                time.sleep(5.0)
+                waited += 5.0
+            if path.is_file():
+                return self(lm, located, subject_layer, layers, aggregation)
+        self.misses += 1
+        try:
+            jac = prompt_jacobian(lm, located, subject_layer, layers, aggregation)
+        finally:
+            lock.unlink(missing_ok=True)
         tmp = path.with_suffix(".tmp")
         tensors = {"weight": jac.weight.contiguous(), "subject": jac.subject.contiguous(), "object": jac.object.contiguous()}
         save_file(tensors, str(tmp))
