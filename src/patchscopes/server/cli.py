@@ -44,7 +44,12 @@ def serve(
     preload: Annotated[bool, typer.Option(help="Load the models before accepting requests.")] = True,
 ) -> None:
     """Start the Patchscopes explorer (a web page and a JSON API, OpenAPI at /docs)."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as exc:
+        Console().print(f"[bold red]error:[/] the explorer needs the server extra ({exc.name} is missing): pip install \"patchscopes[server]\"")
+        raise typer.Exit(code=2) from None
 
     from patchscopes.errors import PatchscopeError
     from patchscopes.mappings import AffineMap
