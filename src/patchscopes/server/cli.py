@@ -48,7 +48,8 @@ def serve(
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError as exc:
-        Console().print(f"[bold red]error:[/] the explorer needs the server extra ({exc.name} is missing): pip install \"patchscopes[server]\"")
+        message = f"error: the explorer needs the server extra ({exc.name} is missing): pip install 'patchscopes[server]'"
+        Console().print(message, markup=False, style="bold red")
         raise typer.Exit(code=2) from None
 
     from patchscopes.errors import PatchscopeError
