@@ -383,7 +383,7 @@ def plot_results(store: ResultStore, source: str, target: str) -> list[Path]:
     nt = store.frame("next_token")
     if len(nt):
         nt["hit"] = nt["hit"].astype(float)
-        fig = plots.heatmap(nt, value="hit", title=f"Precision@1, {source} → {target}")
+        fig = plots.heatmap(nt, value="hit", title=f"Precision@1\n{source} → {target}")
         written.append(plots.save(fig, store.directory / "precision_at_1.png"))
     ent = store.frame("entities")
     if len(ent):

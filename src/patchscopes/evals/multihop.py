@@ -406,5 +406,5 @@ def plot_results(store: ResultStore, model: str) -> list[Path]:
         return []
     patch = rows[rows.kind == "patchscope"].copy()
     patch["correct"] = patch["correct"].astype(float)
-    fig = plots.heatmap(patch, value="correct", title=f"CoT Patchscope accuracy, {model}")
+    fig = plots.heatmap(patch, value="correct", title=f"CoT Patchscope accuracy\n{model}")
     return [plots.save(fig, store.directory / "cot_patchscope.png")]
