@@ -96,3 +96,18 @@ def test_sweep_engines_agree_and_fast_rejects_sampling():
     assert max(abs(x - y) for x, y in zip(a.top1_prob, b.top1_prob)) < 1e-5
     with pytest.raises(SpecError, match="fast engine"):
         run_many([ENTITY_DESCRIPTION.scope("Diana", layer=1, decoding=Generate(temperature=1.0, seed=0))], lm, engine="fast")
+
+
+def test_nnsight_backend_through_run_many_and_sweep():
+    """``backend="nnsight"`` runs the same Patchscopes through nnsight traces, with equal results."""
+    pytest.importorskip("nnsight", reason="the nnsight backend needs the backends extra")
+    lm = tiny_model("llama")
+    scopes = _grid(lm, Generate(max_new_tokens=3))[:12]
+    native = run_many(scopes, lm, engine="plain")
+    via_nnsight = run_many(scopes, lm, backend="nnsight")
+    assert max((a.logits - b.logits).abs().max().item() for a, b in zip(native, via_nnsight)) <= 1e-5
+    assert [a.generated_ids for a in native] == [b.generated_ids for b in via_nnsight]
+    df = sweep(lm, SOURCES[:1], TOKEN_IDENTITY, backend="nnsight", progress=False)
+    assert list(df.top1) == list(sweep(lm, SOURCES[:1], TOKEN_IDENTITY, progress=False).top1)
+    with pytest.raises(SpecError, match="backend"):
+        run_many(scopes[:1], lm, backend="vllm")  # type: ignore[arg-type]

@@ -96,3 +96,19 @@ def test_logit_lens_sweep_real(smol):
     df = LogitLens().sweep(smol, ["The capital of France is"], progress=False)
     assert len(df) == smol.n_layers
     assert df.iloc[-1].top1 == " Paris"
+
+
+def test_iter_sweep_streams_the_same_rows_in_chunks(monkeypatch):
+    import sys
+
+    from patchscopes import iter_sweep
+
+    sweep_module = sys.modules["patchscopes.sweep"]  # the package attribute 'sweep' is the function
+
+    monkeypatch.setattr(sweep_module, "chunk_size", lambda lm, batch_size: 10)
+    lm = tiny_model("llama")
+    prompts = [f"{t} number {i}" for i, t in enumerate(TEXTS)]
+    frames = list(iter_sweep(lm, prompts, TOKEN_IDENTITY, batch_size=4, progress=False))
+    whole = sweep(lm, prompts, TOKEN_IDENTITY, batch_size=4, progress=False)
+    assert len(frames) > 1 and sum(len(f) for f in frames) == len(whole) == len(prompts) * lm.n_layers
+    assert list(pd.concat(frames, ignore_index=True).top1) == list(whole.top1)

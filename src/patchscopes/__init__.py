@@ -19,7 +19,7 @@ from patchscopes.models import REGISTRY, ArchSpec, ModelHandle, from_model, load
 from patchscopes.positions import Placeholder, Substring
 from patchscopes.presets import ENTITY_DESCRIPTION, LOGIT_LENS, PRESETS, TOKEN_IDENTITY, Preset, attribute, custom
 from patchscopes.scope import Generate, NextToken, Patchscope, PatchscopeResult, Source, Target, run, run_many
-from patchscopes.sweep import sweep
+from patchscopes.sweep import iter_sweep, sweep
 
 __version__ = "0.1.0"
 
@@ -60,6 +60,7 @@ __all__ = [
     "attribute",
     "capture",
     "custom",
+    "iter_sweep",
     "from_model",
     "load_model",
     "run",

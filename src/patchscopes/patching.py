@@ -112,9 +112,9 @@ def continue_generation(
     Greedy unless ``temperature > 0``; a row stops at the model's end-of-sequence token (not included).
     """
     rows = logits.shape[0]
-    eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=lm.device)
+    eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=logits.device)  # the unembedding's device
     generated: list[list[int]] = [[] for _ in range(rows)]
-    done = torch.zeros(rows, dtype=torch.bool, device=lm.device)
+    done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
     step_logits, positions = logits, last_positions
     for _ in range(max_new_tokens):
         if temperature > 0:

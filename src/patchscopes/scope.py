@@ -29,6 +29,7 @@ from patchscopes.positions import Placeholder, PositionSpec, Substring, position
 
 SAME = "same"  # target layer/position/prompt taken from the source
 Engine = Literal["auto", "fast", "plain"]
+Backend = Literal["native", "nnsight"]
 
 
 @dataclass(frozen=True)
@@ -217,15 +218,25 @@ def run_many(
     batch_size: int = 16,
     on_batch: Callable[[int], None] | None = None,
     engine: Engine = "auto",
+    backend: Backend = "native",
+    remote: bool | str = False,
 ) -> list[PatchscopeResult]:
     """Run many Patchscopes; sources are captured once per prompt, targets run in batches.
 
     ``engine="auto"`` uses the fast engine (:mod:`patchscopes.engine`: shared target prefixes, skipped
     layers) wherever it applies — a verified architecture, greedy decoding, one block-layer patch — and the
     plain padded-batch engine elsewhere; ``"plain"`` always uses the plain one, ``"fast"`` requires the fast one.
+    ``backend="nnsight"`` compiles the same Patchscopes into nnsight traces instead (``remote=True`` runs them
+    on NDIF; see :mod:`patchscopes.backends`); ``engine`` then does not apply.
     """
     if engine not in ("auto", "fast", "plain"):
         raise SpecError(f"engine {engine!r} is not 'auto', 'fast' or 'plain'")
+    if backend == "nnsight":
+        from patchscopes.backends.nnsight_backend import run_many_nnsight
+
+        return run_many_nnsight(scopes, model, target_model, batch_size, remote=remote or None, on_batch=on_batch)  # type: ignore[arg-type]
+    if backend != "native":
+        raise SpecError(f"backend {backend!r} is not 'native' or 'nnsight'")
     tlm = target_model or model
     resolved = [_resolve(s, model, tlm) for s in scopes]
     # capture: one pass per distinct (source prompt, positions), all needed layers at once
@@ -248,7 +259,7 @@ def run_many(
     for r in resolved:
         h = states[((tuple(r.src_ids), tuple(r.src_positions)), r.src_layer)]
         with torch.no_grad():
-            mapped = r.mapping(h.to(model.device))
+            mapped = r.mapping(h.to(_mapping_device(r.mapping) or model.device))
         if mapped.shape[-1] != tlm.hidden_size:
             raise MappingError(f"the mapping returns size {mapped.shape[-1]} but {tlm.name} has hidden size {tlm.hidden_size}")
         runs.append(PatchedRun(r.tgt_ids, [Patch(r.tgt_layer, r.tgt_positions, mapped, r.scope.mode)]))
@@ -301,6 +312,19 @@ def _result(
         generated_ids=generated,
         text=text,
     )
+
+
+def _mapping_device(mapping: Any) -> torch.device | None:
+    """Where a mapping's weights live (it runs there); None for weightless mappings."""
+    if isinstance(mapping, torch.nn.Module):
+        for tensor in (*mapping.parameters(), *mapping.buffers()):
+            return tensor.device
+    return None
+
+
+#: Public names for backends that reuse the resolution and result building of the native engine.
+resolve_scope = _resolve
+make_result = _result
 
 
 def run(scope: Patchscope, model: ModelHandle, target_model: ModelHandle | None = None) -> PatchscopeResult:

@@ -9,7 +9,7 @@ top1_prob`` plus whatever ``extra`` adds.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
@@ -20,7 +20,7 @@ from patchscopes.models.loading import ModelHandle
 from patchscopes.positions import PositionSpec
 from patchscopes.presets import Preset, custom
 from patchscopes.progress import progress_bar
-from patchscopes.scope import SAME, Decoding, Engine, Patchscope, PatchscopeResult, run_many
+from patchscopes.scope import SAME, Backend, Decoding, Engine, Patchscope, PatchscopeResult, run_many
 
 COLUMNS = [
     "example",
@@ -111,6 +111,8 @@ def sweep(
     extra: Callable[[PatchscopeResult], dict[str, Any]] | None = None,
     progress: bool = True,
     engine: Engine = "auto",
+    backend: Backend = "native",
+    remote: bool | str = False,
 ) -> pd.DataFrame:
     """Run ``preset`` (or a target prompt with placeholder ``x``) over prompts × source layers × target layers.
 
@@ -118,8 +120,56 @@ def sweep(
     rule for the logit lens), ``None`` means every target block, a list gives the grid explicitly.
     ``position`` applies to every prompt; ``positions`` gives one per prompt instead.
     ``mapping`` may be one mapping, or a callable ``(ℓ, ℓ*) → mapping`` marked ``per_layer_pair = True``.
-    ``engine`` picks the engine (see :func:`patchscopes.scope.run_many`). Work runs in chunks whose size
+    ``engine``, ``backend`` and ``remote``: see :func:`patchscopes.scope.run_many`. Work runs in chunks whose size
     keeps the per-chunk logits within about 128 MB, so memory stays bounded for any number of prompts.
+    """
+    frames = list(
+        iter_sweep(
+            model,
+            prompts,
+            preset,
+            source_layers,
+            target_layers,
+            position,
+            positions,
+            mapping,
+            decoding,
+            target_model,
+            batch_size,
+            extra,
+            progress,
+            engine,
+            backend,
+            remote,
+        )
+    )
+    if not frames:
+        return pd.DataFrame(columns=COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def iter_sweep(
+    model: ModelHandle,
+    prompts: str | Sequence[str],
+    preset: Preset | str,
+    source_layers: Sequence[LayerSpec] | None = None,
+    target_layers: Sequence[LayerSpec] | str | None = SAME,
+    position: PositionSpec = -1,
+    positions: Sequence[PositionSpec] | None = None,
+    mapping: Any = None,
+    decoding: Decoding | None = None,
+    target_model: ModelHandle | None = None,
+    batch_size: int = 32,
+    extra: Callable[[PatchscopeResult], dict[str, Any]] | None = None,
+    progress: bool = True,
+    engine: Engine = "auto",
+    backend: Backend = "native",
+    remote: bool | str = False,
+) -> Iterator[pd.DataFrame]:
+    """Like :func:`sweep`, but yield the rows chunk by chunk as they are computed (memory stays bounded).
+
+    >>> for frame in iter_sweep(lm, texts, TOKEN_IDENTITY):     # doctest: +SKIP
+    ...     store.append("rows", int(frame.example.iloc[0]), frame.to_dict("records"))
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -130,15 +180,33 @@ def sweep(
     scopes = build_scopes(
         model, prompts, preset, source_layers, target_layers, position, mapping, decoding, target_model, positions
     )
-    rows: list[dict[str, Any]] = []
+    yield from _chunks(model, scopes, preset.name, target_model, batch_size, extra, progress, engine, backend, remote)
+
+
+def _chunks(
+    model: ModelHandle,
+    scopes: list[tuple[int, Patchscope]],
+    name: str,
+    target_model: ModelHandle | None,
+    batch_size: int,
+    extra: Callable[[PatchscopeResult], dict[str, Any]] | None,
+    progress: bool,
+    engine: Engine,
+    backend: Backend = "native",
+    remote: bool | str = False,
+) -> Iterator[pd.DataFrame]:
     chunk = chunk_size(target_model or model, batch_size)
-    with progress_bar(len(scopes), f"sweep {preset.name}", enabled=progress) as advance:
+    with progress_bar(len(scopes), f"sweep {name}", enabled=progress) as advance:
         for start in range(0, len(scopes), chunk):
             part = scopes[start : start + chunk]
-            results = run_many([s for _, s in part], model, target_model, batch_size=batch_size, on_batch=advance, engine=engine)
+            results = run_many(
+                [s for _, s in part], model, target_model, batch_size, advance, engine=engine, backend=backend, remote=remote
+            )
+            rows = []
             for (example, _), result in zip(part, results):
                 row = result_row(example, result)
                 if extra is not None:
                     row.update(extra(result))
                 rows.append(row)
-    return pd.DataFrame(rows, columns=COLUMNS + [c for c in (rows[0] if rows else {}) if c not in COLUMNS])
+            del results
+            yield pd.DataFrame(rows, columns=COLUMNS + [c for c in (rows[0] if rows else {}) if c not in COLUMNS])
