@@ -134,9 +134,11 @@ def maps_list(root: Annotated[Optional[Path], typer.Option(help="Map store direc
     table = Table(title=f"maps in {store.root} ({len(df)})")
     for col in ("name", "source_layer", "target_layer", "r2", "n_fit", "corpus_sha256"):
         table.add_column(col)
-    for r in df.itertuples():
-        r2 = "" if r.r2 is None else f"{r.r2:.3f}"
-        table.add_row(r.name, str(r.source_layer), str(r.target_layer), r2, str(r.n_fit), str(r.corpus_sha256))
+    for r in df.to_dict("records"):
+        r2 = "" if r["r2"] is None else f"{float(r['r2']):.3f}"
+        table.add_row(
+            str(r["name"]), str(r["source_layer"]), str(r["target_layer"]), r2, str(r["n_fit"]), str(r["corpus_sha256"])
+        )
     console.print(table)
 
 

@@ -75,7 +75,10 @@ def _collect(
     for text in texts:
         a, b, pa, pb = aligned_positions(text, source, target, skip_first)
         if pa:
-            ids_a.append(a), ids_b.append(b), pos_a.append(pa), pos_b.append(pb)
+            ids_a.append(a)
+            ids_b.append(b)
+            pos_a.append(pa)
+            pos_b.append(pb)
     if not ids_a:
         return {}, {}
     cap_a = capture(source, ids_a, pos_a, src_layers, batch_size)

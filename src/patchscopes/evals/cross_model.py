@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pandas as pd
 
@@ -113,6 +113,11 @@ def rouge_l(prediction: str, reference: str) -> float:
     return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure)
 
 
+def records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows of a frame as plain dicts (typed for callers)."""
+    return cast(list[dict[str, Any]], df.to_dict("records"))
+
+
 def _norm_token(token: str) -> str:
     return token.strip().lower()
 
@@ -191,18 +196,18 @@ def next_token_rows(
         progress=False,
     )
     rows = []
-    for r in df.itertuples():
-        expected = own[int(r.example)]
+    for r in records(df):
+        expected = own[int(r["example"])]
         rows.append(
             {
-                "example": int(r.example),
-                "source_position": int(r.source_position),
-                "source_layer": int(r.source_layer),
-                "target_layer": int(r.target_layer),
+                "example": int(r["example"]),
+                "source_position": int(r["source_position"]),
+                "source_layer": int(r["source_layer"]),
+                "target_layer": int(r["target_layer"]),
                 "source_top1": expected,
-                "patched_top1": r.top1,
-                "patched_top1_prob": float(r.top1_prob),
-                "hit": _norm_token(r.top1) == _norm_token(expected),
+                "patched_top1": r["top1"],
+                "patched_top1_prob": float(r["top1_prob"]),
+                "hit": _norm_token(r["top1"]) == _norm_token(expected),
             }
         )
     return rows
@@ -233,15 +238,15 @@ def entity_rows(
         progress=False,
     )
     rows = []
-    for r in df.itertuples():
-        entity = entities.iloc[int(r.example)]
-        description = first_entry(str(r.text))
+    for r in records(df):
+        entity = entities.iloc[int(r["example"])]
+        description = first_entry(str(r["text"]))
         rows.append(
             {
                 "setting": setting,
                 "entity": entity["entity"],
                 "popularity": entity["popularity"],
-                "layer": int(r.source_layer),
+                "layer": int(r["source_layer"]),
                 "generated": description,
                 "rougeL": rouge_l(description, entity["description"]),
             }
@@ -342,16 +347,14 @@ def summarize(store: ResultStore, source: ModelHandle, target: ModelHandle) -> d
     maps = store.frame("maps")
     summary: dict[str, Any] = {"source": source.name, "target": target.name}
     if len(nt):
-        grid = nt.groupby(["source_layer", "target_layer"])["hit"].mean().reset_index()
-        best = grid.loc[grid.hit.idxmax()]
+        grid = records(nt.groupby(["source_layer", "target_layer"])["hit"].mean().reset_index())
+        best = max(grid, key=lambda r: r["hit"])  # the first of equal maxima
         diagonal = nt[nt.source_layer * (target.n_layers - 1) == nt.target_layer * (source.n_layers - 1)]
         summary["next_token"] = {
             "n_texts": int(nt.example.nunique()),
-            "precision_at_1": {
-                f"{int(r.source_layer)}->{int(r.target_layer)}": round(float(r.hit), 4) for r in grid.itertuples()
-            },
-            "best_pair": [int(best.source_layer), int(best.target_layer)],
-            "best_precision_at_1": round(float(best.hit), 4),
+            "precision_at_1": {f"{int(r['source_layer'])}->{int(r['target_layer'])}": round(float(r["hit"]), 4) for r in grid},
+            "best_pair": [int(best["source_layer"]), int(best["target_layer"])],
+            "best_precision_at_1": round(float(best["hit"]), 4),
             "mean_precision_at_1": round(float(nt.hit.mean()), 4),
             # what always answering A's most frequent top-1 token would score: the floor to read the grid against
             "majority_baseline": round(
@@ -362,14 +365,15 @@ def summarize(store: ResultStore, source: ModelHandle, target: ModelHandle) -> d
             else None,
         }
     if len(ent):
-        table = ent.groupby(["setting", "popularity", "layer"])["rougeL"].mean().round(4)
-        summary["entity_rougeL"] = {
-            f"{setting} | {pop}": {int(layer): float(v) for (_, _, layer), v in group.items()}
-            for (setting, pop), group in table.groupby(level=[0, 1])
-        }
+        curves: dict[str, dict[int, float]] = {}
+        for r in records(ent.groupby(["setting", "popularity", "layer"])["rougeL"].mean().round(4).reset_index()):
+            curves.setdefault(f"{r['setting']} | {r['popularity']}", {})[int(r["layer"])] = float(r["rougeL"])
+        summary["entity_rougeL"] = curves
     if len(maps):
         summary["map_r2"] = {
-            f"{int(r.source_layer)}->{int(r.target_layer)}": round(float(r.r2), 4) for r in maps.itertuples() if r.r2 is not None
+            f"{int(r['source_layer'])}->{int(r['target_layer'])}": round(float(r["r2"]), 4)
+            for r in records(maps)
+            if r["r2"] is not None
         }
     store.write_json("summary.json", summary)
     return summary

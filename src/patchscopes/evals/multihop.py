@@ -24,13 +24,14 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from patchscopes.batching import chunks, left_pad
 from patchscopes.capture import layer_hooks
 from patchscopes.errors import PatchscopeError
+from patchscopes.evals.cross_model import records
 from patchscopes.models.loading import ModelHandle, load_model
 from patchscopes.patching import PatchedRun, run_patched
 from patchscopes.positions import char_span_to_tokens
@@ -291,7 +292,7 @@ def honest_accuracy(rows: Sequence[dict[str, Any]], query_ids: Sequence[int], se
     ids = sorted(set(query_ids))
     random.Random(seed).shuffle(ids)
     halves = [set(ids[: len(ids) // 2]), set(ids[len(ids) // 2 :])]
-    folds = []
+    folds: list[dict[str, Any]] = []
     for pick, score in ((0, 1), (1, 0)):
         acc: dict[tuple[int, int], list[bool]] = {}
         for r in rows:
@@ -380,7 +381,7 @@ def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[
     patch = rows[rows.kind == "patchscope"]
     per_query = patch.groupby("query")["correct"].any()
     grid = patch.groupby(["source_layer", "target_layer"])["correct"].mean()
-    best = grid.idxmax()
+    best = cast(tuple[int, int], grid.idxmax())
     summary.update(
         {
             "n_evaluated": int(rows["query"].nunique()),
@@ -388,9 +389,12 @@ def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[
             "cot_prompt": float(rows[rows.kind == "cot"].correct.mean()),
             "patchscope_oracle": float(per_query.mean()),
             "patchscope_best_single_pair_in_sample": {"pair": [int(best[0]), int(best[1])], "accuracy": float(grid.max())},
-            "patchscope_heldout": honest_accuracy(patch.to_dict("records"), list(per_query.index), config.seed),
+            "patchscope_heldout": honest_accuracy(records(patch), [int(q) for q in per_query.index], config.seed),
             "by_combo": {c: int(n) for c, n in rows.drop_duplicates("query").combo.value_counts().items()},
-            "pair_accuracy": {f"{int(s)}->{int(t)}": round(float(v), 4) for (s, t), v in grid.items()},
+            "pair_accuracy": {
+                f"{int(r['source_layer'])}->{int(r['target_layer'])}": round(float(r["correct"]), 4)
+                for r in records(grid.reset_index())
+            },
         }
     )
     store.write_json("summary.json", summary)
