@@ -264,7 +264,7 @@ def run_lrc_eval(
                     else:
                         slug = re.sub(r"[^a-z0-9]+", "-", relation.name.lower())
                         store.append(
-                            "rows", key, evaluate_split(lm, data, cfg, seed, jacobians, out / "artifacts" / slug / f"seed-{seed}")
+                            f"rows-{seed}", key, evaluate_split(lm, data, cfg, seed, jacobians, out / "artifacts" / slug / f"seed-{seed}")
                         )
                 advance(1)
     summary = {
