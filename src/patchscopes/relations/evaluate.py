@@ -263,9 +263,8 @@ def run_lrc_eval(
                         store.append(f"rows-{seed}", key, [])
                     else:
                         slug = re.sub(r"[^a-z0-9]+", "-", relation.name.lower())
-                        store.append(
-                            f"rows-{seed}", key, evaluate_split(lm, data, cfg, seed, jacobians, out / "artifacts" / slug / f"seed-{seed}")
-                        )
+                        artifacts = out / "artifacts" / slug / f"seed-{seed}"
+                        store.append(f"rows-{seed}", key, evaluate_split(lm, data, cfg, seed, jacobians, artifacts))
                 advance(1)
     summary = {
         **summarise(pd.concat([store.frame(f"rows-{seed}") for seed in cfg.seeds], ignore_index=True)),
