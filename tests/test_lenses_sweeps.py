@@ -112,3 +112,12 @@ def test_iter_sweep_streams_the_same_rows_in_chunks(monkeypatch):
     whole = sweep(lm, prompts, TOKEN_IDENTITY, batch_size=4, progress=False)
     assert len(frames) > 1 and sum(len(f) for f in frames) == len(whole) == len(prompts) * lm.n_layers
     assert list(pd.concat(frames, ignore_index=True).top1) == list(whole.top1)
+
+
+def test_first_entry_cuts_at_the_next_few_shot_entry():
+    from patchscopes.plots import first_entry, one_line
+
+    assert first_entry(": British monarch, Wimbledon: London borough") == "British monarch"
+    assert first_entry(": Japanese-American-born,Iraq: State of") == "Japanese-American-born"
+    assert first_entry(": Country in Asia\nChina: x") == "Country in Asia"
+    assert one_line(" -> Wales\n\nThe") == " -> Wales⏎⏎The"

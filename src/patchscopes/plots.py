@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-_NEXT_ENTRY = re.compile(r",\s+[^,:\n]{1,60}:")
+_NEXT_ENTRY = re.compile(r",\s*[^,:\n]{1,60}:")
 
 
 def first_entry(text: str) -> str:
