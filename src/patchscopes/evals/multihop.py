@@ -305,7 +305,12 @@ def honest_accuracy(rows: Sequence[dict[str, Any]], query_ids: Sequence[int], se
             bool(r["correct"]) for r in rows if r["query"] in halves[score] and (r["source_layer"], r["target_layer"]) == best
         ]
         folds.append(
-            {"pair": list(best), "chosen_on": len(halves[pick]), "scored_on": len(held), "accuracy": sum(held) / len(held)}
+            {
+                "pair": [int(x) for x in best],
+                "chosen_on": len(halves[pick]),
+                "scored_on": len(held),
+                "accuracy": sum(held) / len(held),
+            }
         )
     total = sum(f["scored_on"] for f in folds)
     mean = sum(f["accuracy"] * f["scored_on"] for f in folds) / total if total else float("nan")
@@ -345,6 +350,7 @@ def run_multihop(config: MultihopConfig, out: str | Path, log: Callable[[str], N
         store.append("filter", "all", rows)
     filt = store.frame("filter")
     kept = [int(i) for i in filt[filt.hop1_ok & filt.hop2_ok]["query"]]
+    random.Random(config.seed).shuffle(kept)  # a budget-capped or interrupted run then still covers the relation pairs
     if config.max_queries:
         kept = kept[: config.max_queries]
     log(f"{len(kept)} queries with both single hops answered")
