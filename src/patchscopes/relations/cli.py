@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -49,7 +49,7 @@ def lrc_command(
         if profile not in PROFILES:
             raise typer.BadParameter(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
         cfg = PROFILES[profile]
-        overrides = {
+        overrides: dict[str, Any] = {
             "model": model,
             "relations": tuple(r.strip() for r in relations.split(",")) if relations else None,
             "relations_dir": str(relations_dir) if relations_dir else None,

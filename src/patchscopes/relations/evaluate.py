@@ -141,7 +141,7 @@ def concept_sets(
     lre_final = estimate_lre(lm, data.lre_prompts, s_layer, final, "first", jacobian_fn=jacobians)
     states = subject_states(lm, data.train_prompts, s_layer, cfg.batch_size)
     labels = [p.object for p in data.train_prompts]
-    meta = {"model": lm.name, "relation": data.relation.name, "subject_layer": s_layer}
+    meta: dict[str, Any] = {"model": lm.name, "relation": data.relation.name, "subject_layer": s_layer}
     sets = {
         "LRC": lrc_concepts(lm, lre, data.train_prompts, rank, cfg.batch_size),
         "LRC (first token, final layer)": lrc_concepts(lm, lre_final, data.train_prompts, rank, cfg.batch_size),
@@ -217,8 +217,9 @@ def summarise(rows: pd.DataFrame) -> dict[str, Any]:
     for (method, kind), group in per_seed.groupby(["method", "kind"]):
         values = group["ok"].tolist()
         std = float(pd.Series(values).std(ddof=0)) if len(values) > 1 else 0.0
-        table.setdefault(method, {})[kind] = {"mean": float(sum(values) / len(values)), "std": std, "seeds": len(values)}
-    counts = rows[rows["method"] == METHODS[0]].groupby(["kind", "seed"]).size().to_dict()
+        entry = {"mean": float(sum(values) / len(values)), "std": std, "seeds": len(values)}
+        table.setdefault(str(method), {})[str(kind)] = entry
+    counts: dict[Any, Any] = rows[rows["method"] == METHODS[0]].groupby(["kind", "seed"]).size().to_dict()
     return {
         "table": table,
         "per_relation": per_relation.groupby(["method", "kind", "relation"])["ok"].mean().reset_index().to_dict("records"),

@@ -54,7 +54,7 @@ def edited_answer_probs(
     prompts = [RelationPrompt(e.prompt.relation, e.prompt.subject, ans, e.prompt.text) for e, ans in zip(edits, answers)]
     located = [p.locate(lm) for p in prompts]
     deltas = [(concepts.vector(e.new) - concepts.vector(e.old)).to(lm.device, lm.dtype) for e in edits]
-    out: list[torch.Tensor] = []
+    out: list[Any] = []
     for group in chunks(list(range(len(edits))), batch_size):
         batch = left_pad([located[i].ids for i in group], lm.pad_id, lm.device)
         rows = torch.arange(len(group), device=lm.device)
