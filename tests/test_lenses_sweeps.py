@@ -121,3 +121,18 @@ def test_first_entry_cuts_at_the_next_few_shot_entry():
     assert first_entry(": Japanese-American-born,Iraq: State of") == "Japanese-American-born"
     assert first_entry(": Country in Asia\nChina: x") == "Country in Asia"
     assert one_line(" -> Wales\n\nThe") == " -> Wales⏎⏎The"
+
+
+def test_per_layer_pair_mapping_gets_resolved_layers():
+    from patchscopes import Identity
+
+    seen = []
+
+    def pick(source_layer, target_layer):
+        seen.append((source_layer, target_layer))
+        return Identity()
+
+    pick.per_layer_pair = True  # type: ignore[attr-defined]
+    lm = tiny_model("llama")
+    sweep(lm, ["Diana"], TOKEN_IDENTITY, source_layers=[1, 2], mapping=pick, progress=False)
+    assert seen == [(1, 1), (2, 2)]

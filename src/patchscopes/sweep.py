@@ -91,7 +91,8 @@ def build_scopes(
             else:
                 tls = list(target_layers)  # type: ignore[arg-type]
             for tl in tls:
-                m = mapping(layer, tl) if callable(mapping) and getattr(mapping, "per_layer_pair", False) else mapping
+                pair_target = layer if tl == SAME else tl
+                m = mapping(layer, pair_target) if callable(mapping) and getattr(mapping, "per_layer_pair", False) else mapping
                 scopes.append((example, preset.scope(prompt, layer, pos, target_layer=tl, decoding=decoding, mapping=m)))
     return scopes
 
