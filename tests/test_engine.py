@@ -72,7 +72,8 @@ def test_fast_equals_plain_real(smol):
         )
     ]
     fast = run_many(scopes, smol, batch_size=8, engine="fast")
-    plain = run_many(scopes, smol, batch_size=8, engine="plain")
+    # the straightforward reference: one target at a time (padded plain batches add their own ~2e-4 noise)
+    plain = run_many(scopes, smol, batch_size=1, engine="plain")
     assert max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain)) <= ATOL
     assert [f.text for f in fast] == [p.text for p in plain]
 

@@ -130,7 +130,7 @@ class _Recorder:
         weight = proj.weight if not self.layout.conv1d else proj.weight.T  # [d_out, d_in]
         b, t, _ = z.shape
         h = self.graph.n_heads
-        return torch.einsum("bthk,dhk->bthd", z.detach().view(b, t, h, -1), weight.detach().view(weight.shape[0], h, -1))
+        return torch.einsum("bthk,dhk->bthd", z.detach().view(b, t, h, -1), weight.detach().view(weight.shape[0], h, -1))  # type: ignore[operator,index,arg-type]
 
     def _record(self, acts: torch.Tensor) -> None:
         assert self.buffer is not None

@@ -56,7 +56,7 @@ def overlap_figure(overlap: pd.DataFrame) -> Figure:
     ax.set_yticks(range(len(overlap)), overlap.index, fontsize=7)
     for i in range(len(overlap)):
         for j in range(len(overlap)):
-            ax.text(j, i, f"{overlap.iat[i, j]:.2f}", ha="center", va="center", fontsize=6, color="w")
+            ax.text(j, i, f"{float(overlap.to_numpy()[i, j]):.2f}", ha="center", va="center", fontsize=6, color="w")
     ax.set_title("Jaccard overlap of kept weights", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()

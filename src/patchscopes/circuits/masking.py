@@ -99,7 +99,7 @@ class WeightMask(nn.Module):
     def expected_density(self) -> torch.Tensor:
         """Mean keep probability ``sigmoid(logit)`` over every masked weight (differentiable)."""
         total = sum(torch.sigmoid(p).sum() for p in self.logits)
-        return total / self.n_total  # type: ignore[operator]
+        return total / self.n_total  # type: ignore[operator,return-value]
 
     def positive_density(self) -> float:
         """Share of logits above 0 (the weights the mask itself keeps at the deterministic threshold)."""

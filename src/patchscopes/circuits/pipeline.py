@@ -133,8 +133,8 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
             curve["task"], curve["seconds"] = task, seconds
             top = scores.frame().head(50)
             top["task"], top["method"] = task, method
-            store.append("eap_edges", key, top.to_dict("records"))
-            store.append("eap", key, curve.to_dict("records"))
+            store.append("eap_edges", key, top.to_dict("records"))  # type: ignore[arg-type]
+            store.append("eap", key, curve.to_dict("records"))  # type: ignore[arg-type]
     return store
 
 
