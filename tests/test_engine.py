@@ -23,7 +23,8 @@ from patchscopes.errors import SpecError
 from patchscopes.patching import Patch, PatchedRun, run_patched
 from tiny import ARCHS, tiny_model
 
-ATOL = 1e-4  # fp32; the fast path changes only the shapes of the matmuls
+ATOL = 1e-4  # fp32, tiny models; the fast path changes only the shapes of the matmuls
+REAL_ATOL = 5e-4  # fp32, SmolLM2-135M (see test_fast_equals_plain_real)
 SOURCES = ["Diana, Princess of Wales", "The capital of France is Paris", "cat"]
 TARGETS = [
     ("Syria: Country in the Middle East, x", "x"),
@@ -74,7 +75,9 @@ def test_fast_equals_plain_real(smol):
     fast = run_many(scopes, smol, batch_size=8, engine="fast")
     # the straightforward reference: one target at a time (padded plain batches add their own ~2e-4 noise)
     plain = run_many(scopes, smol, batch_size=1, engine="plain")
-    assert max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain)) <= ATOL
+    # A different but equally valid order of fp32 reductions (prefix cache + suffix, batched rows) moves
+    # SmolLM2's logits (magnitude ~15) by up to ~2.5e-4, the same size as padding noise: same tolerance.
+    assert max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain)) <= REAL_ATOL
     assert [f.text for f in fast] == [p.text for p in plain]
 
 
