@@ -231,6 +231,21 @@ def _generate_kwargs(nm: NNsightModel, decoding: Any) -> dict[str, Any]:
     return kwargs
 
 
+def write_patch(blocks: Any, layer: int, n_ids: int, cols: Sequence[int], vectors: torch.Tensor, mode: str) -> None:
+    """Inside an nnsight invoke: write ``vectors`` at block ``layer`` (-1: the input of block 0), left padding counted."""
+    if layer < 0:
+        h = blocks[0].input
+    else:
+        o = blocks[layer].output
+        h = o[0] if isinstance(o, tuple) else o
+    where = [h.shape[1] - n_ids + p for p in cols]
+    v = vectors.to(device=h.device, dtype=h.dtype)
+    if mode == "replace":
+        h[:, where] = v
+    else:
+        h[:, where] += v
+
+
 TargetItem = tuple[list[int], int, list[int], torch.Tensor, str]  # ids, resolved layer, positions, vectors, mode
 
 
@@ -244,17 +259,7 @@ def decode_patched(nm: NNsightModel, items: Sequence[TargetItem], decoding: Any)
         logits = nnsight.save({})  # keyed by row: invokes may finish in any order
         for row, (ids, layer, cols, vectors, mode) in enumerate(items):
             with tracer.invoke(ids):
-                if layer < 0:
-                    h = blocks[0].input
-                else:
-                    o = blocks[layer].output
-                    h = o[0] if isinstance(o, tuple) else o
-                where = [h.shape[1] - len(ids) + p for p in cols]
-                v = vectors.to(device=h.device, dtype=h.dtype)
-                if mode == "replace":
-                    h[:, where] = v
-                else:
-                    h[:, where] += v
+                write_patch(blocks, layer, len(ids), cols, vectors, mode)
                 logits[row] = envoy.output.logits[0, -1].detach().float().cpu()
         with tracer.invoke():
             sequences = nnsight.save(tracer.result.detach().cpu())

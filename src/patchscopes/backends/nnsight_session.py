@@ -27,6 +27,7 @@ from patchscopes.backends.nnsight_backend import (
     blocks_envoy,
     check_models_ready,
     require_nnsight,
+    write_patch,
 )
 from patchscopes.batching import chunks
 from patchscopes.mappings import AffineMap, Identity
@@ -86,17 +87,7 @@ def session_patched(
                     if affine is not None:
                         w = affine[0].to(device=v.device, dtype=v.dtype)
                         v = v @ w.T + affine[1].to(device=v.device, dtype=v.dtype)
-                    if layer < 0:
-                        h = blocks[0].input
-                    else:
-                        o = blocks[layer].output
-                        h = o[0] if isinstance(o, tuple) else o
-                    where = [h.shape[1] - len(ids) + p for p in cols]
-                    v = v.to(device=h.device, dtype=h.dtype)
-                    if mode == "replace":
-                        h[:, where] = v
-                    else:
-                        h[:, where] += v
+                    write_patch(blocks, layer, len(ids), cols, v, mode)
                     logits[row] = envoy.output.logits[0, -1].detach().float().cpu()
             with decode.invoke():
                 sequences = nnsight.save(decode.result.detach().cpu())
