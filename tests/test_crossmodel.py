@@ -189,10 +189,18 @@ def test_store_save_list_load_and_refuse_other_models(tmp_path):
             store.path("../escape")
         with pytest.raises(MappingError, match="no map named"):
             store.load("missing/map")
-        # the core refuses the map by model name as well
+        # the core refuses the map for other models, other weights and other layers, before running anything
         scope = Patchscope(Source("hello world", 1), Target("cat -> cat\n?", 2), mapping=loaded)
-        with pytest.raises(MappingError, match="fitted with source_model"):
+        with pytest.raises(MapProvenanceError, match="source model 'tiny-llama', not 'tiny-qwen2'"):
             run(scope, other, target_model=b)
+        with pytest.raises(MapProvenanceError, match="target weights bbbbbbbbbbbb…, but 'tiny-llama' has weights cccc"):
+            run(scope, a, target_model=b)
+        b.weights_sha256 = "b" * 64
+        assert run(scope, a, target_model=b).top_tokens
+        with pytest.raises(MapProvenanceError, match="source layer 1, not 0"):
+            run(Patchscope(Source("hello world", 0), scope.target, mapping=loaded), a, target_model=b)
+        with pytest.raises(MapProvenanceError, match="target layer 2, not 3"):
+            run(Patchscope(scope.source, Target("cat -> cat\n?", -1), mapping=loaded), a, target_model=b)
     finally:
         a.weights_sha256 = b.weights_sha256 = None
 
@@ -222,3 +230,28 @@ def test_ridge_grid_keeps_the_best_held_out_fit():
     meta = tuned.maps[(1, 2)].metadata
     assert meta["ridge_selected"] and meta["ridge_grid"] == [1e-3, 1e-1, 10.0]
     assert tuned.r2[(1, 2)] >= plain.r2[(1, 2)] - 1e-9
+
+
+def test_norm_filter_drops_outlying_positions_like_a_plain_reference():
+    a, b = tiny_model("llama"), tiny_model("llama", hidden=48)
+    texts = TEXTS[:12]
+    report = fit_maps(a, b, texts, pairs=[(1, 2)], heldout=0.25, max_norm_ratio=1.1)
+    xs, ys = [], []
+    for text in texts[:9]:  # one chunk: the median is over every fit position
+        ids = a.tokenize(text).ids
+        pos = list(range(1, len(ids)))
+        xs.append(capture(a, [ids], [pos], [1])[0][0])
+        ys.append(capture(b, [ids], [pos], [2])[0][0])
+    x, y = torch.cat(xs).double(), torch.cat(ys).double()
+    keep = (x.norm(dim=1) <= 1.1 * x.norm(dim=1).median()) & (y.norm(dim=1) <= 1.1 * y.norm(dim=1).median())
+    assert 0 < int((~keep).sum()) < len(keep)
+    xa = torch.cat([x[keep], torch.ones(int(keep.sum()), 1, dtype=torch.float64)], 1)
+    solution = torch.linalg.lstsq(xa, y[keep]).solution
+    amap = report.maps[(1, 2)]
+    assert torch.allclose(amap.weight.double(), solution[:-1].T, atol=1e-3)
+    assert amap.metadata["n_fit"] == int(keep.sum()) and amap.metadata["n_excluded_fit"] == int((~keep).sum())
+    assert amap.metadata["max_norm_ratio"] == 1.1 and amap.metadata["n_excluded_heldout"] >= 0
+    unfiltered = fit_maps(a, b, texts, pairs=[(1, 2)], heldout=0.25, max_norm_ratio=1e9)
+    assert unfiltered.maps[(1, 2)].metadata["n_excluded_fit"] == 0
+    with pytest.raises(MappingError, match="max_norm_ratio must be above 1"):
+        fit_maps(a, b, texts, pairs=[(1, 2)], max_norm_ratio=0.5)

@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,6 +23,19 @@ from torch import nn
 from patchscopes.errors import MappingError
 
 MappingLike = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MapProvenanceError(MappingError):
+    """A saved map used with models, weights or layers other than the ones it was fitted for."""
+
+
+class _Model(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def weights_sha256(self) -> str | None: ...
+    @property
+    def hidden_size(self) -> int: ...
 
 
 class Identity(nn.Module):
@@ -162,6 +175,40 @@ class AffineMap(nn.Module):
         loaded = cls(tensors["weight"], tensors["bias"], meta)
         loaded.metadata["path"] = str(directory)
         return loaded
+
+    def check_provenance(
+        self, source: _Model, target: _Model, source_layer: int | None = None, target_layer: int | None = None
+    ) -> None:
+        """Raise :class:`MapProvenanceError` unless the map was fitted from ``source`` to ``target`` (model names,
+        weight sha256 and hidden sizes; and the layers, resolved, when given: ``-1`` is the embeddings).
+        Metadata the map does not carry is not checked (a hand-made ``AffineMap(w, b)`` checks sizes only)."""
+        meta = self.metadata
+        where = meta.get("path", "this map")
+        for role, model in (("source", source), ("target", target)):
+            expected = meta.get(f"{role}_model")
+            if expected is not None and expected != model.name:
+                raise MapProvenanceError(
+                    f"{where} was fitted with {role} model {expected!r}, not {model.name!r}; fit a map for {model.name!r}"
+                )
+            sha = meta.get(f"{role}_weights_sha256")
+            if sha and model.weights_sha256 and sha != model.weights_sha256:
+                raise MapProvenanceError(
+                    f"{where} was fitted on {role} weights {sha[:12]}…, but {model.name!r} has weights "
+                    f"{model.weights_sha256[:12]}…; refit the map for these weights"
+                )
+        if self.d_in != source.hidden_size or self.d_out != target.hidden_size:
+            raise MapProvenanceError(
+                f"{where} maps {self.d_in}→{self.d_out} but {source.name}→{target.name} needs "
+                f"{source.hidden_size}→{target.hidden_size}"
+            )
+        for role, given in (("source", source_layer), ("target", target_layer)):
+            expected = meta.get(f"{role}_layer")
+            expected = -1 if expected == "embeddings" else expected
+            if given is not None and isinstance(expected, int) and given != expected:
+                raise MapProvenanceError(
+                    f"{where} was fitted for {role} layer {expected}, not {given}; "
+                    f"use the map fitted for layer {given} (see `patchscopes maps list`) or fit one"
+                )
 
     def check_models(self, source_model: str | None = None, target_model: str | None = None) -> None:
         """Refuse to run with models other than the ones the map was fitted for."""

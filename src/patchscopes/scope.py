@@ -202,7 +202,7 @@ def _resolve(scope: Patchscope, lm: ModelHandle, tlm: ModelHandle) -> _Resolved:
         )
     mapping = as_mapping(scope.mapping)
     if isinstance(mapping, AffineMap):
-        mapping.check_models(lm.name, tlm.name)
+        mapping.check_provenance(lm, tlm, src_layer, tgt_layer)
     elif scope.mapping is None and lm.hidden_size != tlm.hidden_size:
         raise MappingError(
             f"incompatible hidden sizes: {lm.name} has {lm.hidden_size}, {tlm.name} has {tlm.hidden_size}; "

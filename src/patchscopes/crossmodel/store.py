@@ -19,16 +19,12 @@ import pandas as pd
 
 from patchscopes.capture import LayerSpec, resolve_layer
 from patchscopes.errors import MappingError
-from patchscopes.mappings import AffineMap
+from patchscopes.mappings import AffineMap, MapProvenanceError  # noqa: F401  (re-exported)
 from patchscopes.models.cache import cache_root
 from patchscopes.models.loading import ModelHandle
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*(/[A-Za-z0-9][A-Za-z0-9._+-]*)*$")
 LIST_COLUMNS = ["name", "source_model", "source_layer", "target_model", "target_layer", "r2", "n_fit", "corpus_sha256", "ridge"]
-
-
-class MapProvenanceError(MappingError):
-    """A saved map used with models, weights or layers other than the ones it was fitted for."""
 
 
 def default_root() -> Path:
@@ -55,33 +51,12 @@ def check_provenance(
     target_layer: LayerSpec | None = None,
 ) -> None:
     """Raise :class:`MapProvenanceError` unless ``amap`` was fitted from ``source`` to ``target`` (and layers)."""
-    meta = amap.metadata
-    where = meta.get("path", "this map")
-    for role, handle in (("source", source), ("target", target)):
-        expected = meta.get(f"{role}_model")
-        if expected is not None and expected != handle.name:
-            raise MapProvenanceError(
-                f"{where} was fitted with {role} model {expected!r}, not {handle.name!r}; fit a map for {handle.name!r}"
-            )
-        sha = meta.get(f"{role}_weights_sha256")
-        if sha and handle.weights_sha256 and sha != handle.weights_sha256:
-            raise MapProvenanceError(
-                f"{where} was fitted on {role} weights {sha[:12]}…, but {handle.name!r} has weights "
-                f"{handle.weights_sha256[:12]}…; "
-                "refit the map for these weights"
-            )
-    if amap.d_in != source.hidden_size or amap.d_out != target.hidden_size:
-        raise MapProvenanceError(
-            f"{where} maps {amap.d_in}→{amap.d_out} but {source.name}→{target.name} needs "
-            f"{source.hidden_size}→{target.hidden_size}"
-        )
-    for role, given, handle in (("source", source_layer, source), ("target", target_layer, target)):
-        expected = meta.get(f"{role}_layer")
-        if given is not None and expected is not None and resolve_layer(given, handle.n_layers) != expected:
-            raise MapProvenanceError(
-                f"{where} was fitted for {role} layer {expected}, not {given}; "
-                f"load the map of layer {given} (see `patchscopes maps list`)"
-            )
+    amap.check_provenance(
+        source,
+        target,
+        None if source_layer is None else resolve_layer(source_layer, source.n_layers),
+        None if target_layer is None else resolve_layer(target_layer, target.n_layers),
+    )
 
 
 class MapStore:
