@@ -26,6 +26,19 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+
+
+NormRatio = Annotated[
+    Optional[float],
+    typer.Option(help="Drop positions whose state norm exceeds this multiple of the median (massive activations), e.g. 10."),
+]
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
@@ -44,6 +57,10 @@ def cross_model(
     n_entities: Annotated[int, typer.Option(help="Entities (half popular, half rare) for the description evaluation.")] = 40,
     entity_layers: Annotated[str, typer.Option(help="Layers ℓ = ℓ* for entity description.")] = "0,1,2,3,4,5,6,7,8,9",
     ridge: Annotated[float, typer.Option(help="Ridge penalty of the least-squares fit (0 = ordinary).")] = 0.0,
+    ridge_grid: Annotated[
+        str, typer.Option(help="Relative ridge penalties tried per pair (× mean diagonal of XᵀX); best held-out R² kept.")
+    ] = "0.0001,0.001,0.01,0.1",
+    max_norm_ratio: NormRatio = None,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     out: Annotated[Path, typer.Option(help="Run directory (resumable).")] = Path("runs/cross-model"),
     maps_root: Annotated[Optional[Path], typer.Option(help="Map store (default: PATCHSCOPES_MAPS or <cache>/maps).")] = None,
@@ -54,7 +71,8 @@ def cross_model(
 
     config = CrossModelConfig(
         source, target, layer_step, n_fit_texts, n_eval_texts, n_entities, _ints(entity_layers), ridge, dtype=dtype,
-        source_layers=_ints(source_layers), target_layers=_ints(target_layers),
+        source_layers=_ints(source_layers), target_layers=_ints(target_layers), ridge_grid=_floats(ridge_grid),
+        max_norm_ratio=max_norm_ratio,
     )  # fmt: skip
     if quick:
         config = replace(
@@ -149,6 +167,7 @@ def maps_fit(
     pairs: Annotated[str, typer.Option(help="Layer pairs ℓ:ℓ*, comma-separated, e.g. 6:4,12:8.")],
     n_texts: Annotated[int, typer.Option(help="WikiText snippets (10% held out for R²).")] = 400,
     ridge: Annotated[float, typer.Option(help="Ridge penalty (0 = ordinary least squares).")] = 0.0,
+    max_norm_ratio: NormRatio = None,
     tag: Annotated[str, typer.Option(help="Added to the map names.")] = "",
     root: Annotated[Optional[Path], typer.Option(help="Map store directory.")] = None,
 ) -> None:
@@ -164,7 +183,7 @@ def maps_fit(
         raise typer.BadParameter(f"pairs must look like 6:4,12:8, got {pairs!r}") from None
     try:
         a, b = load_model(source), load_model(target)
-        report = fit_maps(a, b, corpus_texts(n_texts), parsed, ridge=ridge, progress=True)  # type: ignore[arg-type]
+        report = fit_maps(a, b, corpus_texts(n_texts), parsed, ridge=ridge, progress=True, max_norm_ratio=max_norm_ratio)  # type: ignore[arg-type]
         store = MapStore(root)
         for (s, t), amap in report.maps.items():
             name = pair_name(a.name, b.name, s, t, tag)

@@ -58,6 +58,7 @@ class CrossModelConfig:
     entity_layers: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)
     ridge: float = 0.0
     ridge_grid: tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)  # relative penalties tried; best held-out R² kept
+    max_norm_ratio: float | None = None  # drop massive-activation positions from the fit (see fit_maps)
     heldout: float = 0.1
     skip_first: int = 1
     max_new_tokens: int = 20
@@ -134,6 +135,7 @@ def get_maps(
     skip_first: int,
     progress: bool = False,
     ridge_grid: tuple[float, ...] = (),
+    max_norm_ratio: float | None = None,
 ) -> dict[tuple[int, int], AffineMap]:
     """Maps for ``pairs``: loaded from ``store`` when fitted on the same corpus for these models, else fitted and saved."""
     corpus = corpus_sha256(texts[: len(texts) - int(len(texts) * heldout + 0.999999)])
@@ -143,14 +145,21 @@ def get_maps(
         name = pair_name(source.name, target.name, s, t, tag)
         if store.exists(name):
             amap = store.load(name)
-            same_fit = amap.metadata.get("ridge_base") == ridge and amap.metadata.get("ridge_grid") == list(ridge_grid)
+            same_fit = (
+                amap.metadata.get("ridge_base") == ridge
+                and amap.metadata.get("ridge_grid") == list(ridge_grid)
+                and amap.metadata.get("max_norm_ratio") == max_norm_ratio
+            )
             if amap.metadata.get("corpus_sha256") == corpus and same_fit:
                 check_provenance(amap, source, target, s, t)
                 maps[(s, t)] = amap
                 continue
         missing.append((s, t))
     if missing:
-        report = fit_maps(source, target, texts, missing, ridge, heldout, skip_first, progress=progress, ridge_grid=ridge_grid)
+        report = fit_maps(
+            source, target, texts, missing, ridge, heldout, skip_first,
+            progress=progress, ridge_grid=ridge_grid, max_norm_ratio=max_norm_ratio,
+        )  # fmt: skip
         for (s, t), amap in report.maps.items():
             store.save(pair_name(source.name, target.name, s, t, tag), amap, overwrite=True)
             maps[(s, t)] = amap
@@ -285,8 +294,9 @@ def run_cross_model(
     fit_texts = corpus_texts(config.n_fit_texts, config.seed)
     eval_texts = corpus_texts(config.n_eval_texts, config.seed, offset=config.n_fit_texts)
     tag = f"wiki{config.n_fit_texts}-s{config.seed}" + (f"-r{config.ridge:g}" if config.ridge else "")
+    tag += f"-n{config.max_norm_ratio:g}" if config.max_norm_ratio is not None else ""
     log(f"maps: {len(pairs)} layer pairs, {len(fit_texts)} fit texts, store {maps_store.root}")
-    fit_args = (config.ridge, config.heldout, config.skip_first, progress, config.ridge_grid)
+    fit_args = (config.ridge, config.heldout, config.skip_first, progress, config.ridge_grid, config.max_norm_ratio)
     maps = get_maps(source, target, pairs, fit_texts, maps_store, tag, *fit_args)
     map_rows = [
         {
