@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
@@ -41,6 +42,11 @@ def _layer_key(layer: Any) -> float:
     return -1.0 if layer == "embeddings" else float(layer)
 
 
+def _layer_label(layer: Any) -> str:
+    """``3`` for a layer stored as ``3.0`` (columns with missing values turn integers into floats)."""
+    return str(int(layer)) if isinstance(layer, float) and layer.is_integer() else str(layer)
+
+
 def heatmap(
     df: pd.DataFrame,
     value: str = "top1_prob",
@@ -48,17 +54,28 @@ def heatmap(
     aggregate: str = "mean",
     cmap: str = "viridis",
     ax: Any = None,
+    annotate: bool | None = None,
 ) -> Figure:
-    """Mean of ``value`` per (source layer, target layer) as a heatmap; rows are target layers."""
+    """Mean of ``value`` per (source layer, target layer) as a heatmap; rows are target layers.
+
+    ``annotate`` writes each cell's value in it (default: when the grid has at most 10 × 10 cells).
+    """
     table = df.pivot_table(index="target_layer", columns="source_layer", values=value, aggfunc=aggregate)  # type: ignore[arg-type]
     table = table.reindex(sorted(table.columns, key=_layer_key), axis=1).sort_index(ascending=False)
     if ax is None:
-        fig, ax = plt.subplots(figsize=(1.0 + 0.28 * table.shape[1], 1.0 + 0.25 * table.shape[0]))
+        width, height = max(3.6, 1.4 + 0.4 * table.shape[1]), max(2.8, 1.0 + 0.3 * table.shape[0])
+        fig, ax = plt.subplots(figsize=(width, height))
     else:
         fig = ax.figure
-    image = ax.imshow(table.to_numpy(dtype=float), aspect="auto", cmap=cmap)
-    ax.set_xticks(range(table.shape[1]), [str(c) for c in table.columns], fontsize=7, rotation=90)
-    ax.set_yticks(range(table.shape[0]), [str(i) for i in table.index], fontsize=7)
+    values = table.to_numpy(dtype=float)
+    image = ax.imshow(values, aspect="auto", cmap=cmap)
+    ax.set_xticks(range(table.shape[1]), [_layer_label(c) for c in table.columns], fontsize=7, rotation=90)
+    ax.set_yticks(range(table.shape[0]), [_layer_label(i) for i in table.index], fontsize=7)
+    if annotate if annotate is not None else max(values.shape) <= 10:
+        middle = float(np.nanmin(values) + np.nanmax(values)) / 2 if np.isfinite(values).any() else 0.0
+        for (row, col), v in np.ndenumerate(values):
+            if np.isfinite(v):
+                ax.text(col, row, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if v > middle else "white")
     ax.set_xlabel("source layer ℓ")
     ax.set_ylabel("target layer ℓ*")
     ax.set_title(title or f"{aggregate} {value}")
