@@ -3,6 +3,7 @@ decode loop against the core engine, the held-out pair choice, and a quick end-t
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from patchscopes.evals.multihop import (
     query_spans,
     restricted_generate,
     run_multihop,
+    versus_vanilla,
 )
 from patchscopes.patching import Patch, PatchedRun, run_patched
 from tiny import tiny_model
@@ -106,9 +108,30 @@ def test_honest_accuracy_chooses_on_one_half_and_scores_the_other():
         rows.append({"query": q, "source_layer": 1, "target_layer": 0, "correct": q < 4})
     result = honest_accuracy(rows, list(range(8)), seed=0)
     assert len(result["folds"]) == 2
+    truth = {(r["query"], r["source_layer"]): r["correct"] for r in rows}
     for fold in result["folds"]:
         assert fold["chosen_on"] == 4 and fold["scored_on"] == 4 and 0.0 <= fold["accuracy"] <= 1.0
+        assert len(fold["correct_queries"]) == round(fold["accuracy"] * 4)
+        assert all(truth[(q, fold["pair"][0])] for q in fold["correct_queries"])
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_versus_vanilla_counts_repairs_and_losses_query_by_query():
+    rows = pd.DataFrame(
+        [{"query": q, "kind": "vanilla", "correct": q in (0, 1)} for q in range(4)]
+        + [{"query": q, "kind": "cot", "correct": q in (0, 2)} for q in range(4)]
+    )
+    oracle = pd.Series({0: True, 1: False, 2: True, 3: True})
+    heldout = {"folds": [{"correct_queries": [0, 2]}, {"correct_queries": []}]}
+    assert versus_vanilla(rows, oracle, heldout) == {
+        "vanilla_wrong": 2,  # queries 2 and 3
+        "repaired_by_cot_prompt": 1,
+        "repaired_by_patchscope_oracle": 2,
+        "repaired_by_patchscope_heldout_pair": 1,
+        "vanilla_right": 2,  # queries 0 and 1
+        "lost_by_cot_prompt": 1,
+        "lost_by_patchscope_heldout_pair": 1,
+    }
 
 
 def test_quick_profile_end_to_end(smol, data_root, tmp_path):

@@ -139,6 +139,14 @@ def multihop(
         table.add_row("CoT Patchscope, ORACLE (best pair per query)", f"{summary['patchscope_oracle']:.3f}")
         table.add_row("CoT Patchscope, one pair chosen on held-out half", f"{held['accuracy']:.3f}")
     console.print(table)
+    vs = summary.get("versus_vanilla")
+    if vs:
+        console.print(
+            f"of {vs['vanilla_wrong']} queries vanilla gets wrong: {vs['repaired_by_cot_prompt']} repaired by the CoT prompt, "
+            f"{vs['repaired_by_patchscope_oracle']} by the Patchscope oracle, {vs['repaired_by_patchscope_heldout_pair']} by "
+            f"the held-out pair; of {vs['vanilla_right']} it gets right, the held-out pair loses "
+            f"{vs['lost_by_patchscope_heldout_pair']}"
+        )
     console.print(f"wrote {out / 'summary.json'}" + "".join(f", {p}" for p in plots))
 
 

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import pandas as pd
 import torch
 
 from patchscopes.batching import chunks, left_pad
@@ -288,7 +289,9 @@ def cot_patchscope_rows(
 
 
 def honest_accuracy(rows: Sequence[dict[str, Any]], query_ids: Sequence[int], seed: int = 0) -> dict[str, Any]:
-    """Pick the (ℓ, ℓ*) pair with the best accuracy on one half of the queries, score it on the other half, both ways."""
+    """Pick the (ℓ, ℓ*) pair with the best accuracy on one half of the queries, score it on the other half, both ways.
+
+    Each fold lists the pair, the half sizes, its accuracy and the ids of the queries it answered."""
     ids = sorted(set(query_ids))
     random.Random(seed).shuffle(ids)
     halves = [set(ids[: len(ids) // 2]), set(ids[len(ids) // 2 :])]
@@ -301,15 +304,18 @@ def honest_accuracy(rows: Sequence[dict[str, Any]], query_ids: Sequence[int], se
         if not acc or not halves[score]:
             continue
         best = max(sorted(acc), key=lambda k: sum(acc[k]) / len(acc[k]))
-        held = [
-            bool(r["correct"]) for r in rows if r["query"] in halves[score] and (r["source_layer"], r["target_layer"]) == best
-        ]
+        scored = {
+            int(r["query"]): bool(r["correct"])
+            for r in rows
+            if r["query"] in halves[score] and (r["source_layer"], r["target_layer"]) == best
+        }
         folds.append(
             {
                 "pair": [int(x) for x in best],
                 "chosen_on": len(halves[pick]),
-                "scored_on": len(held),
-                "accuracy": sum(held) / len(held),
+                "scored_on": len(scored),
+                "accuracy": sum(scored.values()) / len(scored),
+                "correct_queries": sorted(q for q, ok in scored.items() if ok),
             }
         )
     total = sum(f["scored_on"] for f in folds)
@@ -372,6 +378,25 @@ def run_multihop(config: MultihopConfig, out: str | Path, log: Callable[[str], N
     return summarize(store, config, len(queries))
 
 
+def versus_vanilla(rows: pd.DataFrame, oracle: pd.Series, heldout: dict[str, Any]) -> dict[str, int]:
+    """Where the methods differ from vanilla prompting, query by query: how many composition failures each one
+    repairs, and how many vanilla answers the held-out Patchscope pair loses."""
+    vanilla = rows[rows.kind == "vanilla"].set_index("query")["correct"].astype(bool)
+    cot = rows[rows.kind == "cot"].set_index("query")["correct"].astype(bool)
+    held_ok = {int(q) for fold in heldout["folds"] for q in fold["correct_queries"]}
+    scored = set(vanilla.index)
+    wrong, right = [q for q in scored if not vanilla[q]], [q for q in scored if vanilla[q]]
+    return {
+        "vanilla_wrong": len(wrong),
+        "repaired_by_cot_prompt": sum(bool(cot[q]) for q in wrong),
+        "repaired_by_patchscope_oracle": sum(bool(oracle[q]) for q in wrong),
+        "repaired_by_patchscope_heldout_pair": sum(int(q) in held_ok for q in wrong),
+        "vanilla_right": len(right),
+        "lost_by_cot_prompt": sum(not cot[q] for q in right),
+        "lost_by_patchscope_heldout_pair": sum(int(q) not in held_ok for q in right),
+    }
+
+
 def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[str, Any]:
     """Accuracies (vanilla, CoT prompt, CoT Patchscope oracle and held-out) and per-pair accuracy; ``summary.json``."""
     rows = store.frame("queries")
@@ -388,6 +413,7 @@ def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[
     per_query = patch.groupby("query")["correct"].any()
     grid = patch.groupby(["source_layer", "target_layer"])["correct"].mean()
     best = cast(tuple[int, int], grid.idxmax())
+    heldout = honest_accuracy(records(patch), [int(q) for q in per_query.index], config.seed)
     summary.update(
         {
             "n_evaluated": int(rows["query"].nunique()),
@@ -395,7 +421,8 @@ def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[
             "cot_prompt": float(rows[rows.kind == "cot"].correct.mean()),
             "patchscope_oracle": float(per_query.mean()),
             "patchscope_best_single_pair_in_sample": {"pair": [int(best[0]), int(best[1])], "accuracy": float(grid.max())},
-            "patchscope_heldout": honest_accuracy(records(patch), [int(q) for q in per_query.index], config.seed),
+            "patchscope_heldout": heldout,
+            "versus_vanilla": versus_vanilla(rows, per_query, heldout),
             "by_combo": {c: int(n) for c, n in rows.drop_duplicates("query").combo.value_counts().items()},
             "pair_accuracy": {
                 f"{int(r['source_layer'])}->{int(r['target_layer'])}": round(float(r["correct"]), 4)
