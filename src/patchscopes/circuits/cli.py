@@ -59,7 +59,12 @@ N = Annotated[int, typer.Option(help="Examples generated per task (train + held 
 NTrain = Annotated[int, typer.Option(help="Of which used to train the mask.")]
 Batch = Annotated[int, typer.Option(help="Batch size of mask training and attribution.")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate of the mask logits.")]
-Penalty = Annotated[float, typer.Option(help="Weight of the density penalty |E[density] - target| in the mask loss.")]
+Penalty = Annotated[
+    float,
+    typer.Option(
+        help="Weight of the density penalty |E[density] - target| (a mean over the masked weights: a larger mask needs more)."
+    ),
+]
 IgSteps = Annotated[int, typer.Option(help="Interpolation steps of EAP-IG.")]
 NAttr = Annotated[int, typer.Option(help="Held-out examples used for EAP / EAP-IG and their curves.")]
 Seed = Annotated[int, typer.Option(help="Seed of data, sampling and random baselines.")]
@@ -70,7 +75,7 @@ Quick = Annotated[bool, typer.Option(help="CI profile: last block, 2 steps per s
 def discover_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
-    batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 1000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
+    batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
     seed: Seed = 0, quick: Quick = False,
 ) -> None:  # fmt: skip
     """Find circuits: a weight mask trained through decreasing densities, and EAP / EAP-IG edge scores."""
@@ -93,7 +98,7 @@ def discover_cmd(
 def edit_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
-    batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 1000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
+    batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
     seed: Seed = 0, quick: Quick = False,
     circuit_task: Annotated[str, typer.Option(help="Whose circuits take the edit.")] = "hierarchy",
     edit_steps: Annotated[int, typer.Option(help="Fine-tuning steps of each edit.")] = 20,

@@ -203,7 +203,7 @@ def train_mask(
     steps_per_stage: int = 50,
     batch_size: int = 16,
     lr: float = 0.1,
-    penalty: float = 1000.0,
+    penalty: float = 10000.0,
     seed: int = 0,
     metadata: dict[str, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
@@ -211,7 +211,9 @@ def train_mask(
     """Train a :class:`WeightMask` on ``train`` through decreasing ``densities``; snapshot a circuit at each.
 
     Loss = KL to the full model's two-way choice + ``penalty × |expected density − scheduled target|`` (two-sided, so
-    Adam's momentum cannot carry the mask far below the target).
+    Adam's momentum cannot carry the mask far below the target). The density is a mean over all N masked weights,
+    so the penalty's pull on one logit is ``penalty / N``: 10,000 kept up with the schedule over all 30 blocks of
+    SmolLM2-135M (106 M weights, 50 steps per stage), where 1,000 lagged behind it.
     """
     order = sorted(densities, reverse=True)
     if not order or not all(0 < d < 1 for d in order):

@@ -44,7 +44,7 @@ class RunConfig:
     steps_per_stage: int = 25
     batch_size: int = 8
     lr: float = 0.6
-    penalty: float = 1000.0
+    penalty: float = 10000.0
     ig_steps: int = 5
     n_attr: int = 32
     edge_sizes: tuple[int, ...] = (0, 10, 30, 100, 300, 1000, 3000)
