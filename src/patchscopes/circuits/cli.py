@@ -35,6 +35,7 @@ def _config(
     n_attr: int,
     seed: int,
     quick: bool,
+    init_logit: float = 6.0,
 ):  # noqa: ANN202
     from patchscopes.circuits.pipeline import RunConfig
 
@@ -45,7 +46,7 @@ def _config(
     layer_list = None if layers == "all" else tuple(int(x) for x in layers.split(","))
     return RunConfig(model=model, tasks=tasks, methods=tuple(method or ("mask", "eap", "eap-ig")), densities=_floats(densities),
                      layers=layer_list, n_examples=n, n_train=n_train, steps_per_stage=steps, batch_size=batch_size, lr=lr,
-                     penalty=penalty, ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
+                     penalty=penalty, init_logit=init_logit, ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
 
 
 Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
@@ -68,6 +69,10 @@ Penalty = Annotated[
 IgSteps = Annotated[int, typer.Option(help="Interpolation steps of EAP-IG.")]
 NAttr = Annotated[int, typer.Option(help="Held-out examples used for EAP / EAP-IG and their curves.")]
 Seed = Annotated[int, typer.Option(help="Seed of data, sampling and random baselines.")]
+InitLogit = Annotated[
+    float,
+    typer.Option(help="Starting mask logit: 6 keeps ~99.8 % of weights per sample; 3 breaks SmolLM2 when all blocks are masked."),
+]
 Quick = Annotated[bool, typer.Option(help="CI profile: last block, 2 steps per stage, 16 examples, densities 0.5 and 0.05.")]
 
 
@@ -76,7 +81,7 @@ def discover_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
     batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
-    seed: Seed = 0, quick: Quick = False,
+    seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0,
 ) -> None:  # fmt: skip
     """Find circuits: a weight mask trained through decreasing densities, and EAP / EAP-IG edge scores."""
     from patchscopes.circuits.pipeline import discover
@@ -84,8 +89,9 @@ def discover_cmd(
 
     try:
         cfg = _config(
-            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick
-        )
+            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
+            init_logit,
+        )  # fmt: skip
         lm = load_model(model)
         discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))
     except PatchscopeError as exc:
@@ -99,7 +105,7 @@ def edit_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
     batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
-    seed: Seed = 0, quick: Quick = False,
+    seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0,
     circuit_task: Annotated[str, typer.Option(help="Whose circuits take the edit.")] = "hierarchy",
     edit_steps: Annotated[int, typer.Option(help="Fine-tuning steps of each edit.")] = 20,
     edit_lr: Annotated[float, typer.Option(help="Adam learning rate of the edit.")] = 1e-3,
@@ -111,8 +117,9 @@ def edit_cmd(
 
     try:
         cfg = _config(
-            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick
-        )
+            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
+            init_logit,
+        )  # fmt: skip
         lm = load_model(model)
         edit(
             lm,

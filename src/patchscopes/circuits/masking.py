@@ -43,7 +43,7 @@ class MaskConfig:
     layers: tuple[int, ...] | None = None
     final_norm: bool = True
     embeddings: bool = False
-    init_logit: float = 3.0
+    init_logit: float = 6.0
     temperature: float = 0.5
 
     def to_dict(self) -> dict[str, Any]:

@@ -45,6 +45,7 @@ class RunConfig:
     batch_size: int = 8
     lr: float = 0.6
     penalty: float = 10000.0
+    init_logit: float = 6.0
     ig_steps: int = 5
     n_attr: int = 32
     edge_sizes: tuple[int, ...] = (0, 10, 30, 100, 300, 1000, 3000)
@@ -96,7 +97,7 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
     _check(cfg)
     out = Path(out)
     store = ResultStore(out, cfg.store_config())
-    mask_cfg = MaskConfig(layers=cfg.layers)
+    mask_cfg = MaskConfig(layers=cfg.layers, init_logit=cfg.init_logit)
     for task in cfg.tasks:
         train, held = _split(lm, cfg, task)
         if "mask" in cfg.methods and not store.done("faithfulness", task):
