@@ -78,7 +78,9 @@ def heatmap(
                 ax.text(col, row, f"{v:.2f}", ha="center", va="center", fontsize=6, color="black" if v > middle else "white")
     ax.set_xlabel("source layer ℓ")
     ax.set_ylabel("target layer ℓ*")
-    ax.set_title(title or f"{aggregate} {value}")
+    heading = title or f"{aggregate} {value}"
+    longest = max(len(line) for line in heading.splitlines())
+    ax.set_title(heading, **({"fontsize": 11.0 * 34 / longest} if longest > 34 else {}))  # long titles fit the width
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     return fig
