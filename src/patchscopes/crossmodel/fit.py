@@ -127,10 +127,11 @@ def fit_maps(
     penalty with the best held-out R²; that R² then served for selection too (``metadata["ridge_selected"]``).
 
     ``max_norm_ratio`` drops, per layer pair, the positions where either state's norm exceeds that multiple of
-    the median norm of its layer in the chunk, from the fit and from R². Some models (Qwen2.5 among them) write
-    *massive activations* (Sun et al., 2024) at a few tokens: states a hundred times the median norm that act
-    as attention sinks. A handful of them dominate a least-squares fit and a pooled R²; ``10`` removes them
-    (about 1 % of WikiText positions for Qwen2.5-Coder) and ``None`` keeps every position.
+    the median norm of its layer (per chunk of fit texts; over all held-out positions), from the fit and from
+    R². Some models (Qwen2.5 among them) write *massive activations* (Sun et al., 2024) at a few tokens: states
+    a hundred times the median norm that act as attention sinks. A handful of them dominate a least-squares fit
+    and a pooled R²; ``10`` removes them (about 1 % of WikiText positions for Qwen2.5-Coder) and ``None`` keeps
+    every position.
     """
     if max_norm_ratio is not None and max_norm_ratio <= 1:
         raise MappingError(f"max_norm_ratio must be above 1 (a multiple of the median norm), got {max_norm_ratio}")
@@ -182,19 +183,17 @@ def fit_maps(
     alignment = "same tokenizer" if source.tokenizer is target.tokenizer else "end offset"
     maps: dict[tuple[int, int], AffineMap] = {}
     r2: dict[tuple[int, int], float] = {}
-    held_keep = (
-        _typical({s: torch.cat(v) for s, v in hx.items()}, {t: torch.cat(v) for t, v in hy.items()}, resolved, max_norm_ratio)
-        if n_heldout
-        else {}
-    )
+    held_x = {s: torch.cat(v)[:max_heldout_positions] for s, v in hx.items()} if n_heldout else {}
+    held_y = {t: torch.cat(v)[:max_heldout_positions] for t, v in hy.items()} if n_heldout else {}
+    held_keep = _typical(held_x, held_y, resolved, max_norm_ratio) if n_heldout else {}
     for s, t in resolved:
         fitter = fitters[(s, t)]
         if fitter.n == 0:
             raise MappingError(f"no fit positions left for layers ({s}, {t}) after the norm filter; raise max_norm_ratio")
         held = None
         if n_heldout:
-            rows = held_keep[(s, t)][:max_heldout_positions]
-            held = (torch.cat(hx[s])[:max_heldout_positions][rows], torch.cat(hy[t])[:max_heldout_positions][rows])
+            rows = held_keep[(s, t)]
+            held = (held_x[s][rows], held_y[t][rows])
         scale = float(fitter.xtx.diagonal()[:-1].mean())
         candidates = [(None, ridge)] + [(rel, rel * scale) for rel in ridge_grid if held is not None]
         best: tuple[float, AffineMap] | None = None
