@@ -19,7 +19,7 @@ from patchscopes import (
     sweep,
 )
 from patchscopes.engine import run_patched_fast
-from patchscopes.errors import SpecError
+from patchscopes.errors import EngineError, SpecError
 from patchscopes.patching import Patch, PatchedRun, run_patched
 from tiny import ARCHS, tiny_model
 
@@ -98,7 +98,7 @@ def test_sweep_engines_agree_and_fast_rejects_sampling():
     b = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, engine="plain", progress=False)
     assert list(a.top1) == list(b.top1)
     assert max(abs(x - y) for x, y in zip(a.top1_prob, b.top1_prob)) < 1e-5
-    with pytest.raises(SpecError, match="fast engine"):
+    with pytest.raises(EngineError, match="fast engine"):
         run_many([ENTITY_DESCRIPTION.scope("Diana", layer=1, decoding=Generate(temperature=1.0, seed=0))], lm, engine="fast")
 
 

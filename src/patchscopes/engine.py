@@ -19,6 +19,7 @@ equal on several architectures.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,27 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchscopes.capture import EMBED_INDEX, hidden_of, layer_hooks, with_hidden
+from patchscopes import compat
+from patchscopes.capture import EMBED_INDEX, capture, hidden_of, layer_hooks, with_hidden
 from patchscopes.models.loading import ModelHandle
-from patchscopes.patching import PatchedRun, RunOutput, continue_generation
-
-#: Architectures whose blocks are known to replay exactly (checked by tests/test_engine.py).
-FAST_ARCHITECTURES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3", "gpt2", "gpt_neox", "phi", "gptj", "opt"}
-)
+from patchscopes.patching import Patch, PatchedRun, RunOutput, continue_generation, run_patched
 
 
-def supports_fast(lm: ModelHandle) -> bool:
-    """Whether the fast engine may run this model (architecture verified, default dynamic cache)."""
-    model_type = getattr(getattr(lm.model, "config", None), "model_type", None)
-    return model_type in FAST_ARCHITECTURES
-
-
-def _cache_layers(cache: Any) -> list[Any]:
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise TypeError(f"unsupported cache type {type(cache).__name__}")
-    return list(layers)
+class ReplayError(RuntimeError):
+    """A block could not be replayed (it received no cache it could write to)."""
 
 
 @dataclass
@@ -62,7 +50,7 @@ class _TargetState:
 
 def _expand_cache(cache: Any, rows: int) -> Any:
     expanded = copy.deepcopy(cache)
-    for layer in _cache_layers(expanded):
+    for layer in compat.cache_layers(expanded):
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
             layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:]).contiguous()
             layer.values = layer.values.expand(rows, *layer.values.shape[1:]).contiguous()
@@ -80,7 +68,7 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
             position_ids=torch.arange(start, device=device)[None],
             use_cache=True,
         )
-        prefix_cache = out.past_key_values
+        prefix_cache = compat.output_cache(out)
     suffix = list(ids[start:])
     hidden: dict[int, torch.Tensor] = {}
     templates: dict[int, Any] = {}
@@ -93,18 +81,18 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
 
         handles.append(block.register_forward_hook(grab))
     try:
-        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else None
+        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else compat.new_cache(lm.model)
         out = lm.model(
             input_ids=torch.tensor([suffix], device=device),
             position_ids=torch.arange(start, len(ids), device=device)[None],
-            past_key_values=cache,
             use_cache=True,
+            **compat.cache_kwargs(lm.model, cache),
         )
     finally:
         for h in handles:
             h.remove()
     kv = {}
-    for index, layer in enumerate(_cache_layers(out.past_key_values)):
+    for index, layer in enumerate(compat.cache_layers(compat.output_cache(out))):
         kv[index] = (layer.keys[..., -len(suffix) :, :].clone(), layer.values[..., -len(suffix) :, :].clone())
     return _TargetState(prefix_cache, hidden, kv, templates)
 
@@ -129,14 +117,12 @@ class _Replay(nn.Module):
             return getattr(self._modules["original"], name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        cache = kwargs.get("past_key_values", kwargs.get("past_key_value", kwargs.get("layer_past")))
+        cache = compat.find_cache(args, kwargs)
         if cache is None:
-            cache = next((a for a in args if hasattr(a, "update") and hasattr(a, "layers")), None)
-        if cache is None:
-            raise RuntimeError("replayed block received no cache; the fast engine cannot run this architecture")
+            raise ReplayError(f"block {self.index} received no KV cache to replay into")
         rows = hidden_states.shape[0]
         keys, values = self.kv
-        cache.update(keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]), self.index)
+        compat.append_kv(cache, keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]), self.index)
         return with_hidden(self.template, self.output)
 
 
@@ -177,38 +163,86 @@ def _run_group(
     for index in range(layer + 1):
         out = patched if index == layer else state.suffix_hidden[index].to(device).expand(rows, n_suffix, -1)
         replays[index] = _Replay(lm.adapter.blocks[index], index, out, state.suffix_kv[index], state.output_template[index])
-    cache = _expand_cache(state.prefix_cache, rows) if state.prefix_cache is not None else None
-    if cache is None:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=lm.model.config)  # type: ignore[arg-type]
+    cache = _expand_cache(state.prefix_cache, rows) if state.prefix_cache is not None else compat.new_cache(lm.model)
     positions = torch.arange(start, len(ids), device=device)[None].expand(rows, -1)
     with _replaying(lm.adapter.blocks, replays):
         out = lm.model(
             input_ids=torch.tensor([suffix], device=device).expand(rows, -1),
             position_ids=positions,
             attention_mask=torch.ones(rows, len(ids), dtype=torch.long, device=device),
-            past_key_values=cache,
             use_cache=True,
-            **({"logits_to_keep": 1} if _accepts_logits_to_keep(lm) else {}),
+            **compat.cache_kwargs(lm.model, cache),
+            **compat.logits_to_keep_kwargs(lm.model, 1),
         )
     logits = out.logits[:, -1].float()
     generated: list[list[int]] = [[] for _ in runs]
     if max_new_tokens > 0:
         mask = torch.ones(rows, len(ids), dtype=torch.long, device=device)
         generated = continue_generation(
-            lm, logits, out.past_key_values, mask, positions[:, -1:], max_new_tokens, temperature, generator
+            lm, logits, compat.output_cache(out), mask, positions[:, -1:], max_new_tokens, temperature, generator
         )
     return [RunOutput(logits=logits[i].cpu(), generated=generated[i]) for i in range(rows)]
 
 
-def _accepts_logits_to_keep(lm: ModelHandle) -> bool:
-    import inspect
+#: model → {(dtype, device): None when the self-check passed, else why it failed}
+_CHECKS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], str | None]] = weakref.WeakKeyDictionary()
 
+PROBE_TEXTS = ("The capital of France is Paris, and the capital of Japan is", "cat -> cat; 1135 -> 1135; hello ->")
+
+
+def check_tolerance(logits: torch.Tensor, dtype: torch.dtype) -> float:
+    """How far fast and plain logits may differ: fp32 reduction-order noise, scaled to the logits' size.
+
+    Half precision rounds each block output to 8 (bf16) or 11 (fp16) mantissa bits, and the two engines
+    round at different points (the fast one runs other matmul shapes), so its bound is wider.
+    """
+    scale = max(1.0, float(logits.abs().max()))
+    if dtype == torch.float32 or dtype == torch.float64:
+        return 1e-3 * scale
+    return 0.1 * scale
+
+
+def _probe_runs(lm: ModelHandle) -> list[PatchedRun]:
+    """A few single-patch variants over different layers and suffix lengths, with vectors from another text."""
+    target = lm.tokenize(PROBE_TEXTS[0]).ids[:12]
+    source = lm.tokenize(PROBE_TEXTS[1]).ids[:12]
+    layers = sorted({0, lm.n_layers // 2, lm.n_layers - 1})
+    [states] = capture(lm, [source], [[len(source) - 1]], layers)
+    runs = []
+    for i, layer in enumerate(layers):
+        for position in (min(1, len(target) - 1), len(target) - 1):
+            runs.append(PatchedRun(list(target), [Patch(layer, [position], states[i])]))
+    return runs
+
+
+def fast_engine_problem(lm: ModelHandle) -> str | None:
+    """Why the fast engine cannot run ``lm`` exactly, or None when it can.
+
+    The first call per model (and dtype, device) runs a probe through both engines: a few patched variants
+    over the first, a middle and the last block, with two generated tokens. It passes when the logits agree
+    within :func:`check_tolerance` and the greedy tokens are identical. Later calls return the cached verdict.
+    """
+    key = (str(lm.dtype), str(lm.device))
+    verdicts = _CHECKS.setdefault(lm.model, {})
+    if key in verdicts:
+        return verdicts[key]
+    problem: str | None
     try:
-        return "logits_to_keep" in inspect.signature(lm.model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+        runs = _probe_runs(lm)
+        fast = run_patched_fast(lm, runs, max_new_tokens=2)
+        plain = run_patched(lm, runs, max_new_tokens=2)
+        worst = max(float((f.logits - p.logits).abs().max()) for f, p in zip(fast, plain))
+        tolerance = check_tolerance(plain[0].logits, lm.dtype)
+        if not worst <= tolerance:
+            problem = f"its self-check differs from the plain engine by {worst:.3g} in the logits (tolerance {tolerance:.3g})"
+        elif [f.generated for f in fast] != [p.generated for p in plain]:
+            problem = "its self-check generates other greedy tokens than the plain engine"
+        else:
+            problem = None
+    except Exception as exc:  # any failure of the fast path on this model means: use the reference path
+        problem = f"its self-check failed with {type(exc).__name__}: {exc}"
+    verdicts[key] = problem
+    return problem
 
 
 def fast_eligible(run: PatchedRun) -> bool:
@@ -257,4 +291,4 @@ def run_patched_fast(
     return [r for r in results if r is not None]
 
 
-__all__ = ["FAST_ARCHITECTURES", "fast_eligible", "run_patched_fast", "supports_fast", "layer_hooks"]
+__all__ = ["ReplayError", "check_tolerance", "fast_engine_problem", "fast_eligible", "run_patched_fast", "layer_hooks"]

@@ -41,3 +41,28 @@ class MappingError(PatchscopeError, ValueError):
 
 class SpecError(PatchscopeError, ValueError):
     """An invalid Patchscope specification (bad option, unserialisable part, …)."""
+
+
+class EngineError(PatchscopeError, RuntimeError):
+    """The requested engine cannot run this model or these Patchscopes exactly."""
+
+
+class ModelCheckError(PatchscopeError, RuntimeError):
+    """A loaded model failed a load-time probe: the library cannot read or write its hidden states exactly."""
+
+
+class PatchscopesWarning(UserWarning):
+    """The library fell back to a slower exact path, or did something the caller should know about."""
+
+
+_WARNED: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Emit ``message`` as one :class:`PatchscopesWarning`, once per ``key`` in this process."""
+    import warnings
+
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    warnings.warn(message, PatchscopesWarning, stacklevel=3)

@@ -9,13 +9,13 @@ This is the one generic engine every Patchscope, lens and sweep goes through::
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 
+from patchscopes import compat
 from patchscopes.batching import Batch, chunks, left_pad
 from patchscopes.capture import layer_hooks
 from patchscopes.errors import MappingError, SpecError
@@ -89,13 +89,6 @@ def _apply(hidden: torch.Tensor, entries: list[tuple]) -> torch.Tensor:
     return hidden
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 @torch.no_grad()
 def continue_generation(
     lm: ModelHandle,
@@ -131,8 +124,14 @@ def continue_generation(
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
-        step = lm.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
-        past = step.past_key_values
+        step = lm.model(
+            input_ids=nxt[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **compat.cache_kwargs(lm.model, past),
+        )
+        past = compat.output_cache(step)
         step_logits = step.logits[:, -1].float()
     return generated
 
@@ -155,7 +154,7 @@ def run_patched(
     """
     outputs: list[RunOutput] = []
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    keep_last = {"logits_to_keep": 1} if _accepts(lm.model, "logits_to_keep") else {}
+    keep_last = compat.logits_to_keep_kwargs(lm.model, 1)
     for group in chunks(list(runs), batch_size):
         batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
         table = _patch_table(lm, batch, group)
@@ -181,7 +180,7 @@ def run_patched(
                 generated = continue_generation(
                     lm,
                     logits,
-                    out.past_key_values,
+                    compat.output_cache(out),
                     batch.attention_mask,
                     batch.position_ids[:, -1:],
                     max_new_tokens,

@@ -20,8 +20,8 @@ from typing import Any, Literal, Union
 import torch
 
 from patchscopes.capture import EMBEDDINGS, LayerSpec, capture, resolve_layer
-from patchscopes.engine import fast_eligible, run_patched_fast, supports_fast
-from patchscopes.errors import MappingError, SpecError
+from patchscopes.engine import fast_eligible, fast_engine_problem, run_patched_fast
+from patchscopes.errors import EngineError, MappingError, SpecError, warn_once
 from patchscopes.mappings import AffineMap, as_mapping, mapping_from_json, mapping_to_json
 from patchscopes.models.loading import ModelHandle
 from patchscopes.patching import Patch, PatchedRun, PatchMode, run_patched
@@ -272,22 +272,54 @@ def run_many(
         max_new = decoding.max_new_tokens if isinstance(decoding, Generate) else 0
         temperature = decoding.temperature if isinstance(decoding, Generate) else 0.0
         seed = decoding.seed if isinstance(decoding, Generate) else None
-        fast_ok = engine != "plain" and temperature == 0 and supports_fast(tlm)
-        if engine == "fast" and not fast_ok:
-            raise SpecError(
-                f"the fast engine does not cover {tlm.name} ({getattr(tlm.model.config, 'model_type', '?')}) "
-                "or sampled decoding; use engine='auto' or 'plain'"
-            )
-        fast = [i for i in idx if fast_ok and fast_eligible(runs[i])]
+        fast = _fast_members(engine, tlm, [runs[i] for i in idx], temperature)
+        fast = [idx[j] for j in fast]
         chosen = set(fast)
         plain = [i for i in idx if i not in chosen]
-        for members, runner in ((fast, run_patched_fast), (plain, run_patched)):
-            if not members:
-                continue
-            outs = runner(tlm, [runs[i] for i in members], max_new, batch_size, temperature, seed, on_batch)
-            for i, out in zip(members, outs):
+        if fast:
+            try:
+                outs = run_patched_fast(tlm, [runs[i] for i in fast], max_new, batch_size, temperature, seed, on_batch)
+            except Exception as exc:
+                if engine == "fast":
+                    raise EngineError(f"the fast engine failed on {tlm.name}: {type(exc).__name__}: {exc}") from exc
+                warn_once(
+                    f"fast-failed:{id(tlm.model)}",
+                    f"fast engine failed on {tlm.name} ({type(exc).__name__}: {exc}); using the plain engine",
+                )
+                plain, fast = sorted(plain + fast), []
+            else:
+                for i, out in zip(fast, outs):
+                    results[i] = _result(resolved[i], out.logits, out.generated, model, tlm, decoding.top_k)
+        if plain:
+            outs = run_patched(tlm, [runs[i] for i in plain], max_new, batch_size, temperature, seed, on_batch)
+            for i, out in zip(plain, outs):
                 results[i] = _result(resolved[i], out.logits, out.generated, model, tlm, decoding.top_k)
     return [r for r in results if r is not None]
+
+
+def _fast_members(engine: Engine, tlm: ModelHandle, runs: Sequence[PatchedRun], temperature: float) -> list[int]:
+    """Which runs go through the fast engine; ``engine="fast"`` raises where it cannot run them exactly."""
+    if engine == "plain" or not runs:
+        return []
+    if temperature > 0:
+        if engine == "fast":
+            raise EngineError("the fast engine runs greedy decoding only; use engine='auto' or 'plain' to sample")
+        return []
+    eligible = [j for j, run in enumerate(runs) if fast_eligible(run)]
+    if engine == "fast" and len(eligible) < len(runs):
+        raise EngineError(
+            "the fast engine patches one block layer per run; embeddings patches and several patches per run "
+            "need engine='auto' or 'plain'"
+        )
+    if not eligible:
+        return []
+    problem = fast_engine_problem(tlm)
+    if problem is not None:
+        if engine == "fast":
+            raise EngineError(f"the fast engine cannot run {tlm.name} exactly: {problem}; use engine='auto' or 'plain'")
+        warn_once(f"fast-check:{id(tlm.model)}", f"{tlm.name}: using the plain engine, since the fast engine {problem}")
+        return []
+    return eligible
 
 
 def _result(

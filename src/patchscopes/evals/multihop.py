@@ -29,6 +29,7 @@ from typing import Any, cast
 import pandas as pd
 import torch
 
+from patchscopes import compat
 from patchscopes.batching import chunks, left_pad
 from patchscopes.capture import layer_hooks
 from patchscopes.errors import PatchscopeError
@@ -174,9 +175,7 @@ def restricted_mask(runs: Sequence[RestrictedRun], width: int, pads: list[int], 
             cols = torch.tensor([pad + p for p in run.pi2])
             allowed[row, rows[:, None], cols[None, :]] = False
         allowed[row, torch.arange(width), torch.arange(width)] = True  # padding rows attend to themselves (no NaN)
-    mask = torch.zeros(allowed.shape, dtype=dtype)
-    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[:, None]
+    return compat.additive_mask(allowed, dtype)
 
 
 def _patch_and_grab(
@@ -231,7 +230,7 @@ def restricted_generate(
                 captured_all.append(torch.stack([seen[layer][row, col] for layer in grab_layers]).float().cpu())
         generated: list[list[int]] = [[] for _ in group]
         if max_new_tokens > 0:
-            mask2d, positions, past = batch.attention_mask, batch.position_ids[:, -1:], out.past_key_values
+            mask2d, positions, past = batch.attention_mask, batch.position_ids[:, -1:], compat.output_cache(out)
             step_logits = out.logits[:, -1].float()
             done = torch.zeros(len(group), dtype=torch.bool, device=lm.device)
             for _ in range(max_new_tokens):
@@ -245,9 +244,13 @@ def restricted_generate(
                 mask2d = torch.cat([mask2d, torch.ones_like(mask2d[:, :1])], dim=1)
                 positions = positions + 1
                 step = lm.model(
-                    input_ids=nxt[:, None], attention_mask=mask2d, position_ids=positions, past_key_values=past, use_cache=True
+                    input_ids=nxt[:, None],
+                    attention_mask=mask2d,
+                    position_ids=positions,
+                    use_cache=True,
+                    **compat.cache_kwargs(lm.model, past),
                 )
-                past, step_logits = step.past_key_values, step.logits[:, -1].float()
+                past, step_logits = compat.output_cache(step), step.logits[:, -1].float()
         generated_all.extend([g[:-1] if g and g[-1] in lm.eos_ids else g for g in generated])
     return generated_all, captured_all
 

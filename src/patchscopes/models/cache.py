@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from patchscopes import compat
 from patchscopes.errors import CacheError
 from patchscopes.models.registry import RegistryModel, sha256_file
 
@@ -77,9 +78,7 @@ def build_cache(entry: RegistryModel) -> Path:
         out = work / "model"
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer = None  # type: ignore[assignment]
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        compat.drop_quantizer(model)
         model.save_pretrained(str(out))
         tokenizer.save_pretrained(str(out))
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(out.iterdir()) if p.is_file()}

@@ -22,6 +22,7 @@ from typing import Literal
 
 import torch
 
+from patchscopes import compat
 from patchscopes.capture import layer_hooks
 from patchscopes.errors import LayerError, SpecError
 from patchscopes.models.loading import ModelHandle
@@ -46,21 +47,8 @@ class PromptJacobian:
 @contextmanager
 def eager_attention(lm: ModelHandle) -> Iterator[None]:
     """Temporarily switch the model to eager attention (vmap-able); restore the previous implementation."""
-    config = getattr(lm.model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
-    setter = getattr(lm.model, "set_attn_implementation", None)
-    switched = False
-    if before not in (None, "eager") and callable(setter):
-        try:
-            setter("eager")
-            switched = True
-        except (ValueError, ImportError, AttributeError):
-            switched = False
-    try:
+    with compat.using_attention(lm.model, "eager"):
         yield
-    finally:
-        if switched and callable(setter):
-            setter(before)
 
 
 class _Stop(Exception):
@@ -95,7 +83,7 @@ def prompt_jacobian(
         past = None
         if start > 0:
             with torch.no_grad():
-                past = lm.model(input_ids=ids[:, :start], use_cache=True).past_key_values
+                past = compat.output_cache(lm.model(input_ids=ids[:, :start], use_cache=True))
         suffix = ids[:, start:]
         position_ids = torch.arange(start, ids.shape[1], device=lm.device)[None]
         onehot = torch.zeros(1, suffix.shape[1], 1, device=lm.device, dtype=lm.dtype)
@@ -119,7 +107,12 @@ def prompt_jacobian(
             cache = copy.deepcopy(past) if past is not None else None
             with layer_hooks(lm.adapter.blocks, [subject_layer, *layers], hook):
                 try:
-                    lm.model(input_ids=suffix, past_key_values=cache, position_ids=position_ids, use_cache=cache is not None)
+                    lm.model(
+                        input_ids=suffix,
+                        position_ids=position_ids,
+                        use_cache=cache is not None,
+                        **(compat.cache_kwargs(lm.model, cache) if cache is not None else {}),
+                    )
                 except _Stop:
                     pass
             objects = torch.stack([got[layer][0, rel].mean(0) for layer in layers])

@@ -13,13 +13,13 @@ A :class:`RelationPrompt` is a prompt ending just before the object, plus the ob
 from __future__ import annotations
 
 import hashlib
-import inspect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from patchscopes import compat
 from patchscopes.batching import chunks, left_pad
 from patchscopes.errors import PatchscopeError, PositionError
 from patchscopes.models.loading import ModelHandle
@@ -115,13 +115,6 @@ def zero_shot_prompts(relation: Relation, sample: RelationSample) -> list[Relati
     return [RelationPrompt(relation.name, subject, obj, t.format(subject)) for t in relation.prompt_templates_zs]
 
 
-def _accepts_logits_to_keep(lm: ModelHandle) -> bool:
-    try:
-        return "logits_to_keep" in inspect.signature(lm.model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def answer_logits(lm: ModelHandle, located: Sequence[Located]) -> list[torch.Tensor]:
     """One padded forward pass; the logits ``[n_answer_tokens, V]`` at each prompt's answer-predicting positions.
 
@@ -130,7 +123,7 @@ def answer_logits(lm: ModelHandle, located: Sequence[Located]) -> list[torch.Ten
     """
     batch = left_pad([loc.ids for loc in located], lm.pad_id, lm.device)
     keep = max(len(loc.ids) - loc.predicting[0] for loc in located)  # left padding: the needed columns are the last ones
-    extra = {"logits_to_keep": keep} if _accepts_logits_to_keep(lm) else {}
+    extra = compat.logits_to_keep_kwargs(lm.model, keep)
     ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
     logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=pos, **extra).logits
     offset = batch.width - logits.shape[1]
