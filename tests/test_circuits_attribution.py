@@ -90,5 +90,5 @@ def test_errors(toy):
         attribute(lm, bad)
     with pytest.raises(CircuitError, match="eap-ig"):
         attribute(lm, data, method="acdc")
-    with pytest.raises(CircuitError, match="post-attention norm"):
+    with pytest.raises(CircuitError, match="norms after the sublayers"):
         attribute(tiny_model("gemma3_text"), data)

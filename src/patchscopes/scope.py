@@ -316,8 +316,8 @@ def _fast_members(engine: Engine, tlm: ModelHandle, runs: Sequence[PatchedRun], 
     problem = fast_engine_problem(tlm)
     if problem is not None:
         if engine == "fast":
-            raise EngineError(f"the fast engine cannot run {tlm.name} exactly: {problem}; use engine='auto' or 'plain'")
-        warn_once(f"fast-check:{id(tlm.model)}", f"{tlm.name}: using the plain engine, since the fast engine {problem}")
+            raise EngineError(f"the fast engine cannot run {tlm.name} exactly: its {problem}; use engine='auto' or 'plain'")
+        warn_once(f"fast-check:{id(tlm.model)}", f"{tlm.name}: using the plain engine, since the fast engine's {problem}")
         return []
     return eligible
 

@@ -31,26 +31,7 @@ from patchscopes.batching import left_pad
 from patchscopes.capture import EMBED_INDEX, layer_hooks
 from patchscopes.circuits.circuit import CircuitError
 from patchscopes.circuits.tasks import Encoded
-
-
-@dataclass(frozen=True)
-class BlockLayout:
-    """Where a block keeps its attention output projection, its two input norms and its MLP."""
-
-    o_proj: str
-    attn_norm: str
-    mlp_norm: str
-    mlp: str
-    conv1d: bool = False  # GPT-2 style Conv1D: weight is [in, out]
-
-
-LAYOUTS = {
-    "llama": BlockLayout("self_attn.o_proj", "input_layernorm", "post_attention_layernorm", "mlp"),
-    "mistral": BlockLayout("self_attn.o_proj", "input_layernorm", "post_attention_layernorm", "mlp"),
-    "qwen2": BlockLayout("self_attn.o_proj", "input_layernorm", "post_attention_layernorm", "mlp"),
-    "qwen3": BlockLayout("self_attn.o_proj", "input_layernorm", "post_attention_layernorm", "mlp"),
-    "gpt2": BlockLayout("attn.c_proj", "ln_1", "ln_2", "mlp", conv1d=True),
-}
+from patchscopes.models.adapters import BlockLayout
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -89,13 +70,16 @@ class Graph:
 
 
 def layout_for(lm) -> BlockLayout:  # noqa: ANN001
-    model_type = getattr(lm.model.config, "model_type", None)
-    if model_type not in LAYOUTS:
+    """The block layout the model layer found for edge attribution; a clear error where it has none."""
+    layout = lm.adapter.block_layout
+    if layout is None:
+        model_type = getattr(lm.model.config, "model_type", None)
         raise CircuitError(
-            f"edge attribution supports {', '.join(LAYOUTS)} blocks, not {model_type!r}: it needs attention "
-            "outputs that add straight into the residual stream (no post-attention norm, as in Gemma)"
+            f"edge attribution cannot run on {model_type!r} blocks: it needs Llama- or GPT-2-style blocks whose "
+            "attention and MLP outputs add straight into the residual stream behind one norm each (no norms "
+            "after the sublayers, as in Gemma); pass adapter=ArchSpec(..., block_layout=BlockLayout(...)) if yours do"
         )
-    return LAYOUTS[str(model_type)]
+    return layout
 
 
 def n_heads_of(lm) -> int:  # noqa: ANN001

@@ -13,6 +13,7 @@ from torch import nn
 from patchscopes.errors import PromptError, UnknownModelError
 from patchscopes.models.adapters import Adapter, ArchSpec, spec_for
 from patchscopes.models.cache import ensure_cache, weights_hash
+from patchscopes.models.probes import probe
 from patchscopes.models.registry import REGISTRY, find_registry_model
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,12 +117,25 @@ def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def from_model(
-    model: nn.Module, tokenizer: Any, name: str = "model", adapter: ArchSpec | None = None, source: str = ""
+    model: nn.Module,
+    tokenizer: Any,
+    name: str = "model",
+    adapter: ArchSpec | None = None,
+    source: str = "",
+    check: bool = True,
 ) -> ModelHandle:
-    """Wrap an already-loaded Hugging Face model and tokenizer (e.g. a tiny random model in tests)."""
+    """Wrap an already-loaded Hugging Face model and tokenizer (e.g. a tiny random model in tests).
+
+    The layout comes from ``adapter`` or :func:`~patchscopes.models.adapters.spec_for`; with ``check`` (the
+    default) the load-time probes of :mod:`patchscopes.models.probes` run once and raise
+    :class:`~patchscopes.errors.ModelCheckError` if the library cannot read or write this model exactly.
+    """
     model.eval()
     spec = adapter if adapter is not None else spec_for(model)
-    return ModelHandle(model=model, tokenizer=tokenizer, adapter=Adapter(model, spec), name=name, source=source or name)
+    handle = ModelHandle(model=model, tokenizer=tokenizer, adapter=Adapter(model, spec), name=name, source=source or name)
+    if check:
+        probe(handle)
+    return handle
 
 
 def load_model(
@@ -129,6 +143,7 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     adapter: ArchSpec | None = None,
+    check: bool = True,
     **from_pretrained_kwargs: Any,
 ) -> ModelHandle:
     """Load a causal LM by registry name, local directory or Hugging Face hub id.
@@ -166,7 +181,7 @@ def load_model(
         ) from exc
     if "device_map" not in from_pretrained_kwargs:
         model.to(device)  # type: ignore[arg-type]
-    handle = from_model(model, tokenizer, name=name, adapter=adapter, source=path)
+    handle = from_model(model, tokenizer, name=name, adapter=adapter, source=path, check=check)
     handle.weights_sha256 = digest
     return handle
 
