@@ -85,14 +85,16 @@ class FlopCounter:
             h.remove()
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    """Measured fp32 GFLOP/s of torch.mm on this machine (best of repeated runs)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(seconds: float = 3.0, n: int = 2048, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Measured GFLOP/s of torch.mm at n x n on this device and dtype (best of repeated runs)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best, end = 0.0, time.time() + seconds
     while time.time() < end:
         t = time.perf_counter()
         torch.mm(a, b)
+        if a.device.type == "cuda":
+            torch.cuda.synchronize()
         best = max(best, 2 * n**3 / (time.perf_counter() - t))
     return best / 1e9
 
@@ -228,15 +230,19 @@ def main() -> None:
     )
     parser.add_argument("--memory-texts", type=int, default=1000, help="texts for the memory check (0 = skip)")
     parser.add_argument("--skip-nnsight", action="store_true")
+    parser.add_argument("--model", default="SmolLM2-135M", help="registry name, directory or hub id")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16, float16, auto")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    lm = ps.load_model("SmolLM2-135M")
+    lm = ps.load_model(args.model, device=args.device, dtype=args.dtype)
     model_mb = sum(p.numel() * p.element_size() for p in lm.model.parameters()) / 2**20
-    peak = matmul_peak()
+    peak = matmul_peak(device=str(lm.device), dtype=lm.dtype)
     print(
-        f"machine: {os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-        f"measured fp32 matmul peak {peak:.1f} GFLOP/s; model SmolLM2-135M fp32, {model_mb:.0f} MiB of weights"
+        f"machine: {os.cpu_count()} CPUs visible, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"device {lm.device}; measured {lm.dtype} matmul peak {peak:.1f} GFLOP/s; model {lm.name} {lm.dtype}, "
+        f"{model_mb:.0f} MiB of weights"
     )
     baseline_rss = psutil.Process().memory_info().rss
     for case in args.cases:

@@ -81,6 +81,13 @@ SHRINK: dict[str, object] = {
     "rotary_dim": 8,
     "num_key_value_groups": 2,
     "multi_query": False,
+    "num_kv_heads": 1,
+    "mamba_n_heads": 4,
+    "mamba_d_head": 32,
+    "mamba_d_state": 16,
+    "mamba_n_groups": 1,
+    "mamba_expand": 2,
+    "mamba_chunk_size": 16,
 }
 
 

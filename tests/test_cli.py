@@ -74,3 +74,31 @@ def test_inspect_errors_are_clear(smol):
 def test_models_listing():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0 and "SmolLM2-135M" in result.output and "Gemma-3-270M" in result.output
+
+
+def _commands_that_load_a_model() -> list[list[str]]:
+    return [
+        ["inspect"], ["lens"], ["eval", "next-token"], ["eval", "attributes"], ["eval", "entities"],
+        ["circuits", "discover"], ["circuits", "edit"], ["maps", "fit"], ["eval", "lrc"], ["eval", "cross-model"], ["eval", "multihop"],
+    ]  # fmt: skip
+
+
+def test_every_model_loading_command_takes_device_and_dtype():
+    for command in _commands_that_load_a_model():
+        result = runner.invoke(app, [*command, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (command, result.output)
+        for option in ("--device", "--dtype", "--device-map"):
+            assert option in result.output, (command, option)
+
+
+def test_bad_device_and_dtype_are_clear_errors():
+    result = runner.invoke(app, ["inspect", "Diana", "--dtype", "float64"])
+    assert result.exit_code == 2 and "unknown dtype 'float64'" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["lens", "Diana", "--device", "gpu7"])
+    assert result.exit_code == 2 and "unknown device 'gpu7'" in result.output
+
+
+def test_lens_in_bfloat16_on_the_cpu(smol):
+    result = runner.invoke(app, ["lens", "The Eiffel Tower is in", "--dtype", "bfloat16", "--device", "cpu", "--top-k", "2"])
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.output

@@ -63,3 +63,14 @@ def test_fast_engine_rejects_an_embeddings_patch_instead_of_running_plain():
     lm = tiny_model("llama")
     with pytest.raises(EngineError, match="embeddings"):
         sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[0], target_layers=["embeddings"], engine="fast", progress=False)
+
+
+def test_capabilities_record_the_layout_and_the_engine_verdicts():
+    from patchscopes.models import capabilities
+
+    llama = capabilities(tiny_model("llama"))
+    assert llama.fast_engine and llama.edge_attribution and llama.blocks == "model.layers"
+    gemma = capabilities(tiny_model("gemma3_text"))
+    assert not gemma.edge_attribution  # norms after the sublayers
+    mamba = capabilities(from_model(build("mamba"), tiny_tokenizer(), name="tiny-mamba"))
+    assert not mamba.fast_engine and "self-check" in (mamba.fast_engine_problem or "")

@@ -4,12 +4,16 @@ offline in milliseconds, for tests of mechanics."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from patchscopes.models.loading import ModelHandle, from_model
+
+#: Where the tiny models run: ``PATCHSCOPES_TEST_DEVICE=cuda`` runs the suite on a GPU (bench/gpu.sh).
+TEST_DEVICE = os.environ.get("PATCHSCOPES_TEST_DEVICE", "cpu")
 
 CORPUS = [
     "The capital of France is Paris. The capital of Japan is Tokyo.",
@@ -117,4 +121,5 @@ def tiny_model(arch: str, seed: int = 0, hidden: int = 32) -> ModelHandle:
     config = _config(arch, len(tok), hidden)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     model.eval()
+    model.to(TEST_DEVICE)
     return from_model(model, tok, name=f"tiny-{arch}")

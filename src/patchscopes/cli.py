@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
 from patchscopes.errors import PatchscopeError
 
 app = typer.Typer(help="Ask a language model, in plain text, what its hidden states contain.", no_args_is_help=True)
@@ -79,15 +80,16 @@ def inspect(
     position: Annotated[int, typer.Option(help="Source token position (negative from the end).")] = -1,
     substring: Annotated[Optional[str], typer.Option(help="Inspect the last token of this substring instead.")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per patch.")] = 20,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     csv: Annotated[Optional[Path], typer.Option(help="Write every row to this CSV file.")] = None,
     png: Annotated[Optional[Path], typer.Option(help="Write a picture: the layer table, or a heatmap for a grid.")] = None,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """Show, layer by layer, what Patchscopes decode from the hidden state of TEXT's last token."""
     import pandas as pd
 
     from patchscopes import plots
-    from patchscopes.models.loading import load_model
     from patchscopes.positions import Substring
     from patchscopes.presets import ENTITY_DESCRIPTION, PRESETS, TOKEN_IDENTITY, custom
     from patchscopes.scope import Generate
@@ -95,7 +97,7 @@ def inspect(
 
     try:
         with console.status(f"loading {model}"):
-            lm = load_model(model, dtype=dtype)
+            lm = load(model, device, dtype, device_map)
         chosen = []
         if target_prompt is not None:
             chosen.append(custom(target_prompt, placeholder, Generate(max_new_tokens=max_new_tokens)))
@@ -155,13 +157,15 @@ def lens(
     text: Annotated[str, typer.Argument(help="The prompt whose last position is decoded at every layer.")],
     model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = DEFAULT_MODEL,
     top_k: Annotated[int, typer.Option(help="Tokens shown per layer.")] = 5,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """The logit lens: decode the last position of TEXT at every layer."""
     from patchscopes.lenses import LogitLens
-    from patchscopes.models.loading import load_model
 
     try:
-        lm = load_model(model)
+        lm = load(model, device, dtype, device_map)
         df = LogitLens().sweep(lm, [text], top_k=top_k, progress=False)
     except PatchscopeError as exc:
         _fail(exc)

@@ -21,7 +21,6 @@ True
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -36,11 +35,9 @@ CACHE_KEYWORDS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 def is_cache(obj: object) -> bool:
     """Whether ``obj`` is a transformers KV cache (any release: a ``Cache`` subclass, or one duck-typed like it)."""
-    try:
-        from transformers.cache_utils import Cache
-    except ImportError:  # pragma: no cover - every supported release has it
-        Cache = ()  # type: ignore[assignment,misc]
-    if Cache and isinstance(obj, Cache):
+    from transformers.cache_utils import Cache
+
+    if isinstance(obj, Cache):
         return True
     return hasattr(obj, "update") and (hasattr(obj, "layers") or hasattr(obj, "key_cache"))
 
@@ -57,12 +54,17 @@ def find_cache(args: tuple, kwargs: dict[str, Any]) -> Any | None:
     return None
 
 
-@functools.lru_cache(maxsize=256)
+_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
 def _forward_parameters(cls: type) -> frozenset[str]:
-    try:
-        return frozenset(inspect.signature(cls.forward).parameters)
-    except (TypeError, ValueError):
-        return frozenset()
+    """The parameter names of ``cls.forward`` (kept per class: inspecting a signature is slow)."""
+    if cls not in _PARAMETERS:
+        try:
+            _PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)  # type: ignore[attr-defined]
+        except (TypeError, ValueError, AttributeError):
+            _PARAMETERS[cls] = frozenset()
+    return _PARAMETERS[cls]
 
 
 def cache_keyword(model: nn.Module) -> str:

@@ -23,6 +23,10 @@ class UnknownArchitectureError(PatchscopeError, ValueError):
     """No adapter knows where this architecture keeps its blocks, norm and unembedding."""
 
 
+class OptionError(PatchscopeError, ValueError):
+    """An option value that is not valid (a device, a dtype, …)."""
+
+
 class LayerError(PatchscopeError, IndexError):
     """A layer index outside the model's blocks."""
 

@@ -224,8 +224,9 @@ def run_many(
     """Run many Patchscopes; sources are captured once per prompt, targets run in batches.
 
     ``engine="auto"`` uses the fast engine (:mod:`patchscopes.engine`: shared target prefixes, skipped
-    layers) wherever it applies — a verified architecture, greedy decoding, one block-layer patch — and the
-    plain padded-batch engine elsewhere; ``"plain"`` always uses the plain one, ``"fast"`` requires the fast one.
+    layers) wherever it applies — a model that passed its self-check, greedy decoding, one block-layer patch —
+    and the plain padded-batch engine elsewhere, with one warning when a model fails the check; ``"plain"``
+    always uses the plain one, ``"fast"`` requires the fast one and raises :class:`EngineError` where it cannot run.
     ``backend="nnsight"`` compiles the same Patchscopes into nnsight traces instead (``remote=True`` runs them
     on NDIF; see :mod:`patchscopes.backends`); ``engine`` then does not apply.
     """

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
 from patchscopes.errors import PatchscopeError
 
 console = Console()
@@ -82,17 +83,19 @@ def discover_cmd(
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
     batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
     seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:  # fmt: skip
     """Find circuits: a weight mask trained through decreasing densities, and EAP / EAP-IG edge scores."""
     from patchscopes.circuits.pipeline import discover
-    from patchscopes.models.loading import load_model
 
     try:
         cfg = _config(
             model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
             init_logit,
         )  # fmt: skip
-        lm = load_model(model)
+        lm = load(model, device, dtype, device_map)
         discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))
     except PatchscopeError as exc:
         console.print(f"[bold red]error:[/] {exc}")
@@ -110,17 +113,19 @@ def edit_cmd(
     edit_steps: Annotated[int, typer.Option(help="Fine-tuning steps of each edit.")] = 20,
     edit_lr: Annotated[float, typer.Option(help="Adam learning rate of the edit.")] = 1e-3,
     edit_densities: Annotated[Optional[str], typer.Option(help="Edit only these densities' circuits (default: all).")] = None,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:  # fmt: skip
     """Insert held-out 'X is a kind of Y' facts through each circuit, its complement and a random set of its size."""
     from patchscopes.circuits.pipeline import edit
-    from patchscopes.models.loading import load_model
 
     try:
         cfg = _config(
             model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
             init_logit,
         )  # fmt: skip
-        lm = load_model(model)
+        lm = load(model, device, dtype, device_map)
         edit(
             lm,
             cfg,

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
 from patchscopes.errors import PatchscopeError
 
 console = Console()
@@ -61,7 +62,9 @@ def cross_model(
         str, typer.Option(help="Relative ridge penalties tried per pair (× mean diagonal of XᵀX); best held-out R² kept.")
     ] = "0.0001,0.001,0.01,0.1",
     max_norm_ratio: NormRatio = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: Dtype = "float32",
+    device: Device = DEFAULT_DEVICE,
+    device_map: DeviceMap = None,
     out: Annotated[Path, typer.Option(help="Run directory (resumable).")] = Path("runs/cross-model"),
     maps_root: Annotated[Optional[Path], typer.Option(help="Map store (default: PATCHSCOPES_MAPS or <cache>/maps).")] = None,
     quick: Annotated[bool, typer.Option(help="A one-minute smoke profile (few texts, layers and entities).")] = False,
@@ -79,7 +82,7 @@ def cross_model(
             config, layer_step=14, n_fit_texts=60, n_eval_texts=4, n_entities=2, entity_layers=(2,), ridge=1.0, max_new_tokens=8
         )
     try:
-        summary = run_cross_model(config, out, maps_root, log=console.print)
+        summary = run_cross_model(config, out, maps_root, log=console.print, device=device, device_map=device_map)
         plots = plot_results(_store(out), source, target)
     except PatchscopeError as exc:
         _fail(exc)
@@ -113,7 +116,9 @@ def multihop(
     max_per_combo: Annotated[int, typer.Option(help="At most this many queries per relation pair (seeded sample).")] = 30,
     max_queries: Annotated[int, typer.Option(help="Evaluate at most this many filtered queries (0 = all).")] = 0,
     layer_step: Annotated[int, typer.Option(help="Every n-th layer (plus the last) as ℓ and ℓ*.")] = 3,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: Dtype = "float32",
+    device: Device = DEFAULT_DEVICE,
+    device_map: DeviceMap = None,
     out: Annotated[Path, typer.Option(help="Run directory (resumable).")] = Path("runs/multihop"),
     quick: Annotated[bool, typer.Option(help="A one-minute smoke profile.")] = False,
 ) -> None:
@@ -124,7 +129,7 @@ def multihop(
     if quick:
         config = replace(config, max_per_combo=2, max_queries=2, layer_step=15, max_new_tokens=8)
     try:
-        summary = run_multihop(config, out, log=console.print)
+        summary = run_multihop(config, out, log=console.print, device=device, device_map=device_map)
         plots = plot_results(_store(out), model)
     except PatchscopeError as exc:
         _fail(exc)
@@ -178,19 +183,21 @@ def maps_fit(
     max_norm_ratio: NormRatio = None,
     tag: Annotated[str, typer.Option(help="Added to the map names.")] = "",
     root: Annotated[Optional[Path], typer.Option(help="Map store directory.")] = None,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """Fit and save maps from SOURCE's layer ℓ to TARGET's layer ℓ* for each pair."""
     from patchscopes.crossmodel import MapStore, fit_maps
     from patchscopes.crossmodel.store import pair_name
     from patchscopes.evals.cross_model import corpus_texts
-    from patchscopes.models.loading import load_model
 
     try:
         parsed = [tuple(int(v) for v in p.split(":")) for p in pairs.split(",") if p.strip()]
     except ValueError:
         raise typer.BadParameter(f"pairs must look like 6:4,12:8, got {pairs!r}") from None
     try:
-        a, b = load_model(source), load_model(target)
+        a, b = load(source, device, dtype, device_map), load(target, device, dtype, device_map)
         report = fit_maps(a, b, corpus_texts(n_texts), parsed, ridge=ridge, progress=True, max_norm_ratio=max_norm_ratio)  # type: ignore[arg-type]
         store = MapStore(root)
         for (s, t), amap in report.maps.items():

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
 from patchscopes.errors import PatchscopeError
 
 console = Console()
@@ -56,10 +57,12 @@ def next_token(
         Optional[list[Path]], typer.Option(help="Text files (one text per line) or TSVs with prompt_source.")
     ] = None,
     progress: Progress = True,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """Next-token prediction (paper Fig. 2): Precision@1 and surprisal of logit lens, affine lens, token identity."""
     from patchscopes.evals.next_token import DEFAULT_NEXT_TOKEN, QUICK_NEXT_TOKEN, run_next_token, summary_table
-    from patchscopes.models.loading import load_model
 
     config = replace(QUICK_NEXT_TOKEN if quick else DEFAULT_NEXT_TOKEN, seed=seed)
     if n_eval is not None:
@@ -69,7 +72,7 @@ def next_token(
     if corpus:
         config = replace(config, corpus=tuple(str(p) for p in corpus))
     try:
-        result = run_next_token(load_model(model), out, config, progress=progress)
+        result = run_next_token(load(model, device, dtype, device_map), out, config, progress=progress)
     except PatchscopeError as exc:
         _fail(exc)
         return
@@ -92,10 +95,12 @@ def attributes(
     target_layer_step: Annotated[Optional[int], typer.Option(help="Grid target layers: every n-th block from 0.")] = None,
     case_sensitive: Annotated[bool, typer.Option(help="Compare object and generation case-sensitively.")] = False,
     progress: Progress = True,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """Attribute extraction vs linear probing (paper Table 2), with heatmaps over (ℓ, ℓ*)."""
     from patchscopes.evals.attributes import DEFAULT_ATTRIBUTES, QUICK_ATTRIBUTES, run_attributes
-    from patchscopes.models.loading import load_model
 
     config = replace(QUICK_ATTRIBUTES if quick else DEFAULT_ATTRIBUTES, seed=seed, case_sensitive=case_sensitive)
     options = {"screen": screen, "grid_samples": grid_samples, "layer_step": layer_step, "target_layer_step": target_layer_step}
@@ -107,7 +112,7 @@ def attributes(
     if task_file:
         config = replace(config, task_files=tuple(str(p) for p in task_file))
     try:
-        result = run_attributes(load_model(model), out, config, progress=progress)
+        result = run_attributes(load(model, device, dtype, device_map), out, config, progress=progress)
     except PatchscopeError as exc:
         _fail(exc)
         return
@@ -124,10 +129,12 @@ def entities(
     layer_step: Annotated[Optional[int], typer.Option(help="Layers: every n-th block from 0 (1 = all).")] = None,
     entities_file: Annotated[Optional[Path], typer.Option(help="Your own TSV: entity, popularity, description.")] = None,
     progress: Progress = True,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """Entity resolution (paper Fig. 3): RougeL and embedding similarity of descriptions, popular vs rare."""
     from patchscopes.evals.entities import DEFAULT_ENTITIES, QUICK_ENTITIES, run_entities
-    from patchscopes.models.loading import load_model
 
     config = replace(QUICK_ENTITIES if quick else DEFAULT_ENTITIES, seed=seed)
     if per_group is not None:
@@ -137,7 +144,7 @@ def entities(
     if entities_file is not None:
         config = replace(config, entities_file=str(entities_file))
     try:
-        result = run_entities(load_model(model), out, config, progress=progress)
+        result = run_entities(load(model, device, dtype, device_map), out, config, progress=progress)
     except PatchscopeError as exc:
         _fail(exc)
         return

@@ -341,9 +341,16 @@ class MultihopConfig:
     relations_dir: str = ""
 
 
-def run_multihop(config: MultihopConfig, out: str | Path, log: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+def run_multihop(
+    config: MultihopConfig,
+    out: str | Path,
+    log: Callable[[str], None] = lambda _: None,
+    device: str = "cpu",
+    device_map: str | None = None,
+) -> dict[str, Any]:
     """Build, filter and evaluate the queries; resumable per query; writes ``summary.json`` under ``out``."""
-    lm = load_model(config.model, dtype=config.dtype)
+    placement: dict[str, Any] = {"device": device, **({"device_map": device_map} if device_map else {})}
+    lm = load_model(config.model, dtype=config.dtype, **placement)
     store = ResultStore(out, {"eval": "multihop", **asdict(config), "weights_sha256": lm.weights_sha256})
     relations = load_relations(config.relations_dir or None)
     queries = build_queries(relations, config.max_per_combo, config.seed)

@@ -1,6 +1,7 @@
-"""Model loading, the bundled registry and the per-architecture adapter table."""
+"""Model loading, the bundled registry, the model layer (layouts, probes) and what runs on each model."""
 
-from patchscopes.models.adapters import ARCHITECTURES, Adapter, ArchSpec
+from patchscopes.models.adapters import ARCHITECTURES, Adapter, ArchSpec, BlockLayout, discover_spec
+from patchscopes.models.capabilities import Capabilities, capabilities
 from patchscopes.models.loading import ModelHandle, Tokenized, from_model, load_model
 from patchscopes.models.registry import REGISTRY, RegistryModel
 
@@ -9,9 +10,13 @@ __all__ = [
     "REGISTRY",
     "Adapter",
     "ArchSpec",
+    "BlockLayout",
+    "Capabilities",
     "ModelHandle",
     "RegistryModel",
     "Tokenized",
+    "capabilities",
+    "discover_spec",
     "from_model",
     "load_model",
 ]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from patchscopes.errors import PromptError, UnknownModelError
+from patchscopes.errors import OptionError, PromptError, UnknownModelError
 from patchscopes.models.adapters import Adapter, ArchSpec, spec_for
 from patchscopes.models.cache import ensure_cache, weights_hash
 from patchscopes.models.probes import probe
@@ -108,11 +108,37 @@ class ModelHandle:
         )
 
 
-def _resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` is the first CUDA GPU when there is one, else Apple's MPS, else the CPU.
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise OptionError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from exc
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device | None = None) -> torch.dtype:
+    """``auto`` is float32 on the CPU (bf16 matmuls are slow there) and bfloat16 on an accelerator.
+
+    >>> resolve_dtype("auto", torch.device("cpu"))
+    torch.float32
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.float32 if device is None or device.type == "cpu" else torch.bfloat16
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        raise OptionError(f"unknown dtype {dtype!r}: use auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -149,13 +175,16 @@ def load_model(
     """Load a causal LM by registry name, local directory or Hugging Face hub id.
 
     Registry models (``patchscopes models`` lists them) are dequantised once into a verified
-    safetensors cache. Hub ids work offline when their files are in the local Hugging Face cache.
+    safetensors cache. ``device`` and ``dtype`` take ``"auto"`` (see :func:`resolve_device`,
+    :func:`resolve_dtype`); ``device_map=`` and other keyword arguments go to ``from_pretrained``.
+    Hub ids work offline when their files are in the local Hugging Face cache.
 
     >>> lm = load_model("SmolLM2-135M")  # doctest: +SKIP
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch_dtype = _resolve_dtype(dtype)
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
     entry = find_registry_model(name_or_path)
     digest: str | None = None
     if entry is not None:
@@ -180,7 +209,7 @@ def load_model(
             "hub ids need network access or a local Hugging Face cache"
         ) from exc
     if "device_map" not in from_pretrained_kwargs:
-        model.to(device)  # type: ignore[arg-type]
+        model.to(target_device)  # type: ignore[arg-type]
     handle = from_model(model, tokenizer, name=name, adapter=adapter, source=path, check=check)
     handle.weights_sha256 = digest
     return handle

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
 from patchscopes.errors import PatchscopeError
 
 console = Console()
@@ -38,9 +39,11 @@ def lrc_command(
     run_seeds: Annotated[Optional[str], typer.Option(help="Run only these of the seeds now (parallel processes).")] = None,
     figures: Annotated[Optional[Path], typer.Option(help="Also write the sweep figure into this directory.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
 ) -> None:
     """Accuracy and causality of LRC, LRC (first token, final layer), SVM and input averaging (Table 5)."""
-    from patchscopes import load_model
     from patchscopes.relations.evaluate import PROFILES, run_lrc_eval
     from patchscopes.relations.report import markdown_table, paper_table5, per_relation_table, plot_sweep
     from patchscopes.relations.sweep import SWEEP_PROFILES, SweepConfig, apply_choice, run_lrc_sweep, sweep_frame
@@ -61,7 +64,7 @@ def lrc_command(
             "n_lre": n_lre,
         }
         cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        lm = load_model(cfg.model)
+        lm = load(cfg.model, device, dtype, device_map)
         if sweep:
             sweep_cfg = SweepConfig(base=cfg, **SWEEP_PROFILES.get(profile, {}))
             choice = run_lrc_sweep(lm, sweep_cfg, out / "sweep", progress=progress)
