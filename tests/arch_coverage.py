@@ -44,6 +44,7 @@ SHRINK: dict[str, object] = {
     "embedding_size": 64,
     "input_embedding_size": 64,
     "output_embedding_size": 64,
+    "hidden_size_per_layer_input": 16,
     "hidden_size": 64,
     "n_embd": 64,
     "d_model": 64,
@@ -108,6 +109,14 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def _has(config: object, key: str) -> bool:
+    """hasattr that treats per-layer attributes (which raise on global access) as absent."""
+    try:
+        return hasattr(config, key)
+    except Exception:
+        return False
+
+
 def _shrink(config: object, vocab: int) -> None:
     original_layers = None
     for key in ("num_hidden_layers", "n_layer", "n_layers", "num_layers"):
@@ -116,10 +125,11 @@ def _shrink(config: object, vocab: int) -> None:
             original_layers = value
             break
     for key, value in SHRINK.items():
-        if hasattr(config, key) and not isinstance(getattr(config, key), (dict, list)):
+        if _has(config, key) and not isinstance(getattr(config, key), (dict, list)):
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
-    if isinstance(getattr(config, "qk_rope_head_dim", None), int):  # multi-head latent attention: rotary width
+    # multi-head latent attention: the rotary width is the head dim, and there are no grouped kv heads
+    if _has(config, "qk_rope_head_dim") and isinstance(getattr(config, "qk_rope_head_dim", None), int):
         with contextlib.suppress(Exception):
             config.head_dim = config.qk_rope_head_dim
             config.num_key_value_heads = config.num_attention_heads
@@ -129,19 +139,40 @@ def _shrink(config: object, vocab: int) -> None:
                 with contextlib.suppress(Exception):
                     setattr(config, key, value[:N_LAYERS])
     for key, value in (("vocab_size", vocab), ("pad_token_id", 0), ("eos_token_id", 1), ("bos_token_id", 1)):
-        if hasattr(config, key) or key == "vocab_size":
+        if _has(config, key) or key == "vocab_size":
             with contextlib.suppress(Exception):
                 setattr(config, key, value)
     for key in ("tie_word_embeddings",):
-        if hasattr(config, key):
+        if _has(config, key):
             with contextlib.suppress(Exception):
                 setattr(config, key, False)
+
+
+def _constructed(model_type: str, vocab: int) -> object:
+    """The config built with the tiny sizes as constructor arguments (so derived per-layer fields follow)."""
+    from transformers import CONFIG_MAPPING
+
+    cls = CONFIG_MAPPING[model_type]
+    defaults = cls().to_dict()
+    depth_keys = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+    layers = next((defaults[k] for k in depth_keys if isinstance(defaults.get(k), int)), None)
+    kwargs: dict[str, object] = {k: v for k, v in SHRINK.items() if k in defaults and not isinstance(defaults[k], (dict, list))}
+    for key, value in defaults.items():
+        if isinstance(value, list) and layers and len(value) == layers:
+            kwargs[key] = value[:N_LAYERS]
+    for key in ("vocab_size", "vocab_size_per_layer_input"):
+        if key in defaults:
+            kwargs[key] = vocab
+    return cls(**kwargs)
 
 
 def tiny_config(model_type: str, vocab: int) -> object:
     from transformers import CONFIG_MAPPING
 
-    config = CONFIG_MAPPING[model_type]()
+    try:
+        config = _constructed(model_type, vocab)
+    except Exception:
+        config = CONFIG_MAPPING[model_type]()
     _shrink(config, vocab)
     from transformers import PretrainedConfig
 

@@ -79,7 +79,8 @@ def test_models_listing():
 def _commands_that_load_a_model() -> list[list[str]]:
     return [
         ["inspect"], ["lens"], ["eval", "next-token"], ["eval", "attributes"], ["eval", "entities"],
-        ["circuits", "discover"], ["circuits", "edit"], ["maps", "fit"], ["eval", "lrc"], ["eval", "cross-model"], ["eval", "multihop"],
+        ["circuits", "discover"], ["circuits", "edit"], ["maps", "fit"], ["eval", "lrc"],
+        ["eval", "cross-model"], ["eval", "multihop"],
     ]  # fmt: skip
 
 

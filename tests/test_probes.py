@@ -74,3 +74,22 @@ def test_capabilities_record_the_layout_and_the_engine_verdicts():
     assert not gemma.edge_attribution  # norms after the sublayers
     mamba = capabilities(from_model(build("mamba"), tiny_tokenizer(), name="tiny-mamba"))
     assert not mamba.fast_engine and "self-check" in (mamba.fast_engine_problem or "")
+
+
+def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure():
+    import copy
+
+    from patchscopes.errors import SpecError
+
+    base = tiny_model("llama")
+    lm = from_model(copy.deepcopy(base.model), base.tokenizer, name="fresh")
+
+    def cancel(module, args):  # noqa: ANN001, ANN202 - the explorer cancels a job from a block hook like this
+        raise SpecError("cancelled by the caller")
+
+    handle = lm.adapter.blocks[0].register_forward_pre_hook(cancel)
+    with pytest.raises(SpecError, match="cancelled"):
+        sweep(lm, ["cat"], TOKEN_IDENTITY, progress=False)
+    handle.remove()
+    fast = sweep(lm, ["cat"], TOKEN_IDENTITY, engine="fast", progress=False)  # the verdict was not cached as a failure
+    assert len(fast) == lm.n_layers

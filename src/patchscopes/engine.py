@@ -30,6 +30,7 @@ from torch import nn
 
 from patchscopes import compat
 from patchscopes.capture import EMBED_INDEX, capture, hidden_of, layer_hooks, with_hidden
+from patchscopes.errors import PatchscopeError
 from patchscopes.models.loading import ModelHandle
 from patchscopes.patching import Patch, PatchedRun, RunOutput, continue_generation, run_patched
 
@@ -241,7 +242,9 @@ def fast_engine_problem(lm: ModelHandle) -> str | None:
             problem = "self-check generates other greedy tokens than the plain engine"
         else:
             problem = None
-    except Exception as exc:  # any failure of the fast path on this model means: use the reference path
+    except PatchscopeError:  # the caller's own error (a cancellation, a bad input): not a verdict on the engine
+        raise
+    except Exception as exc:  # any other failure of the fast path on this model means: use the reference path
         problem = f"self-check failed ({type(exc).__name__}: {exc})"
     verdicts[key] = problem
     return problem

@@ -21,7 +21,7 @@ import torch
 
 from patchscopes.capture import EMBEDDINGS, LayerSpec, capture, resolve_layer
 from patchscopes.engine import fast_eligible, fast_engine_problem, run_patched_fast
-from patchscopes.errors import EngineError, MappingError, SpecError, warn_once
+from patchscopes.errors import EngineError, MappingError, PatchscopeError, SpecError, warn_once
 from patchscopes.mappings import AffineMap, as_mapping, mapping_from_json, mapping_to_json
 from patchscopes.models.loading import ModelHandle
 from patchscopes.patching import Patch, PatchedRun, PatchMode, run_patched
@@ -280,6 +280,8 @@ def run_many(
         if fast:
             try:
                 outs = run_patched_fast(tlm, [runs[i] for i in fast], max_new, batch_size, temperature, seed, on_batch)
+            except PatchscopeError:  # the caller's own error (a cancellation, a bad input) stops the run as it is
+                raise
             except Exception as exc:
                 if engine == "fast":
                     raise EngineError(f"the fast engine failed on {tlm.name}: {type(exc).__name__}: {exc}") from exc
