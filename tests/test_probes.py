@@ -73,7 +73,7 @@ def test_capabilities_record_the_layout_and_the_engine_verdicts():
     gemma = capabilities(tiny_model("gemma3_text"))
     assert not gemma.edge_attribution  # norms after the sublayers
     mamba = capabilities(from_model(build("mamba"), tiny_tokenizer(), name="tiny-mamba"))
-    assert not mamba.fast_engine and "self-check" in (mamba.fast_engine_problem or "")
+    assert not mamba.fast_engine and "recurrent state" in (mamba.fast_engine_problem or "")
 
 
 def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure():
@@ -93,3 +93,17 @@ def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure(
     handle.remove()
     fast = sweep(lm, ["cat"], TOKEN_IDENTITY, engine="fast", progress=False)  # the verdict was not cached as a failure
     assert len(fast) == lm.n_layers
+
+
+def test_a_block_that_does_not_run_is_an_error_not_an_unpatched_answer():
+    """Mllama's cross-attention blocks skip themselves on text-only input: reading or writing there must fail."""
+    from patchscopes import ENTITY_DESCRIPTION, run_many
+    from patchscopes.errors import LayerError
+
+    lm = from_model(build("mllama"), tiny_tokenizer(), name="tiny-mllama")  # block 1 is a cross-attention block
+    with pytest.raises(LayerError, match=r"block\(s\) \[1\] did not run"):
+        sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[1], progress=False)
+    for engine in ("plain", "auto"):
+        with pytest.raises(LayerError, match=r"block\(s\) \[1\] did not run"):
+            run_many([ENTITY_DESCRIPTION.scope("Diana", layer=0, target_layer=1)], lm, engine=engine)
+    assert run_many([ENTITY_DESCRIPTION.scope("Diana", layer=0, target_layer=2)], lm)[0].text is not None

@@ -140,6 +140,12 @@ def capture(
                 )
             except _StopForward:
                 pass
+        missing = [layer for layer in order if layer not in got]
+        if missing:
+            raise LayerError(
+                f"block(s) {missing} did not run in the forward pass of {lm.name}, so there is no hidden state to read "
+                "there (a cross-attention block without cross-attention input skips itself); choose other layers"
+            )
         for i, r in enumerate(rows):
             cols = torch.tensor([batch.padded(i, p) for p in positions[r]], device=lm.device)
             stacked = torch.stack([got[layer][i, cols] for layer in order])

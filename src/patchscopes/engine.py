@@ -32,7 +32,7 @@ from patchscopes import compat
 from patchscopes.capture import EMBED_INDEX, capture, hidden_of, layer_hooks, with_hidden
 from patchscopes.errors import PatchscopeError
 from patchscopes.models.loading import ModelHandle
-from patchscopes.patching import Patch, PatchedRun, RunOutput, continue_generation, run_patched
+from patchscopes.patching import Patch, PatchedRun, RunOutput, check_patches_landed, continue_generation, run_patched
 
 
 class ReplayError(RuntimeError):
@@ -110,6 +110,7 @@ class _Replay(nn.Module):
         self.output = output
         self.kv = kv
         self.template = template
+        self.ran = False
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -121,6 +122,7 @@ class _Replay(nn.Module):
         cache = compat.find_cache(args, kwargs)
         if cache is None:
             raise ReplayError(f"block {self.index} received no KV cache to replay into")
+        self.ran = True
         rows = hidden_states.shape[0]
         keys, values = self.kv
         compat.append_kv(cache, keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]), self.index)
@@ -175,6 +177,7 @@ def _run_group(
             **compat.cache_kwargs(lm.model, cache),
             **compat.logits_to_keep_kwargs(lm.model, 1),
         )
+    check_patches_landed(lm, {layer}, {i for i, replay in replays.items() if replay.ran})
     logits = out.logits[:, -1].float()
     generated: list[list[int]] = [[] for _ in runs]
     if max_new_tokens > 0:
@@ -218,6 +221,28 @@ def _probe_runs(lm: ModelHandle) -> list[PatchedRun]:
     return runs
 
 
+@torch.no_grad()
+def _cache_problem(lm: ModelHandle) -> str | None:
+    """Why the model's cache cannot be replayed (no KV cache, or recurrent state in it), else None."""
+    ids = torch.tensor([lm.tokenize(PROBE_TEXTS[0]).ids[:4]], device=lm.device)
+    try:
+        cache = compat.output_cache(lm.model(input_ids=ids, use_cache=True))
+    except PatchscopeError:
+        raise
+    except Exception as exc:
+        return f"self-check could not build a KV cache ({type(exc).__name__}: {exc})"
+    if cache is None:
+        return "self-check found that the model returns no KV cache to replay into"
+    try:
+        layers = compat.cache_layers(cache)
+    except TypeError:
+        return f"self-check found a {type(cache).__name__}, which has no per-layer keys and values to replay"
+    recurrent = sorted({type(layer).__name__ for layer in layers if not hasattr(layer, "keys")})
+    if recurrent:
+        return f"self-check found recurrent state in the cache ({', '.join(recurrent)}), which the replay cannot rebuild"
+    return None
+
+
 def fast_engine_problem(lm: ModelHandle) -> str | None:
     """Why the fast engine cannot run ``lm`` exactly, or None when it can.
 
@@ -231,6 +256,10 @@ def fast_engine_problem(lm: ModelHandle) -> str | None:
         return verdicts[key]
     problem: str | None
     try:
+        problem = _cache_problem(lm)
+        if problem is not None:
+            verdicts[key] = problem
+            return problem
         runs = _probe_runs(lm)
         fast = run_patched_fast(lm, runs, max_new_tokens=2)
         plain = run_patched(lm, runs, max_new_tokens=2)

@@ -18,7 +18,7 @@ import torch
 from patchscopes import compat
 from patchscopes.batching import Batch, chunks, left_pad
 from patchscopes.capture import layer_hooks
-from patchscopes.errors import MappingError, SpecError
+from patchscopes.errors import LayerError, MappingError, SpecError
 from patchscopes.models.loading import ModelHandle
 
 PatchMode = Literal["replace", "add"]
@@ -136,6 +136,15 @@ def continue_generation(
     return generated
 
 
+def check_patches_landed(lm: ModelHandle, wanted: set[int], written: set[int]) -> None:
+    """A patch whose block never ran would leave the output unpatched: refuse instead of answering."""
+    if wanted - written:
+        raise LayerError(
+            f"block(s) {sorted(wanted - written)} did not run in the forward pass of {lm.name}, so a patch there would "
+            "not land (a cross-attention block without cross-attention input skips itself); choose other layers"
+        )
+
+
 @torch.no_grad()
 def run_patched(
     lm: ModelHandle,
@@ -159,10 +168,14 @@ def run_patched(
         batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
         table = _patch_table(lm, batch, group)
         active = {"on": True}
+        written: set[int] = set()
 
-        def write(layer: int, hidden: torch.Tensor, active: dict = active, table: dict = table) -> torch.Tensor | None:
+        def write(
+            layer: int, hidden: torch.Tensor, active: dict = active, table: dict = table, written: set = written
+        ) -> torch.Tensor | None:
             if not active["on"]:
                 return None
+            written.add(layer)
             return _apply(hidden, table[layer])
 
         with layer_hooks(lm.adapter.blocks, list(table), write):
@@ -174,6 +187,7 @@ def run_patched(
                 **keep_last,
             )
             active["on"] = False
+            check_patches_landed(lm, set(table), written)
             logits = out.logits[:, -1].float()
             generated: list[list[int]] = [[] for _ in group]
             if max_new_tokens > 0:

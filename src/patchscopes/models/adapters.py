@@ -126,7 +126,7 @@ class Adapter:
         self.embed: nn.Module = _get(model, spec.embed)
         config = text_config(model)
         self._config = config
-        self.softcap: float | None = getattr(config, "final_logit_softcapping", None)
+        self.softcap: float | None = _first_number(config, LOGIT_SOFTCAP_KEYS)
         self.logit_multiplier: float = _logit_multiplier(model, config)
         self.block_layout: BlockLayout | None = spec.block_layout
 
@@ -159,15 +159,32 @@ class Adapter:
         return logits
 
 
+#: Config keys of the soft cap a model applies to its logits, ``tanh(logits / cap) * cap`` (Gemma 2/3,
+#: RecurrentGemma, xLSTM).
+LOGIT_SOFTCAP_KEYS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
+#: Config keys of a constant the logits (or, equivalently, the normed state before the linear head) are divided
+#: by (Granite's ``logits_scaling``, the μP width multiplier of Inkling).
+LOGIT_DIVISOR_KEYS = ("logits_scaling", "logits_mup_width_multiplier")
+
+
+def _first_number(config: object, keys: tuple[str, ...]) -> float | None:
+    for key in keys:
+        try:
+            value = getattr(config, key, None)
+        except Exception:  # per-layer attributes raise on global access
+            value = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            return float(value)
+    return None
+
+
 def _logit_multiplier(model: nn.Module, config: object) -> float:
-    """The constant a model multiplies its logits by after the head (Cohere's ``logit_scale``, Granite's scaling)."""
+    """The constant a model multiplies its logits by after the head (Cohere's ``logit_scale``, the divisors above)."""
     scale = getattr(model, "logit_scale", None)
     if isinstance(scale, (int, float)) and not isinstance(scale, bool):
         return float(scale)
-    scaling = getattr(config, "logits_scaling", None)
-    if isinstance(scaling, (int, float)) and scaling not in (0, 1):
-        return 1.0 / float(scaling)
-    return 1.0
+    divisor = _first_number(config, LOGIT_DIVISOR_KEYS)
+    return 1.0 / divisor if divisor else 1.0
 
 
 def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
@@ -234,22 +251,28 @@ def discover_spec(model: nn.Module) -> ArchSpec:
 
 
 def norm_candidates(model: nn.Module, blocks: str) -> list[str]:
-    """Paths of the norms that may be the final one, most likely first: beside the blocks and after them,
-    then beside them before (OPT registers its final norm first), then on the model itself."""
-    parent_path = blocks.rpartition(".")[0]
-    parent = _get(model, parent_path) if parent_path else model
-    block_list = _get(model, blocks)
-    after: list[str] = []
-    before: list[str] = []
-    seen_blocks = False
-    for name, child in parent.named_children():
-        path = f"{parent_path}.{name}" if parent_path else name
-        if child is block_list:
-            seen_blocks = True
-        elif _is_norm(child):
-            (after if seen_blocks else before).append(path)
-    outer = [name for name, child in model.named_children() if _is_norm(child) and name not in after + before]
-    return after[::-1] + before[::-1] + outer
+    """Paths of the norms that may be the final one, most likely first.
+
+    Beside the blocks and registered after them; then beside them before (OPT registers its final norm
+    first); then the same one level up, and so on to the model itself (RoBERTa-PreLayerNorm's final norm sits
+    on the base model, beside the encoder that holds the blocks).
+    """
+    found: list[str] = []
+    path = blocks
+    while path:
+        path, _, child_name = path.rpartition(".")
+        parent = _get(model, path) if path else model
+        after: list[str] = []
+        before: list[str] = []
+        seen = False
+        for name, child in parent.named_children():
+            full = f"{path}.{name}" if path else name
+            if name == child_name:
+                seen = True
+            elif _is_norm(child):
+                (after if seen else before).append(full)
+        found += [p for p in after[::-1] + before[::-1] if p not in found]
+    return found
 
 
 def unembed_candidates(model: nn.Module, unembed: str) -> list[str]:
