@@ -73,7 +73,7 @@ def test_capabilities_record_the_layout_and_the_engine_verdicts():
     gemma = capabilities(tiny_model("gemma3_text"))
     assert not gemma.edge_attribution  # norms after the sublayers
     mamba = capabilities(from_model(build("mamba"), tiny_tokenizer(), name="tiny-mamba"))
-    assert not mamba.fast_engine and "recurrent state" in (mamba.fast_engine_problem or "")
+    assert not mamba.fast_engine and (mamba.fast_engine_problem or "").startswith("self-check")  # wording varies by release
 
 
 def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure():
@@ -97,9 +97,13 @@ def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure(
 
 def test_a_block_that_does_not_run_is_an_error_not_an_unpatched_answer():
     """Mllama's cross-attention blocks skip themselves on text-only input: reading or writing there must fail."""
+    import transformers
+
     from patchscopes import ENTITY_DESCRIPTION, run_many
     from patchscopes.errors import LayerError
 
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("Mllama skips its cross-attention blocks on text-only input from transformers 5 on")
     lm = from_model(build("mllama"), tiny_tokenizer(), name="tiny-mllama")  # block 1 is a cross-attention block
     with pytest.raises(LayerError, match=r"block\(s\) \[1\] did not run"):
         sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[1], progress=False)
