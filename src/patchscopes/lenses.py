@@ -18,9 +18,9 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchscopes.capture import LayerSpec, capture, resolve_layer
+from patchscopes.capture import EMBED_INDEX, LayerSpec, capture, resolve_layer
 from patchscopes.errors import MappingError
-from patchscopes.mappings import AffineFitter, AffineMap, Identity
+from patchscopes.mappings import AffineFitter, AffineMap
 from patchscopes.models.loading import ModelHandle
 from patchscopes.positions import PositionSpec, resolve_positions
 from patchscopes.presets import LOGIT_LENS
@@ -47,8 +47,15 @@ class Lens:
         return lm.adapter.decode(h).float()
 
     def patchscope(self, prompt: str, layer: LayerSpec, position: PositionSpec = -1) -> Patchscope:
-        """This lens written as a Patchscope (for checking, or for running through the generic engine)."""
-        return LOGIT_LENS.scope(prompt, layer, position, mapping=self.mapping(layer if isinstance(layer, int) else -1))
+        """This lens written as a Patchscope (for checking, or for running through the generic engine).
+
+        It decodes at the patched position, as the lens does.
+        """
+        return LOGIT_LENS.scope(prompt, layer, position, mapping=self.mapping_for(layer))
+
+    def mapping_for(self, layer: LayerSpec) -> Any:
+        """The mapping of a user layer (negative from the end, or ``"embeddings"``)."""
+        return self.mapping(layer if isinstance(layer, int) else EMBED_INDEX)
 
     def sweep(
         self,
@@ -125,7 +132,21 @@ class AffineLens(Lens):
         return self.maps[layer](hidden)
 
     def mapping(self, layer: int) -> Any:
-        return self.maps[layer] if layer in self.maps else Identity()
+        if layer not in self.maps:
+            raise MappingError(f"this affine lens has no map for layer {layer}; fitted layers: {sorted(self.maps)}")
+        return self.maps[layer]
+
+    def mapping_for(self, layer: LayerSpec) -> Any:
+        """The map of a user layer: negative counts from the end, ``"embeddings"`` is the embeddings' map."""
+        return self.mapping(resolve_layer(layer, self.n_layers))
+
+    @property
+    def n_layers(self) -> int:
+        """Blocks of the model the lens was fitted on (its maps all target the last block)."""
+        targets = {m.metadata.get("target_layer") for m in self.maps.values()}
+        if len(targets) != 1 or not isinstance(next(iter(targets)), int):
+            raise MappingError("this affine lens's maps do not agree on the last layer; refit it")
+        return int(next(iter(targets))) + 1
 
     @classmethod
     def fit(

@@ -98,11 +98,12 @@ def continue_generation(
     last_positions: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[list[int]]:
     """Decode ``max_new_tokens`` per row from next-token ``logits`` and a KV cache (unpatched steps).
 
     Greedy unless ``temperature > 0``; a row stops at the model's end-of-sequence token (not included).
+    ``generator`` may be one per row, so that each row's sample depends on its own seed only.
     """
     rows = logits.shape[0]
     eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=logits.device)  # the unembedding's device
@@ -112,7 +113,11 @@ def continue_generation(
     for _ in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(step_logits / temperature, dim=-1).cpu()
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(lm.device)
+            if isinstance(generator, Sequence):
+                drawn = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
+                nxt = torch.cat(drawn).squeeze(-1).to(step_logits.device)
+            else:
+                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(step_logits.device)
         else:
             nxt = step_logits.argmax(-1)
         finished = torch.isin(nxt, eos)
@@ -162,7 +167,6 @@ def run_patched(
     mask and position ids.
     """
     outputs: list[RunOutput] = []
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     keep_last = compat.logits_to_keep_kwargs(lm.model, 1)
     for group in chunks(list(runs), batch_size):
         batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
@@ -199,7 +203,7 @@ def run_patched(
                     batch.position_ids[:, -1:],
                     max_new_tokens,
                     temperature,
-                    generator,
+                    [torch.Generator().manual_seed(seed) for _ in group] if seed is not None else None,
                 )
         for i in range(len(group)):
             outputs.append(RunOutput(logits=logits[i].cpu(), generated=generated[i]))

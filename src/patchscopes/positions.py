@@ -30,7 +30,12 @@ class Substring:
 
 @dataclass(frozen=True)
 class Placeholder:
-    """A whole-word placeholder (default ``x``) in an inspection prompt; same choices as :class:`Substring`."""
+    """A delimited placeholder (default ``x``) in an inspection prompt; same choices as :class:`Substring`.
+
+    It matches only where it stands apart: not inside a word, and not joined to one by ``-`` or ``_``
+    (so the ``x`` of "x-ray" is not a placeholder); and the match must be whole tokens. A placeholder that
+    shares a token with its neighbours is an error that shows the tokens.
+    """
 
     text: str = "x"
     occurrence: int = -1
@@ -40,12 +45,13 @@ class Placeholder:
 PositionSpec = Union[int, list[int], tuple[int, ...], Substring, Placeholder]
 
 
-def _spans(prompt: str, text: str, whole_word: bool) -> list[tuple[int, int]]:
+def find_spans(prompt: str, text: str, whole_word: bool) -> list[tuple[int, int]]:
+    """Character spans of ``text`` in ``prompt``; with ``whole_word``, only the delimited ones (the placeholder rule)."""
     if not text:
         raise SpecError("a substring or placeholder must not be empty")
     pattern = re.escape(text)
     if whole_word:
-        pattern = r"(?<!\w)" + pattern + r"(?!\w)"
+        pattern = r"(?<![\w-])" + pattern + r"(?![\w-])"
     return [(m.start(), m.end()) for m in re.finditer(pattern, prompt)]
 
 
@@ -67,7 +73,7 @@ def resolve_positions(spec: PositionSpec, prompt: str, offsets: list[tuple[int, 
         return [_check_index(int(p), n, prompt) for p in spec]
     if isinstance(spec, (Substring, Placeholder)):
         whole_word = isinstance(spec, Placeholder)
-        spans = _spans(prompt, spec.text, whole_word)
+        spans = find_spans(prompt, spec.text, whole_word)
         kind = "placeholder" if whole_word else "substring"
         if not spans:
             hint = " (as a whole word)" if whole_word else ""
@@ -83,12 +89,29 @@ def resolve_positions(spec: PositionSpec, prompt: str, offsets: list[tuple[int, 
         tokens = char_span_to_tokens(offsets, start, end)
         if not tokens:
             raise PositionError(f"no token covers {kind} {spec.text!r} in {prompt!r}")
+        if whole_word:
+            _check_whole_tokens(spec.text, prompt, offsets, tokens, start, end)
         if spec.tokens == "last":
             return [tokens[-1]]
         if spec.tokens == "first":
             return [tokens[0]]
         return tokens
     raise SpecError(f"position must be an int, a list of ints, Substring or Placeholder, not {type(spec).__name__}")
+
+
+def _check_whole_tokens(
+    text: str, prompt: str, offsets: list[tuple[int, int]], tokens: list[int], start: int, end: int
+) -> None:
+    """A placeholder's tokens must cover it and nothing but it (a leading space in the first token is fine)."""
+    first, last = offsets[tokens[0]], offsets[tokens[-1]]
+    before = prompt[first[0] : start]
+    after = prompt[end : last[1]]
+    if before.strip() or after:
+        shown = [prompt[s:e] for s, e in (offsets[i] for i in tokens)]
+        raise PositionError(
+            f"placeholder {text!r} shares a token with its neighbours in {prompt!r} (tokens {shown}): patching that "
+            "token would overwrite more than the placeholder; put a space or newline around it, or pass an int position"
+        )
 
 
 def _check_index(index: int, n: int, prompt: str) -> int:

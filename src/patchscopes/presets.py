@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 
 from patchscopes.capture import LayerSpec
 from patchscopes.positions import Placeholder, PositionSpec
-from patchscopes.scope import SAME, Decoding, Generate, NextToken, Patchscope, Source, Target
+from patchscopes.scope import SAME, DecodeAt, Decoding, Generate, NextToken, Patchscope, Source, Target
 
 TOKEN_IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 ENTITY_DESCRIPTION_PROMPT = (
@@ -29,6 +29,7 @@ class Preset:
     target_layer: LayerSpec
     decoding: Decoding
     description: str = ""
+    decode_at: DecodeAt = "end"
 
     def scope(
         self,
@@ -46,6 +47,7 @@ class Preset:
                 self.target_prompt,
                 layer=self.target_layer if target_layer is None else target_layer,
                 position=self.target_position,
+                decode_at=self.decode_at,
             ),
             mapping=mapping,
             decoding=decoding or self.decoding,
@@ -62,6 +64,7 @@ LOGIT_LENS = Preset(
     target_layer=-1,
     decoding=NextToken(),
     description="T = S, ℓ* = L−1, i* = i: the hidden state goes straight to the final norm and unembedding",
+    decode_at="patch",
 )
 TOKEN_IDENTITY = Preset(
     "token-identity",

@@ -42,14 +42,26 @@ class Source:
     model: str | None = None
 
 
+DecodeAt = Literal["end", "patch"]
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where it goes. ``prompt=None`` reuses the source prompt; ``layer``/``position`` ``"same"`` reuse the source's."""
+    """Where it goes. ``prompt=None`` reuses the source prompt; ``layer``/``position`` ``"same"`` reuse the source's.
+
+    ``decode_at="end"`` (the default) decodes after the whole target prompt; ``"patch"`` decodes right after the
+    last patched position (the target is cut there), as the logit lens reads the position it patched.
+    """
 
     prompt: str | None = None
     layer: LayerSpec = SAME
     position: PositionSpec | str = -1
     model: str | None = None
+    decode_at: DecodeAt = "end"
+
+    def __post_init__(self) -> None:
+        if self.decode_at not in ("end", "patch"):
+            raise SpecError(f"decode_at {self.decode_at!r} is not 'end' or 'patch'")
 
 
 @dataclass(frozen=True)
@@ -58,15 +70,36 @@ class NextToken:
 
     top_k: int = 10
 
+    def __post_init__(self) -> None:
+        _check_top_k(self.top_k)
+
 
 @dataclass(frozen=True)
 class Generate:
-    """Generate ``max_new_tokens`` after the target prompt (greedy unless ``temperature > 0``)."""
+    """Generate ``max_new_tokens`` after the target prompt (greedy unless ``temperature > 0``).
+
+    A seeded sample depends only on its own Patchscope: each one draws from its own generator, whatever else
+    runs in the same batch.
+    """
 
     max_new_tokens: int = 20
     temperature: float = 0.0
     seed: int | None = None
     top_k: int = 10
+
+    def __post_init__(self) -> None:
+        _check_top_k(self.top_k)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SpecError(f"max_new_tokens must be a positive int, not {self.max_new_tokens!r}; use NextToken() for none")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise SpecError(f"temperature must be a number >= 0 (0 is greedy), not {self.temperature!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise SpecError(f"seed must be an int or None, not {self.seed!r}")
+
+
+def _check_top_k(top_k: object) -> None:
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise SpecError(f"top_k must be a positive int (how many top tokens to keep), not {top_k!r}")
 
 
 Decoding = Union[NextToken, Generate]
@@ -200,6 +233,10 @@ def _resolve(scope: Patchscope, lm: ModelHandle, tlm: ModelHandle) -> _Resolved:
             f"{len(src_positions)} source position(s) {src_positions} but {len(tgt_positions)} target position(s) "
             f"{tgt_positions}: multi-token patching pairs them one to one"
         )
+    if t.decode_at == "patch":
+        tgt_tok_ids = tgt_tok.ids[: max(tgt_positions) + 1]  # later positions cannot change the patched one
+    else:
+        tgt_tok_ids = tgt_tok.ids
     mapping = as_mapping(scope.mapping)
     if isinstance(mapping, AffineMap):
         mapping.check_provenance(lm, tlm, src_layer, tgt_layer)
@@ -208,7 +245,7 @@ def _resolve(scope: Patchscope, lm: ModelHandle, tlm: ModelHandle) -> _Resolved:
             f"incompatible hidden sizes: {lm.name} has {lm.hidden_size}, {tlm.name} has {tlm.hidden_size}; "
             "pass mapping= an AffineMap fitted between them (see patchscopes.mappings)"
         )
-    return _Resolved(scope, src_tok.ids, src_positions, src_layer, tgt_tok.ids, tgt_positions, tgt_layer, mapping)
+    return _Resolved(scope, src_tok.ids, src_positions, src_layer, tgt_tok_ids, tgt_positions, tgt_layer, mapping)
 
 
 def run_many(

@@ -84,10 +84,10 @@ def build_scopes(
     for example, prompt in enumerate(prompts):
         pos = positions[example] if positions is not None else position
         for layer in layers:
-            if target_layers is None or target_layers == SAME:
-                tls: list[LayerSpec] = [preset.target_layer if target_layers is None else SAME]
-                if target_layers is None and preset.target_layer == SAME:
-                    tls = list(range(tlm.n_layers))
+            if target_layers is None:
+                tls: list[LayerSpec] = list(range(tlm.n_layers))
+            elif target_layers == SAME:
+                tls = [preset.target_layer]  # the preset's own rule: ℓ* = ℓ, or ℓ* = L−1 for the logit lens
             else:
                 tls = list(target_layers)  # type: ignore[arg-type]
             for tl in tls:

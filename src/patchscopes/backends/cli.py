@@ -19,13 +19,16 @@ console = Console()
 
 def _layers(text: str) -> list[int] | None:
     """``all`` → every block (resolved by each worker); else non-negative ``0-10``, ``0-29:3``, ``1,5,9``."""
-    from patchscopes.cli import parse_layers
+    from patchscopes.validate import parse_layers
 
     if text.strip() == "all":
         return None
     if any(part.strip().startswith("-") for part in text.split(",")):
         raise typer.BadParameter("give non-negative layers here (the model is not loaded to resolve negative ones)")
-    return parse_layers(text, 1 << 20)
+    try:
+        return parse_layers(text, 1 << 20)
+    except PatchscopeError as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def distributed_sweep_command(

@@ -42,7 +42,7 @@ from patchscopes.evals.common import EvalError, UnitCounter, open_store, run_con
 from patchscopes.evals.probing import paired_test, probe_accuracy
 from patchscopes.models.loading import ModelHandle
 from patchscopes.patching import PatchedRun, run_patched
-from patchscopes.positions import resolve_positions
+from patchscopes.positions import find_spans, resolve_positions
 from patchscopes.presets import attribute
 from patchscopes.progress import progress_bar
 from patchscopes.results import ResultStore
@@ -111,8 +111,8 @@ def first_line(text: str) -> str:
 
 
 def fill_placeholder(prompt: str, subject: str, placeholder: str = "x") -> str:
-    """``prompt`` with its last whole-word placeholder replaced by ``subject``."""
-    spans = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(placeholder)}(?!\w)", prompt)]
+    """``prompt`` with its last placeholder (the rule of :class:`~patchscopes.positions.Placeholder`) replaced by ``subject``."""
+    spans = find_spans(prompt, placeholder, whole_word=True)
     if not spans:
         raise EvalError(f"no placeholder {placeholder!r} in target prompt {prompt!r}")
     start, end = spans[-1]
