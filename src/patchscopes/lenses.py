@@ -144,9 +144,10 @@ class AffineLens(Lens):
     def n_layers(self) -> int:
         """Blocks of the model the lens was fitted on (its maps all target the last block)."""
         targets = {m.metadata.get("target_layer") for m in self.maps.values()}
-        if len(targets) != 1 or not isinstance(next(iter(targets)), int):
+        last = next(iter(targets)) if len(targets) == 1 else None
+        if not isinstance(last, int):
             raise MappingError("this affine lens's maps do not agree on the last layer; refit it")
-        return int(next(iter(targets))) + 1
+        return last + 1
 
     @classmethod
     def fit(
