@@ -27,6 +27,4 @@ def load(model: str, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE, d
     """``load_model`` with the CLI's device options."""
     from patchscopes.models.loading import load_model
 
-    if device_map:
-        return load_model(model, dtype=dtype, device=device, device_map=device_map)
-    return load_model(model, dtype=dtype, device=device)
+    return load_model(model, dtype=dtype, device=device, device_map=device_map or None)

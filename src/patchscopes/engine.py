@@ -257,26 +257,28 @@ def fast_engine_problem(lm: ModelHandle) -> str | None:
     problem: str | None
     try:
         problem = _cache_problem(lm)
-        if problem is not None:
-            verdicts[key] = problem
-            return problem
-        runs = _probe_runs(lm)
-        fast = run_patched_fast(lm, runs, max_new_tokens=2)
-        plain = run_patched(lm, runs, max_new_tokens=2)
-        worst = max(float((f.logits - p.logits).abs().max()) for f, p in zip(fast, plain))
-        tolerance = check_tolerance(plain[0].logits, lm.dtype)
-        if not worst <= tolerance:
-            problem = f"self-check differs from the plain engine by {worst:.3g} in the logits (tolerance {tolerance:.3g})"
-        elif [f.generated for f in fast] != [p.generated for p in plain]:
-            problem = "self-check generates other greedy tokens than the plain engine"
-        else:
-            problem = None
+        if problem is None:
+            problem = _compare_engines(lm)
     except PatchscopeError:  # the caller's own error (a cancellation, a bad input): not a verdict on the engine
         raise
     except Exception as exc:  # any other failure of the fast path on this model means: use the reference path
         problem = f"self-check failed ({type(exc).__name__}: {exc})"
     verdicts[key] = problem
     return problem
+
+
+def _compare_engines(lm: ModelHandle) -> str | None:
+    """Run the probe variants through both engines; why they differ, or None."""
+    runs = _probe_runs(lm)
+    fast = run_patched_fast(lm, runs, max_new_tokens=2)
+    plain = run_patched(lm, runs, max_new_tokens=2)
+    worst = max(float((f.logits - p.logits).abs().max()) for f, p in zip(fast, plain))
+    tolerance = check_tolerance(plain[0].logits, lm.dtype)
+    if not worst <= tolerance:
+        return f"self-check differs from the plain engine by {worst:.3g} in the logits (tolerance {tolerance:.3g})"
+    if [f.generated for f in fast] != [p.generated for p in plain]:
+        return "self-check generates other greedy tokens than the plain engine"
+    return None
 
 
 def fast_eligible(run: PatchedRun) -> bool:

@@ -283,9 +283,8 @@ def run_cross_model(
     device_map: str | None = None,
 ) -> dict[str, Any]:
     """Fit (or reuse) the maps, run both evaluations, write tables and ``summary.json`` under ``out``."""
-    placement: dict[str, Any] = {"device": device, **({"device_map": device_map} if device_map else {})}
-    source = load_model(config.source, dtype=config.dtype, **placement)
-    target = load_model(config.target, dtype=config.dtype, **placement)
+    source = load_model(config.source, dtype=config.dtype, device=device, device_map=device_map)
+    target = load_model(config.target, dtype=config.dtype, device=device, device_map=device_map)
     src_layers = list(config.source_layers) or layer_grid(source.n_layers, config.layer_step)
     tgt_layers = list(config.target_layers) or layer_grid(target.n_layers, config.layer_step)
     ent_layers = [layer for layer in config.entity_layers if layer < min(source.n_layers, target.n_layers)]

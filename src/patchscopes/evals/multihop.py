@@ -349,8 +349,7 @@ def run_multihop(
     device_map: str | None = None,
 ) -> dict[str, Any]:
     """Build, filter and evaluate the queries; resumable per query; writes ``summary.json`` under ``out``."""
-    placement: dict[str, Any] = {"device": device, **({"device_map": device_map} if device_map else {})}
-    lm = load_model(config.model, dtype=config.dtype, **placement)
+    lm = load_model(config.model, dtype=config.dtype, device=device, device_map=device_map)
     store = ResultStore(out, {"eval": "multihop", **asdict(config), "weights_sha256": lm.weights_sha256})
     relations = load_relations(config.relations_dir or None)
     queries = build_queries(relations, config.max_per_combo, config.seed)

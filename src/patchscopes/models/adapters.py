@@ -66,12 +66,12 @@ ARCHITECTURES: dict[str, ArchSpec] = {}
 _POST_NORMS = ("post_feedforward_layernorm", "pre_feedforward_layernorm", "post_self_attn_layernorm", "post_mlp_layernorm")
 
 
-def _get(model: nn.Module, path: str) -> nn.Module:
+def module_at(model: nn.Module, path: str) -> nn.Module:
     """Module at a dotted path; ``a|b`` lists alternatives tried in order (names differ across versions)."""
     if "|" in path:
         for alternative in path.split("|"):
             if _has(model, alternative):
-                return _get(model, alternative)
+                return module_at(model, alternative)
         path = path.split("|")[0]
     obj: object = model
     for part in path.split("."):
@@ -114,16 +114,16 @@ class Adapter:
 
     def __init__(self, model: nn.Module, spec: ArchSpec) -> None:
         self.spec = spec
-        blocks = _get(model, spec.blocks)
+        blocks = module_at(model, spec.blocks)
         if not isinstance(blocks, nn.ModuleList):
             raise UnknownArchitectureError(f"{spec.blocks!r} is a {type(blocks).__name__}, expected a ModuleList of blocks")
         self.blocks: nn.ModuleList = blocks
         self.final_norm: nn.Module | None = None
         if spec.final_norm is not None:
-            norm = _get(model, spec.final_norm) if _has(model, spec.final_norm) else None
+            norm = module_at(model, spec.final_norm) if _has(model, spec.final_norm) else None
             self.final_norm = norm
-        self.unembed: nn.Module = _get(model, spec.unembed)
-        self.embed: nn.Module = _get(model, spec.embed)
+        self.unembed: nn.Module = module_at(model, spec.unembed)
+        self.embed: nn.Module = module_at(model, spec.embed)
         config = text_config(model)
         self._config = config
         self.softcap: float | None = _first_number(config, LOGIT_SOFTCAP_KEYS)
@@ -261,7 +261,7 @@ def norm_candidates(model: nn.Module, blocks: str) -> list[str]:
     path = blocks
     while path:
         path, _, child_name = path.rpartition(".")
-        parent = _get(model, path) if path else model
+        parent = module_at(model, path) if path else model
         after: list[str] = []
         before: list[str] = []
         seen = False
@@ -291,7 +291,7 @@ def _block_layout(block: nn.Module) -> BlockLayout | None:
         return None
     for layout in (LLAMA_BLOCK, GPT2_BLOCK):
         if all(_has(block, path) for path in (layout.o_proj, layout.attn_norm, layout.mlp_norm, layout.mlp)):
-            o_proj = _get(block, layout.o_proj)
+            o_proj = module_at(block, layout.o_proj)
             kind = type(o_proj).__name__
             if (layout.conv1d and kind == "Conv1D") or (not layout.conv1d and isinstance(o_proj, nn.Linear)):
                 return layout

@@ -170,6 +170,7 @@ def load_model(
     device: str | torch.device = "cpu",
     adapter: ArchSpec | None = None,
     check: bool = True,
+    device_map: Any = None,
     **from_pretrained_kwargs: Any,
 ) -> ModelHandle:
     """Load a causal LM by registry name, local directory or Hugging Face hub id.
@@ -200,6 +201,8 @@ def load_model(
             f"unknown model {name_or_path!r}: not a registry model ({', '.join(REGISTRY)}), "
             "not an existing directory, and not a hub id of the form 'org/name'"
         )
+    if device_map is not None:  # None: the whole model goes to ``device``
+        from_pretrained_kwargs["device_map"] = device_map
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **from_pretrained_kwargs)
@@ -208,7 +211,7 @@ def load_model(
             f"could not load model {name_or_path!r}: {exc}. Known registry models: {', '.join(REGISTRY)}; "
             "hub ids need network access or a local Hugging Face cache"
         ) from exc
-    if "device_map" not in from_pretrained_kwargs:
+    if device_map is None:
         model.to(target_device)  # type: ignore[arg-type]
     handle = from_model(model, tokenizer, name=name, adapter=adapter, source=path, check=check)
     handle.weights_sha256 = digest

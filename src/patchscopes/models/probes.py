@@ -160,10 +160,10 @@ def probe(lm: ModelHandle) -> ProbeReport | None:
 
 
 def _use(lm: ModelHandle, spec: ArchSpec) -> None:
-    from patchscopes.models.adapters import _get
+    from patchscopes.models.adapters import module_at
 
-    lm.adapter.final_norm = _get(lm.model, spec.final_norm) if spec.final_norm is not None else None
-    lm.adapter.unembed = _get(lm.model, spec.unembed)
+    lm.adapter.final_norm = module_at(lm.model, spec.final_norm) if spec.final_norm is not None else None
+    lm.adapter.unembed = module_at(lm.model, spec.unembed)
     lm.adapter.spec = spec
 
 
@@ -181,26 +181,24 @@ def _device_of(module: nn.Module, fallback: torch.Tensor) -> torch.device:
 
 def _repair_final_norm(lm: ModelHandle, hidden: torch.Tensor, reference: torch.Tensor, allowed: float, diff: float) -> float:
     """Try the other final-norm candidates (and none); keep the first whose logit lens matches, else raise."""
-    from patchscopes.models.adapters import _get, norm_candidates, unembed_candidates
+    from patchscopes.models.adapters import norm_candidates, unembed_candidates
 
-    adapter = lm.adapter
-    original = adapter.final_norm, adapter.unembed, adapter.spec
-    tried: dict[tuple[str | None, str], float] = {(adapter.spec.final_norm, adapter.spec.unembed): diff}
-    norms = [original[2].final_norm, *norm_candidates(lm.model, adapter.spec.blocks), None]
-    for head in unembed_candidates(lm.model, original[2].unembed):
+    given = lm.adapter.spec
+    tried: dict[tuple[str | None, str], float] = {(given.final_norm, given.unembed): diff}
+    norms = [given.final_norm, *norm_candidates(lm.model, given.blocks), None]
+    for head in unembed_candidates(lm.model, given.unembed):
         for path in dict.fromkeys(norms):
             if (path, head) in tried:
                 continue
-            adapter.final_norm = _get(lm.model, path) if path is not None else None
-            adapter.unembed = _get(lm.model, head)
-            adapter.spec = replace(original[2], final_norm=path, unembed=head)
+            _use(lm, replace(given, final_norm=path, unembed=head))
             try:
                 tried[(path, head)] = _lens_diff(lm, hidden, reference)
             except Exception:  # a module that does not take the hidden state: not the head
                 tried[(path, head)] = float("inf")
             if tried[(path, head)] <= allowed:
                 return tried[(path, head)]
-    adapter.final_norm, adapter.unembed, adapter.spec = original
+    _use(lm, given)
+    adapter = lm.adapter
     attempts = ", ".join(f"{path!r} → {head!r}: {d:.3g}" for (path, head), d in list(tried.items())[:4])
     raise ModelCheckError(
         f"{_model_type(lm)}: the last-layer logit lens does not give the model's logits "
