@@ -33,7 +33,8 @@ from patchscopes.capture import capture
 from patchscopes.datasets import data_files
 from patchscopes.evals.attribute_data import load_attribute_task
 from patchscopes.patching import Patch, PatchedRun, run_patched
-from patchscopes.scope import Patchscope, PatchscopeResult, _resolve
+from patchscopes.plan import resolve_step
+from patchscopes.scope import Patchscope, PatchscopeResult
 
 
 class PeakRSS:
@@ -106,12 +107,14 @@ def straightforward(lm: ps.ModelHandle, scopes: list[Patchscope]) -> list[tuple[
     """One full source forward and one patched target forward per scope, batch size 1."""
     out = []
     for scope in scopes:
-        r = _resolve(scope, lm, lm)
-        [h] = capture(lm, [r.src_ids], [r.src_positions], [lm.n_layers - 1, r.src_layer])  # a full forward, as the official code
+        r = resolve_step(scope, lm, lm)
+        [h] = capture(
+            lm, [r.source_ids], [r.source_positions], [lm.n_layers - 1, r.source_layer]
+        )  # a full forward, as the official code
         vec = r.mapping(h[1])
         max_new = scope.decoding.max_new_tokens if isinstance(scope.decoding, ps.Generate) else 0
         [o] = run_patched(
-            lm, [PatchedRun(r.tgt_ids, [Patch(r.tgt_layer, r.tgt_positions, vec)])], max_new_tokens=max_new, batch_size=1
+            lm, [PatchedRun(r.target_ids, [Patch(r.target_layer, r.target_positions, vec)])], max_new_tokens=max_new, batch_size=1
         )
         out.append((o.logits, o.generated))
     return out
@@ -127,31 +130,31 @@ def nnsight_idiomatic(lm: ps.ModelHandle, scopes: list[Patchscope]) -> list[tupl
     saved: dict[str, list] = {}
     out = []
     for scope in scopes:
-        r = _resolve(scope, lm, lm)
+        r = resolve_step(scope, lm, lm)
         src = scope.source.prompt
         if src not in saved:
-            with model.trace(r.src_ids):
+            with model.trace(r.source_ids):
                 saved[src] = [nnsight.save(layers[i].output) for i in range(lm.n_layers)]
-        hidden = saved[src][r.src_layer]
+        hidden = saved[src][r.source_layer]
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-        vec = hidden[0, r.src_positions]
+        vec = hidden[0, r.source_positions]
         max_new = scope.decoding.max_new_tokens if isinstance(scope.decoding, ps.Generate) else 0
         if max_new:
-            with model.generate(r.tgt_ids, max_new_tokens=max_new, do_sample=False, pad_token_id=lm.pad_id) as tracer:
-                o = layers[r.tgt_layer].output
-                (o[0] if isinstance(o, tuple) else o)[0, r.tgt_positions] = vec
+            with model.generate(r.target_ids, max_new_tokens=max_new, do_sample=False, pad_token_id=lm.pad_id) as tracer:
+                o = layers[r.target_layer].output
+                (o[0] if isinstance(o, tuple) else o)[0, r.target_positions] = vec
                 logits = nnsight.save(model.lm_head.output[0, -1])
                 seq = nnsight.save(tracer.result)
             gen = []
-            for t in seq[0, len(r.tgt_ids) :].tolist():
+            for t in seq[0, len(r.target_ids) :].tolist():
                 if t in lm.eos_ids:
                     break
                 gen.append(int(t))
             out.append((logits.float(), gen))
         else:
-            with model.trace(r.tgt_ids):
-                o = layers[r.tgt_layer].output
-                (o[0] if isinstance(o, tuple) else o)[0, r.tgt_positions] = vec
+            with model.trace(r.target_ids):
+                o = layers[r.target_layer].output
+                (o[0] if isinstance(o, tuple) else o)[0, r.target_positions] = vec
                 logits = nnsight.save(model.lm_head.output[0, -1])
             out.append((logits.float(), []))
     return out
@@ -161,7 +164,7 @@ def ours(lm: ps.ModelHandle, scopes: list[Patchscope]) -> list[tuple[torch.Tenso
     results: list[PatchscopeResult] = []
     chunk = 2048
     for start in range(0, len(scopes), chunk):
-        results += ps.run_many(scopes[start : start + chunk], lm, batch_size=128, engine="fast")
+        results += ps.run_many(scopes[start : start + chunk], lm, batch_size=128, executor="fast")
     return [(r.logits, r.generated_ids) for r in results]
 
 

@@ -261,7 +261,7 @@ def check(model_type: str) -> Coverage:
             reference = base[0].logits
             for layer in (EMBEDDINGS, 0, lm.n_layers // 2, lm.n_layers - 1):
                 scope = Patchscope(Source(prompt, layer=layer, position=2), Target(prompt, layer=layer, position=2))
-                [result] = run_many([scope], lm, engine="plain")
+                [result] = run_many([scope], lm, executor="plain")
                 diff = float((result.logits - reference).abs().max())
                 if diff > 1e-4 * max(1.0, float(reference.abs().max())):
                     raise AssertionError(f"patching a state back at layer {layer!r} changed the logits by {diff:.3g}")
@@ -269,15 +269,15 @@ def check(model_type: str) -> Coverage:
             problem = fast_engine_problem(lm)
             step = "token-identity sweep"
             texts = ["Diana, Princess of Wales", "cat"]
-            plain = sweep(lm, texts, TOKEN_IDENTITY, engine="plain", progress=False)
+            plain = sweep(lm, texts, TOKEN_IDENTITY, executor="plain", progress=False)
             if problem is None:
-                fast = sweep(lm, texts, TOKEN_IDENTITY, engine="fast", progress=False)
+                fast = sweep(lm, texts, TOKEN_IDENTITY, executor="fast", progress=False)
                 worst = max(abs(a - b) for a, b in zip(fast.top1_prob, plain.top1_prob))
                 if list(fast.top1) != list(plain.top1) or worst > SWEEP_ATOL:
                     raise AssertionError(f"fast and plain sweeps differ (|Δp| {worst:.3g})")
                 fast_note = "fast == plain"
             else:
-                auto = sweep(lm, texts, TOKEN_IDENTITY, engine="auto", progress=False)
+                auto = sweep(lm, texts, TOKEN_IDENTITY, executor="auto", progress=False)
                 if list(auto.top1) != list(plain.top1):
                     raise AssertionError("engine='auto' fell back but differs from the plain engine")
                 fast_note = f"plain engine (fast engine's {problem})"
@@ -304,7 +304,7 @@ def page(results: list[Coverage]) -> str:
         f"built as a tiny random model ({N_LAYERS} layers, width 64) from its own config class. For each: the load-time "
         "probes (last-layer logit lens equals the logits; writing every block's output back changes nothing), a "
         "self-patch at the embeddings and at three blocks (logits unchanged), and a token-identity sweep with the "
-        "fast and the plain engine (same top-1, |Δp| ≤ 1e-4), or with `engine=\"auto\"` where the fast engine's "
+        'fast and the plain engine (same top-1, |Δp| ≤ 1e-4), or with `engine="auto"` where the fast engine\'s '
         "self-check sends it to the plain engine.",
         "",
         f"**{len(passed)} of {len(built)} buildable types pass ({100 * len(passed) / max(1, len(built)):.0f} %)**; "

@@ -24,11 +24,12 @@ from patchscopes.backends.devices import (
     split_map,
 )
 from patchscopes.backends.errors import DeviceMapError
-from patchscopes.capture import capture, layer_hooks
+from patchscopes.capture import capture
+from patchscopes.hooks import at_locations
 from patchscopes.positions import Placeholder
 from patchscopes.presets import TOKEN_IDENTITY
+from patchscopes.runner import run_many as native_run_many
 from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target
-from patchscopes.scope import run_many as native_run_many
 from tiny import tiny_model
 
 TARGET = "cat -> cat\n1135 -> 1135\nx"
@@ -36,8 +37,8 @@ TARGET = "cat -> cat\n1135 -> 1135\nx"
 
 def run_many(scopes, model, target_model=None, batch_size=16):  # noqa: ANN001, ANN201
     """The native engine's plain padded-batch path (the reference this backend mirrors), on any core version."""
-    if "engine" in inspect.signature(native_run_many).parameters:
-        return native_run_many(scopes, model, target_model, batch_size=batch_size, engine="plain")
+    if "executor" in inspect.signature(native_run_many).parameters:
+        return native_run_many(scopes, model, target_model, batch_size=batch_size, executor="plain")
     return native_run_many(scopes, model, target_model, batch_size=batch_size)
 
 
@@ -67,7 +68,7 @@ def test_disk_offloaded_blocks_equal_single_device(arch: str, tmp_path: Path) ->
     # captured states at offloaded layers land on the block's execution device and equal the single-device ones
     ids = [off.tokenize(p).ids for p in ["The capital of France is", "cat -> cat"]]
     seen: dict[int, torch.device] = {}
-    with layer_hooks(off.adapter.blocks, [1, 3], lambda layer, h: seen.setdefault(layer, h.device) and None):
+    with at_locations(off.adapter.blocks, [1, 3], lambda layer, h: seen.setdefault(layer, h.device) and None):
         got = capture(off, ids, [[0, len(i) - 1] for i in ids], [-1, 1, 3])
     assert seen == {1: layer_device(off, 1), 3: layer_device(off, 3)}
     for a, b in zip(capture(lm, ids, [[0, len(i) - 1] for i in ids], [-1, 1, 3]), got):

@@ -12,8 +12,8 @@ import torch
 from patchscopes.mappings import AffineMap
 from patchscopes.positions import Placeholder, Substring
 from patchscopes.presets import TOKEN_IDENTITY
+from patchscopes.runner import run_many as native_run_many
 from patchscopes.scope import Generate, NextToken, Patchscope, PatchscopeResult, Source, Target
-from patchscopes.scope import run_many as native_run_many
 from tiny import tiny_model
 
 pytest.importorskip("nnsight")
@@ -24,8 +24,8 @@ TARGET = "cat -> cat\n1135 -> 1135\nhello -> hello\nx"
 
 def run_many(scopes, model, target_model=None, batch_size=16):  # noqa: ANN001, ANN201
     """The native engine's plain padded-batch path (the reference this backend mirrors), on any core version."""
-    if "engine" in inspect.signature(native_run_many).parameters:
-        return native_run_many(scopes, model, target_model, batch_size=batch_size, engine="plain")
+    if "executor" in inspect.signature(native_run_many).parameters:
+        return native_run_many(scopes, model, target_model, batch_size=batch_size, executor="plain")
     return native_run_many(scopes, model, target_model, batch_size=batch_size)
 
 
@@ -53,7 +53,10 @@ def _assert_same(native: list[PatchscopeResult], other: list[PatchscopeResult]) 
         assert b.generated_ids == a.generated_ids
         assert b.text == a.text
         assert (b.source_positions, b.target_positions, b.source_layer, b.target_layer) == (
-            a.source_positions, a.target_positions, a.source_layer, a.target_layer,
+            a.source_positions,
+            a.target_positions,
+            a.source_layer,
+            a.target_layer,
         )
 
 
@@ -80,7 +83,7 @@ def test_capture_equals_native_capture() -> None:
     lm = tiny_model("qwen2")
     ids = [lm.tokenize(p).ids for p in ["The capital of France is", "cat -> cat", "Apples are red or green"]]
     positions = [[len(i) - 1, 0] for i in ids]
-    for layers in ([-1, 0, 3], [2], [3, 1]):
+    for layers in (["embeddings", 0, 3], [2], [3, 1], [-1]):
         native = capture(lm, ids, positions, layers, batch_size=2)
         got = capture_nnsight(wrap(lm), ids, positions, layers, batch_size=2)
         for a, b in zip(native, got):

@@ -89,8 +89,14 @@ def test_killed_worker_is_retried_and_table_equals_single_process(ray_cluster, t
     out = tmp_path / "run"
     # shard 0 holds examples 0-2: its worker dies after storing example 0, the retry must skip it
     df = distributed_sweep(
-        checkpoint, PROMPTS, TOKEN_IDENTITY, out, n_shards=2, max_retries=2,
-        after_unit=_kill_first_attempt(str(tmp_path), shard=0, after=0), **kwargs,
+        checkpoint,
+        PROMPTS,
+        TOKEN_IDENTITY,
+        out,
+        n_shards=2,
+        max_retries=2,
+        after_unit=_kill_first_attempt(str(tmp_path), shard=0, after=0),
+        **kwargs,
     )
     assert (tmp_path / "killed-0").exists(), "the worker was never killed: the test did not test a failure"
     reference = _normalised(sweep(load_model(checkpoint), PROMPTS, TOKEN_IDENTITY, progress=False, **kwargs))

@@ -12,16 +12,16 @@ import torch
 
 from patchscopes.backends.errors import BackendError, MissingAPIKeyError, ModelNotHostedError
 from patchscopes.positions import Placeholder
+from patchscopes.runner import run_many as native_run_many
 from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target
-from patchscopes.scope import run_many as native_run_many
 from tiny import tiny_model
 
 pytest.importorskip("nnsight")
+from patchscopes.backends.ndif_requests import build_requests  # noqa: E402
 from patchscopes.backends.nnsight_backend import run_many_nnsight, wrap  # noqa: E402
 from patchscopes.backends.remote import (  # noqa: E402
     API_KEY_ENV,
     api_key,
-    build_requests,
     check_hosted,
     hosted_models,
     model_key,
@@ -39,8 +39,8 @@ STATUS = {  # the shape of NDIF's raw /status answer
 
 def run_many(scopes, model, target_model=None, batch_size=16):  # noqa: ANN001, ANN201
     """The native engine's plain padded-batch path (the reference this backend mirrors), on any core version."""
-    if "engine" in inspect.signature(native_run_many).parameters:
-        return native_run_many(scopes, model, target_model, batch_size=batch_size, engine="plain")
+    if "executor" in inspect.signature(native_run_many).parameters:
+        return native_run_many(scopes, model, target_model, batch_size=batch_size, executor="plain")
     return native_run_many(scopes, model, target_model, batch_size=batch_size)
 
 

@@ -10,20 +10,20 @@ import torch
 from patchscopes.backends.errors import BackendError
 from patchscopes.mappings import AffineMap
 from patchscopes.positions import Placeholder
+from patchscopes.runner import run_many as native_run_many
 from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target
-from patchscopes.scope import run_many as native_run_many
 from tiny import tiny_model
 
 pytest.importorskip("nnsight")
-from patchscopes.backends.nnsight_session import run_many_session  # noqa: E402
+from patchscopes.backends.nnsight_backend import run_many_session  # noqa: E402
 
 TARGET = "cat -> cat\n1135 -> 1135\nhello -> hello\nx"
 
 
 def run_many(scopes, model, batch_size=16):  # noqa: ANN001, ANN201
     """The native engine's plain padded-batch path, on any core version."""
-    if "engine" in inspect.signature(native_run_many).parameters:
-        return native_run_many(scopes, model, batch_size=batch_size, engine="plain")
+    if "executor" in inspect.signature(native_run_many).parameters:
+        return native_run_many(scopes, model, batch_size=batch_size, executor="plain")
     return native_run_many(scopes, model, batch_size=batch_size)
 
 
@@ -52,13 +52,14 @@ def test_one_request_per_batch_equals_native(arch: str, remote) -> None:  # noqa
 
 
 def test_one_request_per_batch_is_recorded_as_one_request() -> None:
+    from patchscopes.backends.ndif_requests import RequestPlan, recorder
     from patchscopes.backends.nnsight_backend import NNsightModel, wrap
-    from patchscopes.backends.remote import RequestPlan, _recorder, model_key
+    from patchscopes.backends.remote import model_key
 
     lm = tiny_model("llama")
     plan = RequestPlan(host="offline", has_key=False)
     base = wrap(lm)
-    nm = NNsightModel(lm, base.envoy, backend=_recorder(plan, model_key("HuggingFaceTB/SmolLM2-135M")))
+    nm = NNsightModel(lm, base.envoy, backend=recorder(plan, model_key("HuggingFaceTB/SmolLM2-135M")))
     scopes = _scopes(lm, NextToken())[:4]
     run_many_session(scopes, nm, batch_size=4)
     assert [r.kind for r in plan.requests] == ["session"]

@@ -48,8 +48,8 @@ def _grid(lm, decoding):
 
 def _compare(lm, decoding, batch_size=7):
     scopes = _grid(lm, decoding)
-    fast = run_many(scopes, lm, batch_size=batch_size, engine="fast")
-    plain = run_many(scopes, lm, batch_size=batch_size, engine="plain")
+    fast = run_many(scopes, lm, batch_size=batch_size, executor="fast")
+    plain = run_many(scopes, lm, batch_size=batch_size, executor="plain")
     worst = max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain))
     assert worst <= ATOL, worst
     assert [f.generated_ids for f in fast] == [p.generated_ids for p in plain]
@@ -72,9 +72,9 @@ def test_fast_equals_plain_real(smol):
             decoding=Generate(max_new_tokens=20),
         )
     ]
-    fast = run_many(scopes, smol, batch_size=8, engine="fast")
+    fast = run_many(scopes, smol, batch_size=8, executor="fast")
     # the straightforward reference: one target at a time (padded plain batches add their own ~2e-4 noise)
-    plain = run_many(scopes, smol, batch_size=1, engine="plain")
+    plain = run_many(scopes, smol, batch_size=1, executor="plain")
     # A different but equally valid order of fp32 reductions (prefix cache + suffix, batched rows) moves
     # SmolLM2's logits (magnitude ~15) by up to ~2.5e-4, the same size as padding noise: same tolerance.
     assert max((f.logits - p.logits).abs().max().item() for f, p in zip(fast, plain)) <= REAL_ATOL
@@ -94,24 +94,26 @@ def test_multi_position_and_add_mode():
 
 def test_sweep_engines_agree_and_fast_rejects_sampling():
     lm = tiny_model("qwen2")
-    a = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, engine="fast", progress=False)
-    b = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, engine="plain", progress=False)
+    a = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, executor="fast", progress=False)
+    b = sweep(lm, SOURCES, TOKEN_IDENTITY, target_layers=None, executor="plain", progress=False)
     assert list(a.top1) == list(b.top1)
     assert max(abs(x - y) for x, y in zip(a.top1_prob, b.top1_prob)) < 1e-5
     with pytest.raises(EngineError, match="fast engine"):
-        run_many([ENTITY_DESCRIPTION.scope("Diana", layer=1, decoding=Generate(temperature=1.0, seed=0))], lm, engine="fast")
+        run_many([ENTITY_DESCRIPTION.scope("Diana", layer=1, decoding=Generate(temperature=1.0, seed=0))], lm, executor="fast")
 
 
-def test_nnsight_backend_through_run_many_and_sweep():
-    """``backend="nnsight"`` runs the same Patchscopes through nnsight traces, with equal results."""
+def test_nnsight_executor_through_run_many_and_sweep():
+    """``executor=NNsightExecutor()`` runs the same Patchscopes through nnsight traces, with equal results."""
     pytest.importorskip("nnsight", reason="the nnsight backend needs the backends extra")
+    from patchscopes.backends.nnsight_backend import NNsightExecutor
+
     lm = tiny_model("llama")
     scopes = _grid(lm, Generate(max_new_tokens=3))[:12]
-    native = run_many(scopes, lm, engine="plain")
-    via_nnsight = run_many(scopes, lm, backend="nnsight")
+    native = run_many(scopes, lm, executor="plain")
+    via_nnsight = run_many(scopes, lm, executor=NNsightExecutor())
     assert max((a.logits - b.logits).abs().max().item() for a, b in zip(native, via_nnsight)) <= 1e-5
     assert [a.generated_ids for a in native] == [b.generated_ids for b in via_nnsight]
-    df = sweep(lm, SOURCES[:1], TOKEN_IDENTITY, backend="nnsight", progress=False)
+    df = sweep(lm, SOURCES[:1], TOKEN_IDENTITY, executor=NNsightExecutor(), progress=False)
     assert list(df.top1) == list(sweep(lm, SOURCES[:1], TOKEN_IDENTITY, progress=False).top1)
-    with pytest.raises(SpecError, match="backend"):
-        run_many(scopes[:1], lm, backend="vllm")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="executor 'vllm'"):
+        run_many(scopes[:1], lm, executor="vllm")  # type: ignore[arg-type]

@@ -24,10 +24,14 @@ def test_affine_lens_fast_path_equals_patchscope(tmp_path):
     # at the last layer the least-squares map is the identity, so the affine lens equals the logit lens
     assert torch.allclose(lens.maps[last].weight, torch.eye(lm.hidden_size), atol=1e-3)
     df = lens.sweep(lm, [TEXTS[0]], progress=False)
-    for _, row in df.iterrows():
-        result = run(lens.patchscope(TEXTS[0], row.source_layer), lm)
-        assert result.top_tokens[0] == row.top1
-        assert abs(result.top_probs[0] - row.top1_prob) < 1e-4
+    ids = lm.tokenize(TEXTS[0]).ids
+    [states] = capture(lm, [ids], [[len(ids) - 1]], list(range(lm.n_layers)))
+    for row in df.itertuples():
+        # the reference: the layer's affine map, then the final norm and unembedding
+        probs = torch.softmax(lens.logits(lm, row.source_layer, states[row.source_layer])[0], -1)
+        assert row.top1 == lm.token_strings([int(probs.argmax())])[0]
+        assert abs(float(probs.max()) - row.top1_prob) < 1e-4
+        assert run(lens.patchscope(TEXTS[0], row.source_layer), lm).top_tokens[0] == row.top1
     lens.save(tmp_path / "lens")
     again = AffineLens.load(tmp_path / "lens")
     ids = lm.tokenize(TEXTS[1]).ids

@@ -1,5 +1,5 @@
-"""Multi-hop CoT Patchscope: query building, the attention restriction against a plain reference, the
-decode loop against the core engine, the held-out pair choice, and a quick end-to-end run."""
+"""Multi-hop CoT Patchscope: query building, the attention restriction against a plain reference, restricted
+decoding through the core loop, the held-out pair choice, and a quick end-to-end run."""
 
 from __future__ import annotations
 
@@ -7,21 +7,22 @@ import pandas as pd
 import pytest
 import torch
 
-from patchscopes.capture import layer_hooks
+from patchscopes.engine import fast_eligible
 from patchscopes.evals.multihop import (
     MultihopConfig,
     MultihopError,
-    RestrictedRun,
     TwoHopQuery,
     answered,
+    blind_pi1,
     build_queries,
     honest_accuracy,
     query_spans,
-    restricted_generate,
+    restricted_states,
     run_multihop,
     versus_vanilla,
 )
-from patchscopes.patching import Patch, PatchedRun, run_patched
+from patchscopes.hooks import at_locations
+from patchscopes.patching import Patch, PatchedRun, run_patched, trace
 from tiny import tiny_model
 
 QUERY = TwoHopQuery("product by company", "company CEO", "Visual Basic", "Microsoft", ("Satya Nadella",))
@@ -67,7 +68,7 @@ def _reference_pi1_alone(lm, ids: list[int], pi1: list[int], layers: list[int]) 
     def grab(layer: int, hidden: torch.Tensor) -> None:
         seen[layer] = hidden[0, -1].detach().float()
 
-    with layer_hooks(lm.adapter.blocks, layers, grab), torch.no_grad():
+    with at_locations(lm.adapter.blocks, layers, grab), torch.no_grad():
         lm.model(input_ids=torch.tensor([[ids[p] for p in pi1]]), position_ids=torch.tensor([pi1]), use_cache=False)
     return torch.stack([seen[layer] for layer in layers])
 
@@ -79,26 +80,38 @@ def test_attention_restriction_matches_running_pi1_alone(which, request):
     assert pi2 == list(range(pi2[0], pi2[-1] + 1)) and pi1[0] == pi2[-1] + 1
     assert lm.tokenizer.decode([ids[p] for p in pi1]).strip() == QUERY.pi1
     layers = list(range(lm.n_layers))
-    _, [restricted] = restricted_generate(lm, [RestrictedRun(ids, pi2, pi1)], 0, capture=(layers, [pi1[-1]]))
+    [restricted] = restricted_states(lm, [(ids, pi2, pi1)], layers)
     reference = _reference_pi1_alone(lm, ids, pi1, layers)
     assert torch.allclose(restricted, reference, atol=1e-4 * max(1.0, reference.abs().max().item()))
     # π2 is untouched by the restriction: its last token matches the plain causal pass
-    _, [plain_pi2] = restricted_generate(lm, [RestrictedRun(ids, [], [])], 0, capture=(layers, [pi2[-1]]))
-    _, [restricted_pi2] = restricted_generate(lm, [RestrictedRun(ids, pi2, pi1)], 0, capture=(layers, [pi2[-1]]))
-    assert torch.allclose(plain_pi2, restricted_pi2, atol=1e-5)
+    _, plain, _ = trace(lm, [ids], layers=layers)
+    _, blind, _ = trace(lm, [ids], layers=layers, blind=[blind_pi1(pi2, pi1)])
+    for layer in layers:
+        assert torch.allclose(plain[layer][0, pi2[-1]], blind[layer][0, pi2[-1]], atol=1e-5)
     # while π1's last token does change once it cannot see π2
-    _, [plain_pi1] = restricted_generate(lm, [RestrictedRun(ids, [], [])], 0, capture=(layers, [pi1[-1]]))
-    assert not torch.allclose(plain_pi1[-1], restricted[-1], atol=1e-3)
+    assert not torch.allclose(plain[layers[-1]][0, pi1[-1]].float(), restricted[-1], atol=1e-3)
 
 
-def test_unrestricted_patched_generation_matches_core_engine():
+def test_restricted_decoding_runs_through_the_core_loop():
+    """A blind run's logits are the restricted prefill's; batched equals one at a time; no restriction is plain."""
     lm = tiny_model("llama")
-    prompts = ["The capital of France is", "Diana, Princess of Wales, was a member of the"]
-    ids = [lm.tokenize(p).ids for p in prompts]
+    ids, pi2, pi1 = query_spans(QUERY, lm)
+    other = lm.tokenize("Diana, Princess of Wales, was a member of the").ids
     vector = torch.randn(lm.hidden_size) * 3
-    ours, _ = restricted_generate(lm, [RestrictedRun(i, [], [], [(1, 2, vector)]) for i in ids], max_new_tokens=8, batch_size=2)
-    core = run_patched(lm, [PatchedRun(i, [Patch(1, [2], vector[None])]) for i in ids], max_new_tokens=8, batch_size=2)
-    assert ours == [o.generated for o in core]
+    runs = [
+        PatchedRun(ids, [Patch(1, [pi2[-1]], vector[None])], blind_pi1(pi2, pi1)),
+        PatchedRun(other, [Patch(1, [2], vector[None])]),
+    ]
+    batched = run_patched(lm, runs, max_new_tokens=6, batch_size=2)
+    alone = [run_patched(lm, [run], max_new_tokens=6)[0] for run in runs]
+    assert [o.generated for o in batched] == [o.generated for o in alone]
+    for b, a in zip(batched, alone):
+        assert torch.allclose(b.logits, a.logits, atol=1e-4)
+    logits, _, _ = trace(lm, [ids], [runs[0].patches], blind=[runs[0].blind])
+    assert torch.allclose(batched[0].logits, logits[0, -1], atol=1e-4)
+    unrestricted = run_patched(lm, [PatchedRun(ids, runs[0].patches)], max_new_tokens=6)[0]
+    assert not torch.allclose(unrestricted.logits, batched[0].logits, atol=1e-3)
+    assert not fast_eligible(lm, runs[0]) and fast_eligible(lm, runs[1])  # the replay engine leaves restrictions alone
 
 
 def test_honest_accuracy_chooses_on_one_half_and_scores_the_other():

@@ -93,16 +93,20 @@ def test_logit_lens_last_layer_is_model_output(any_model):
     assert (via_lens - own_probs).abs().max().item() <= 1e-5
 
 
-def test_logit_lens_fast_path_equals_patchscope(any_model):
+def test_logit_lens_sweep_equals_decoding_the_hidden_state(any_model):
+    """The lens's sweep (a Patchscope run by the executors) equals its reference, ``decode(h)`` at the position."""
     from patchscopes import LogitLens
 
     lm = any_model
     lens = LogitLens()
-    df = lens.sweep(lm, [TEXT], layers=[0, 1, lm.n_layers - 2], progress=False)
-    for _, row in df.iterrows():
-        result = run(lens.patchscope(TEXT, row.source_layer), lm)
-        assert result.top_tokens[0] == row.top1
-        assert abs(result.top_probs[0] - row.top1_prob) < 1e-4
+    layers = [0, 1, lm.n_layers - 2]
+    ids = lm.tokenize(TEXT).ids
+    [states] = capture(lm, [ids], [[len(ids) - 1]], layers)
+    df = lens.sweep(lm, [TEXT], layers=layers, progress=False)
+    for i, row in enumerate(df.itertuples()):
+        probs = torch.softmax(lens.logits(lm, layers[i], states[i])[0], -1)
+        assert row.source_layer == layers[i] and row.top1 == lm.token_strings([int(probs.argmax())])[0]
+        assert abs(float(probs.max()) - row.top1_prob) < 1e-4
 
 
 def _reference_generate(lm, target_ids, layer, positions, vectors, max_new):
@@ -154,14 +158,14 @@ def test_add_mode_with_zero_vector_is_identity(tiny):
 
 def test_embeddings_location(tiny):
     """Patching the captured embeddings back in changes nothing; patching other values changes the output."""
-    from patchscopes.capture import EMBED_INDEX
+    from patchscopes.layers import EMBEDDINGS
 
     ids = tiny.tokenize(TEXT).ids
-    [h] = capture(tiny, [ids], [[2]], [EMBED_INDEX])
+    [h] = capture(tiny, [ids], [[2]], [EMBEDDINGS])
     base, _, _ = trace(tiny, [ids])
-    same, _, _ = trace(tiny, [ids], [[Patch(EMBED_INDEX, [2], h[0])]])
+    same, _, _ = trace(tiny, [ids], [[Patch(EMBEDDINGS, [2], h[0])]])
     other, _, _ = trace(
-        tiny, [ids], [[Patch(EMBED_INDEX, [2], h[0] + 3 * torch.randn_like(h[0]))]]
+        tiny, [ids], [[Patch(EMBEDDINGS, [2], h[0] + 3 * torch.randn_like(h[0]))]]
     )  # not a constant: LayerNorm ignores those
     assert (base - same).abs().max() <= 1e-5
     assert (base - other).abs().max() > 1e-3

@@ -53,20 +53,20 @@ def test_fast_engine_falls_back_with_one_warning_and_fast_raises():
     ours = [w for w in caught if issubclass(w.category, PatchscopesWarning)]
     assert len(ours) == 1 and "using the plain engine" in str(ours[0].message)
     assert "\n" not in str(ours[0].message)
-    plain = sweep(lm, texts, TOKEN_IDENTITY, engine="plain", progress=False)
+    plain = sweep(lm, texts, TOKEN_IDENTITY, executor="plain", progress=False)
     assert list(auto.top1) == list(plain.top1) == list(again.top1)
     with pytest.raises(EngineError, match="fast engine cannot run tiny-mamba exactly"):
-        sweep(lm, texts, TOKEN_IDENTITY, engine="fast", progress=False)
+        sweep(lm, texts, TOKEN_IDENTITY, executor="fast", progress=False)
 
 
 def test_fast_engine_rejects_an_embeddings_patch_instead_of_running_plain():
     lm = tiny_model("llama")
     with pytest.raises(EngineError, match="embeddings"):
-        sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[0], target_layers=["embeddings"], engine="fast", progress=False)
+        sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[0], target_layers=["embeddings"], executor="fast", progress=False)
 
 
 def test_capabilities_record_the_layout_and_the_engine_verdicts():
-    from patchscopes.models import capabilities
+    from patchscopes.capabilities import capabilities
 
     llama = capabilities(tiny_model("llama"))
     assert llama.fast_engine and llama.edge_attribution and llama.blocks == "model.layers"
@@ -91,7 +91,7 @@ def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure(
     with pytest.raises(SpecError, match="cancelled"):
         sweep(lm, ["cat"], TOKEN_IDENTITY, progress=False)
     handle.remove()
-    fast = sweep(lm, ["cat"], TOKEN_IDENTITY, engine="fast", progress=False)  # the verdict was not cached as a failure
+    fast = sweep(lm, ["cat"], TOKEN_IDENTITY, executor="fast", progress=False)  # the verdict was not cached as a failure
     assert len(fast) == lm.n_layers
 
 
@@ -109,5 +109,5 @@ def test_a_block_that_does_not_run_is_an_error_not_an_unpatched_answer():
         sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[1], progress=False)
     for engine in ("plain", "auto"):
         with pytest.raises(LayerError, match=r"block\(s\) \[1\] did not run"):
-            run_many([ENTITY_DESCRIPTION.scope("Diana", layer=0, target_layer=1)], lm, engine=engine)
+            run_many([ENTITY_DESCRIPTION.scope("Diana", layer=0, target_layer=1)], lm, executor=engine)
     assert run_many([ENTITY_DESCRIPTION.scope("Diana", layer=0, target_layer=2)], lm)[0].text is not None

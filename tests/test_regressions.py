@@ -16,11 +16,14 @@ from patchscopes import (
     Placeholder,
     Source,
     Target,
+    capture,
     run,
     run_many,
     sweep,
 )
-from patchscopes.errors import PositionError, SpecError
+from patchscopes.errors import LayerError, PositionError, SpecError
+from patchscopes.layers import EMBEDDINGS
+from patchscopes.patching import Patch, trace
 from patchscopes.positions import resolve_positions
 from tiny import tiny_model
 
@@ -28,11 +31,15 @@ EIFFEL = "The Eiffel Tower is located in the city of"
 
 
 def test_logit_lens_preset_decodes_the_patched_position(smol):
+    ids = smol.tokenize(EIFFEL).ids
+    [states] = capture(smol, [ids], [[3]], [10, 20, 29])
     lens = LogitLens().sweep(smol, [EIFFEL], layers=[10, 20, 29], position=3, top_k=3, progress=False)
-    for layer, expected in zip((10, 20, 29), lens.top1):
+    for i, (layer, swept) in enumerate(zip((10, 20, 29), lens.top1)):
+        # the reference: the final norm and unembedding applied to the hidden state at position 3
+        expected = smol.token_strings([int(LogitLens().logits(smol, layer, states[i])[0].argmax())])[0]
         via_preset = run(LOGIT_LENS.scope(EIFFEL, layer, 3), smol)
         via_lens = run(LogitLens().patchscope(EIFFEL, layer, 3), smol)
-        assert via_preset.top_tokens[0] == via_lens.top_tokens[0] == expected
+        assert via_preset.top_tokens[0] == via_lens.top_tokens[0] == swept == expected
     last_layer = run(LOGIT_LENS.scope(EIFFEL, 29, 3), smol)
     assert last_layer.top_tokens[0] != " Paris"  # what the prompt's last position says
 
@@ -98,4 +105,19 @@ def test_fast_engine_with_an_embeddings_patch_raises_instead_of_running_plain():
 
     lm = tiny_model("llama")
     with pytest.raises(EngineError, match="embeddings"):
-        run_many([TOKEN_IDENTITY.scope("cat", layer=0, target_layer="embeddings")], lm, engine="fast")
+        run_many([TOKEN_IDENTITY.scope("cat", layer=0, target_layer="embeddings")], lm, executor="fast")
+
+
+def test_minus_one_is_the_last_block_everywhere(smol):
+    """-1 is the last block in capture and Patch as it is for users; the embeddings are only "embeddings"."""
+    ids = smol.tokenize(EIFFEL).ids
+    [h] = capture(smol, [ids], [[3]], [-1, smol.n_layers - 1, EMBEDDINGS])
+    assert (h[0] - h[1]).abs().max() == 0
+    assert (h[0] - h[2]).abs().max() > 1e-2
+    _, seen, _ = trace(smol, [ids], layers=[-1])
+    assert list(seen) == [smol.n_layers - 1]
+    patched, _, _ = trace(smol, [ids], [[Patch(-1, [3], h[2])]])
+    by_index, _, _ = trace(smol, [ids], [[Patch(smol.n_layers - 1, [3], h[2])]])
+    assert (patched - by_index).abs().max() == 0
+    with pytest.raises(LayerError, match="out of range"):
+        capture(smol, [ids], [[3]], [smol.n_layers])

@@ -194,7 +194,7 @@ def test_single_token_fast_path_equals_teacher_forcing(llama) -> None:  # noqa: 
 def test_attribute_lens_patchscope_equals_decoding_w_s_plus_b(llama) -> None:  # noqa: ANN001
     from patchscopes.relations.bridges import attribute_lens_scope, describe_concept
     from patchscopes.relations.lrc import subject_states
-    from patchscopes.scope import run
+    from patchscopes.runner import run
 
     lre = estimate_lre(llama, [PROMPT], subject_layer=1, object_layer=-1, aggregation="first")
     assert lre.object_layer == llama.n_layers - 1

@@ -15,7 +15,7 @@ from patchscopes.relations.data import load_relations
 from patchscopes.relations.lrc import ConceptSet, subject_states
 from patchscopes.relations.lre import LinearRelationalEmbedding
 from patchscopes.relations.prompts import zero_shot_prompts
-from patchscopes.scope import run
+from patchscopes.runner import run
 
 METHODS = ["LRC", "LRC (first token, final layer)", "SVM", "input averaging"]
 

@@ -12,7 +12,8 @@ from fastapi.testclient import TestClient
 from patchscopes.mappings import AffineMap
 from patchscopes.positions import Placeholder
 from patchscopes.presets import custom
-from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target, run
+from patchscopes.runner import run
+from patchscopes.scope import Generate, NextToken, Patchscope, Source, Target
 from patchscopes.server import Limits, create_app
 from patchscopes.sweep import sweep
 from tiny import tiny_model

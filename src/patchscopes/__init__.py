@@ -1,6 +1,6 @@
 """patchscopes: ask a language model, in plain text, what its hidden states contain."""
 
-from patchscopes.capture import EMBEDDINGS, capture
+from patchscopes.capture import capture
 from patchscopes.errors import (
     CacheError,
     EngineError,
@@ -17,12 +17,16 @@ from patchscopes.errors import (
     UnknownArchitectureError,
     UnknownModelError,
 )
+from patchscopes.executors import Executor, PlainExecutor, ReplayExecutor
+from patchscopes.layers import EMBEDDINGS
 from patchscopes.lenses import AffineLens, Lens, LogitLens
 from patchscopes.mappings import AffineFitter, AffineMap, Identity
 from patchscopes.models import REGISTRY, ArchSpec, ModelHandle, from_model, load_model
+from patchscopes.plan import Plan, compile_plan
 from patchscopes.positions import Placeholder, Substring
 from patchscopes.presets import ENTITY_DESCRIPTION, LOGIT_LENS, PRESETS, TOKEN_IDENTITY, Preset, attribute, custom
-from patchscopes.scope import Generate, NextToken, Patchscope, PatchscopeResult, Source, Target, run, run_many
+from patchscopes.runner import run, run_many
+from patchscopes.scope import Generate, NextToken, Patchscope, PatchscopeResult, Source, Target
 from patchscopes.sweep import iter_sweep, sweep
 
 __version__ = "0.1.0"
@@ -40,6 +44,7 @@ __all__ = [
     "ArchSpec",
     "CacheError",
     "EngineError",
+    "Executor",
     "Generate",
     "Identity",
     "LayerError",
@@ -55,6 +60,9 @@ __all__ = [
     "PatchscopeError",
     "PatchscopesWarning",
     "PatchscopeResult",
+    "Plan",
+    "PlainExecutor",
+    "ReplayExecutor",
     "Placeholder",
     "PositionError",
     "Preset",
@@ -67,6 +75,7 @@ __all__ = [
     "UnknownModelError",
     "attribute",
     "capture",
+    "compile_plan",
     "custom",
     "iter_sweep",
     "from_model",

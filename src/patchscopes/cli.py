@@ -33,7 +33,7 @@ PLUGINS: list[str] = [
     "patchscopes.server.cli",
     "patchscopes.circuits.cli",
     "patchscopes.evals.cli",
-    "patchscopes.crossmodel.cli",
+    "patchscopes.evals.crossmodel_cli",
     "patchscopes.relations.cli",
     "patchscopes.backends.cli",
 ]

@@ -11,9 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:1, mps, or auto (the first GPU when there is one).")]
-Dtype = Annotated[
-    str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on a GPU), float32, bfloat16 or float16.")
-]
+Dtype = Annotated[str, typer.Option("--dtype", help="auto (float32 on CPU, bfloat16 on a GPU), float32, bfloat16 or float16.")]
 DeviceMap = Annotated[
     Optional[str],
     typer.Option("--device-map", help="Passed to from_pretrained (e.g. auto) to spread a large model over devices."),

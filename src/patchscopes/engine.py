@@ -29,10 +29,20 @@ import torch
 from torch import nn
 
 from patchscopes import compat
-from patchscopes.capture import EMBED_INDEX, capture, hidden_of, layer_hooks, with_hidden
+from patchscopes.capture import capture
 from patchscopes.errors import PatchscopeError
+from patchscopes.hooks import hidden_of, with_hidden, write
+from patchscopes.layers import is_block, resolve_layer
 from patchscopes.models.loading import ModelHandle
-from patchscopes.patching import Patch, PatchedRun, RunOutput, check_patches_landed, continue_generation, run_patched
+from patchscopes.patching import (
+    Patch,
+    PatchedRun,
+    RunOutput,
+    check_patches_landed,
+    continue_generation,
+    generators,
+    run_patched,
+)
 
 
 class ReplayError(RuntimeError):
@@ -151,7 +161,7 @@ def _run_group(
     state: _TargetState,
     max_new_tokens: int,
     temperature: float,
-    generator: torch.Generator | None,
+    seed: int | None,
 ) -> list[RunOutput]:
     """All variants patching ``layer`` of one target at positions ≥ ``start``, as one batch."""
     device, rows, suffix = lm.device, len(runs), list(ids[start:])
@@ -159,9 +169,7 @@ def _run_group(
     patched = state.suffix_hidden[layer].to(device).expand(rows, n_suffix, -1).clone()
     for row, run in enumerate(runs):
         for patch in run.patches:
-            cols = torch.tensor([p - start for p in patch.positions], device=device)
-            v = patch.vectors.to(device=device, dtype=patched.dtype)
-            patched[row, cols] = v if patch.mode == "replace" else patched[row, cols] + v
+            write(patched, (row, torch.tensor([p - start for p in patch.positions], device=device)), patch.vectors, patch.mode)
     replays = {}
     for index in range(layer + 1):
         out = patched if index == layer else state.suffix_hidden[index].to(device).expand(rows, n_suffix, -1)
@@ -183,7 +191,7 @@ def _run_group(
     if max_new_tokens > 0:
         mask = torch.ones(rows, len(ids), dtype=torch.long, device=device)
         generated = continue_generation(
-            lm, logits, compat.output_cache(out), mask, positions[:, -1:], max_new_tokens, temperature, generator
+            lm, logits, compat.output_cache(out), mask, positions[:, -1:], max_new_tokens, temperature, generators(seed, rows)
         )
     return [RunOutput(logits=logits[i].cpu(), generated=generated[i]) for i in range(rows)]
 
@@ -281,9 +289,9 @@ def _compare_engines(lm: ModelHandle) -> str | None:
     return None
 
 
-def fast_eligible(run: PatchedRun) -> bool:
-    """One patch at one block layer (not the embeddings): what the fast path handles."""
-    return len(run.patches) == 1 and run.patches[0].layer != EMBED_INDEX
+def fast_eligible(lm: ModelHandle, run: PatchedRun) -> bool:
+    """One patch at one block layer (not the embeddings), no attention restriction: what the fast path handles."""
+    return len(run.patches) == 1 and run.blind is None and is_block(resolve_layer(run.patches[0].layer, lm.n_layers))
 
 
 def run_patched_fast(
@@ -298,15 +306,14 @@ def run_patched_fast(
     """Same contract as :func:`patchscopes.patching.run_patched`, computed with shared prefixes and skipped layers.
 
     Runs that the fast path does not cover (several patches, an embeddings patch) must go through
-    ``run_patched``; :func:`patchscopes.scope.run_many` routes them.
+    ``run_patched``; :class:`patchscopes.executors.ReplayExecutor` routes them.
     """
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
     groups: dict[tuple, list[int]] = {}
     for i, run in enumerate(runs):
-        if not fast_eligible(run):
-            raise ValueError("run_patched_fast handles runs with exactly one block-layer patch")
+        if not fast_eligible(lm, run):
+            raise ValueError("run_patched_fast handles runs with exactly one block-layer patch and no attention restriction")
         patch = run.patches[0]
-        groups.setdefault((tuple(run.ids), min(patch.positions), patch.layer), []).append(i)
+        groups.setdefault((tuple(run.ids), min(patch.positions), resolve_layer(patch.layer, lm.n_layers)), []).append(i)
     results: list[RunOutput | None] = [None] * len(runs)
     states: dict[tuple, _TargetState] = {}
     for ids, start, layer in sorted(groups):
@@ -317,9 +324,7 @@ def run_patched_fast(
             states[key] = _prepare_target(lm, ids, start)
         for offset in range(0, len(members), batch_size):
             chunk = members[offset : offset + batch_size]
-            outs = _run_group(
-                lm, ids, start, layer, [runs[i] for i in chunk], states[key], max_new_tokens, temperature, generator
-            )
+            outs = _run_group(lm, ids, start, layer, [runs[i] for i in chunk], states[key], max_new_tokens, temperature, seed)
             for i, out in zip(chunk, outs):
                 results[i] = out
             if on_batch is not None:
@@ -327,4 +332,4 @@ def run_patched_fast(
     return [r for r in results if r is not None]
 
 
-__all__ = ["ReplayError", "check_tolerance", "fast_engine_problem", "fast_eligible", "run_patched_fast", "layer_hooks"]
+__all__ = ["ReplayError", "check_tolerance", "fast_engine_problem", "fast_eligible", "run_patched_fast"]

@@ -1,8 +1,9 @@
 """Lenses: decode a hidden state at layer ℓ as if it were the last layer's output.
 
-Both are Patchscopes with a fixed target (T = S, ℓ* = L−1, i* = i); because the final norm and the
-unembedding act position by position, that target reduces to ``decode(f(h))``, which is what runs here
-(the tests check it equals the full Patchscope).
+A lens is a small module, ``(hidden, layer) → logits`` (:meth:`Lens.logits`): a per-layer transform into the
+last layer's space, then the model's final norm and unembedding. It is also a Patchscope with a fixed target
+(T = S, ℓ* = L−1, i* = i, decoded at the patched position), and that is how :meth:`Lens.sweep` runs it: through
+:func:`patchscopes.sweep.sweep`, its executors and its rows. The tests hold the two equal.
 
     >>> df = LogitLens().sweep(lm, ["The capital of France is"])            # doctest: +SKIP
     >>> lens = AffineLens.fit(lm, texts, layers=range(lm.n_layers))         # doctest: +SKIP
@@ -18,15 +19,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchscopes.capture import EMBED_INDEX, LayerSpec, capture, resolve_layer
+from patchscopes.capture import capture
 from patchscopes.errors import MappingError
+from patchscopes.layers import LayerSpec, Location, depth, resolve_layer
 from patchscopes.mappings import AffineFitter, AffineMap
 from patchscopes.models.loading import ModelHandle
-from patchscopes.positions import PositionSpec, resolve_positions
+from patchscopes.positions import PositionSpec
 from patchscopes.presets import LOGIT_LENS
 from patchscopes.progress import progress_bar
-from patchscopes.scope import Patchscope
-from patchscopes.sweep import COLUMNS
+from patchscopes.scope import NextToken, Patchscope
 
 
 class Lens:
@@ -34,15 +35,15 @@ class Lens:
 
     name = "lens"
 
-    def transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def transform(self, layer: Location, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def mapping(self, layer: int) -> Any:
+    def mapping(self, layer: Location) -> Any:
         """The mapping that makes this lens a Patchscope at ``layer``."""
         raise NotImplementedError
 
     @torch.no_grad()
-    def logits(self, lm: ModelHandle, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, lm: ModelHandle, layer: Location, hidden: torch.Tensor) -> torch.Tensor:
         h = self.transform(layer, hidden.to(lm.device, lm.dtype))
         return lm.adapter.decode(h).float()
 
@@ -55,7 +56,7 @@ class Lens:
 
     def mapping_for(self, layer: LayerSpec) -> Any:
         """The mapping of a user layer (negative from the end, or ``"embeddings"``)."""
-        return self.mapping(layer if isinstance(layer, int) else EMBED_INDEX)
+        return self.mapping(layer)  # type: ignore[arg-type]
 
     def sweep(
         self,
@@ -67,42 +68,24 @@ class Lens:
         batch_size: int = 32,
         progress: bool = True,
     ) -> pd.DataFrame:
-        """One row per prompt × layer, with the same columns as :func:`patchscopes.sweep`."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        layer_list = [resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))]
-        rows = []
-        with progress_bar(len(prompts), self.name, enabled=progress) as advance:
-            for start in range(0, len(prompts), batch_size):
-                part = prompts[start : start + batch_size]
-                toks = [lm.tokenize(p) for p in part]
-                pos = [resolve_positions(position, p, t.offsets) for p, t in zip(part, toks)]
-                states = capture(lm, [t.ids for t in toks], pos, layer_list, batch_size)
-                for j, (prompt, tok, p, st) in enumerate(zip(part, toks, pos, states)):
-                    for li, layer in enumerate(layer_list):
-                        logits = self.logits(lm, layer, st[li])[-1]
-                        probs = torch.softmax(logits, -1)
-                        top = torch.topk(probs, top_k)
-                        tokens = lm.token_strings(top.indices.tolist())
-                        rows.append(
-                            {
-                                "example": start + j,
-                                "source_prompt": prompt,
-                                "source_position": p[-1],
-                                "source_token": lm.token_strings([tok.ids[p[-1]]])[0],
-                                "source_layer": "embeddings" if layer == -1 else layer,
-                                "target_prompt": prompt,
-                                "target_position": p[-1],
-                                "target_layer": lm.n_layers - 1,
-                                "text": tokens[0],
-                                "top_tokens": tokens,
-                                "top_probs": [float(v) for v in top.values],
-                                "top1": tokens[0],
-                                "top1_prob": float(top.values[0]),
-                            }
-                        )
-                    advance(1)
-        return pd.DataFrame(rows, columns=COLUMNS)
+        """One row per prompt × layer, with the columns of :func:`patchscopes.sweep.sweep` (it runs there)."""
+        from patchscopes.sweep import sweep
+
+        def per_layer(layer: LayerSpec, target_layer: LayerSpec) -> Any:
+            return self.mapping_for(layer)
+
+        per_layer.per_layer_pair = True  # type: ignore[attr-defined]
+        return sweep(
+            lm,
+            prompts,
+            LOGIT_LENS,
+            source_layers=list(layers) if layers is not None else None,
+            position=position,
+            mapping=per_layer,
+            decoding=NextToken(top_k=top_k),
+            batch_size=batch_size,
+            progress=progress,
+        )
 
 
 class LogitLens(Lens):
@@ -110,10 +93,10 @@ class LogitLens(Lens):
 
     name = "logit-lens"
 
-    def transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def transform(self, layer: Location, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
-    def mapping(self, layer: int) -> Any:
+    def mapping(self, layer: Location) -> Any:
         return None
 
 
@@ -122,18 +105,16 @@ class AffineLens(Lens):
 
     name = "affine-lens"
 
-    def __init__(self, maps: dict[int, AffineMap], model_name: str | None = None) -> None:
+    def __init__(self, maps: dict[Location, AffineMap], model_name: str | None = None) -> None:
         self.maps = maps
         self.model_name = model_name
 
-    def transform(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        if layer not in self.maps:
-            raise MappingError(f"this affine lens has no map for layer {layer}; fitted layers: {sorted(self.maps)}")
-        return self.maps[layer](hidden)
+    def transform(self, layer: Location, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mapping(layer)(hidden)
 
-    def mapping(self, layer: int) -> Any:
+    def mapping(self, layer: Location) -> Any:
         if layer not in self.maps:
-            raise MappingError(f"this affine lens has no map for layer {layer}; fitted layers: {sorted(self.maps)}")
+            raise MappingError(f"this affine lens has no map for layer {layer}; fitted layers: {sorted(self.maps, key=depth)}")
         return self.maps[layer]
 
     def mapping_for(self, layer: LayerSpec) -> Any:
@@ -154,7 +135,7 @@ class AffineLens(Lens):
         cls,
         lm: ModelHandle,
         texts: Sequence[str],
-        layers: Iterable[int] | None = None,
+        layers: Iterable[LayerSpec] | None = None,
         max_positions: int = 10_000,
         ridge: float = 0.0,
         skip_first: int = 1,
@@ -163,10 +144,10 @@ class AffineLens(Lens):
     ) -> AffineLens:
         """Fit one map per layer on every position of ``texts`` (after ``skip_first`` tokens), up to ``max_positions``."""
         layer_list = sorted(
-            {resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))}
+            {resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))}, key=depth
         )
         last = lm.n_layers - 1
-        wanted = sorted(set(layer_list) | {last})
+        wanted = sorted(set(layer_list) | {last}, key=depth)
         fitters = {layer: AffineFitter(lm.hidden_size, lm.hidden_size, ridge) for layer in layer_list}
         seen = 0
         with progress_bar(len(texts), "fit affine lens", enabled=progress) as advance:
@@ -196,7 +177,7 @@ class AffineLens(Lens):
         for layer, m in self.maps.items():
             m.save(directory / f"layer{layer}")
         (directory / "lens.json").write_text(
-            json.dumps({"type": "affine-lens", "model": self.model_name, "layers": sorted(self.maps)})
+            json.dumps({"type": "affine-lens", "model": self.model_name, "layers": sorted(self.maps, key=depth)})
         )
         return directory
 

@@ -177,7 +177,7 @@ class AffineMap(nn.Module):
         return loaded
 
     def check_provenance(
-        self, source: _Model, target: _Model, source_layer: int | None = None, target_layer: int | None = None
+        self, source: _Model, target: _Model, source_layer: int | str | None = None, target_layer: int | str | None = None
     ) -> None:
         """Raise :class:`MapProvenanceError` unless the map was fitted from ``source`` to ``target`` (model names,
         weight sha256 and hidden sizes; and the layers, resolved, when given: ``-1`` is the embeddings).
@@ -216,6 +216,25 @@ class AffineMap(nn.Module):
             expected = self.metadata.get(role)
             if given is not None and expected is not None and expected != given:
                 raise MappingError(f"this map was fitted with {role} {expected!r}, not {given!r}; fit a map for {given!r}")
+
+
+def mapping_device(mapping: Any, default: torch.device | str = "cpu") -> torch.device:
+    """Where a mapping's weights live (an ``nn.Module``'s first parameter or buffer), else ``default``."""
+    if isinstance(mapping, nn.Module):
+        for t in list(mapping.parameters()) + list(mapping.buffers()):
+            return t.device
+    return torch.device(default)
+
+
+def apply_mapping(mapping: Any, hidden: torch.Tensor, out_device: torch.device | str) -> torch.Tensor:
+    """Run ``mapping`` on ``hidden`` where the mapping's weights are, and return the result on ``out_device``.
+
+    >>> apply_mapping(lambda h: 2 * h, torch.ones(1, 4), "cpu")
+    tensor([[2., 2., 2., 2.]])
+    """
+    with torch.no_grad():
+        mapped = mapping(hidden.to(mapping_device(mapping, hidden.device)))
+    return mapped.to(out_device)
 
 
 def as_mapping(mapping: MappingLike | nn.Module | str | Path | None) -> MappingLike:

@@ -1,34 +1,38 @@
 """Write hidden states into a forward pass (replace or add), on the prefill pass only, then decode.
 
-This is the one generic engine every Patchscope, lens and sweep goes through::
+This is the reference engine every Patchscope can run through, and the home of the one decode loop
+(:func:`continue_generation`) that every native path shares::
 
     run = PatchedRun(ids=lm.tokenize("cat -> cat\\n?").ids,
                      patches=[Patch(layer=5, positions=[-1 % n], vectors=h[None])])
     [out] = run_patched(lm, [run], max_new_tokens=0)   # next-token logits in out.logits
+
+A run may also restrict attention on its prefill (``PatchedRun.blind``): the multi-hop evaluation's
+"π1 does not see π2" is that option, not an engine of its own.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from patchscopes import compat
 from patchscopes.batching import Batch, chunks, left_pad
-from patchscopes.capture import layer_hooks
-from patchscopes.errors import LayerError, MappingError, SpecError
+from patchscopes.errors import MappingError, SpecError
+from patchscopes.hooks import PatchMode, at_locations, not_run_error, write
+from patchscopes.layers import LayerSpec, Location, depth, resolve_layer
 from patchscopes.models.loading import ModelHandle
-
-PatchMode = Literal["replace", "add"]
 
 
 @dataclass
 class Patch:
-    """Hidden states to write at one resolved layer and non-negative positions of the unpadded prompt."""
+    """Hidden states to write at one layer (negative from the end, or ``"embeddings"``) and non-negative
+    positions of the unpadded prompt."""
 
-    layer: int
+    layer: LayerSpec
     positions: list[int]
     vectors: torch.Tensor  # [len(positions), d]
     mode: PatchMode = "replace"
@@ -45,10 +49,15 @@ class Patch:
 
 @dataclass
 class PatchedRun:
-    """One target prompt (token ids) and the patches to apply to it."""
+    """One target prompt (token ids), the patches to apply to it, and an optional attention restriction.
+
+    ``blind=(queries, keys)``: on the prefill pass, the positions in ``queries`` do not attend to those in
+    ``keys`` (every other rule stays causal); generated tokens attend to everything.
+    """
 
     ids: list[int]
     patches: list[Patch] = field(default_factory=list)
+    blind: tuple[list[int], list[int]] | None = None
 
 
 @dataclass
@@ -59,8 +68,12 @@ class RunOutput:
     generated: list[int] = field(default_factory=list)
 
 
-def _patch_table(lm: ModelHandle, batch: Batch, runs: Sequence[PatchedRun]) -> dict[int, list[tuple]]:
-    table: dict[int, list[tuple]] = {}
+Entry = tuple[int, list[int], torch.Tensor, PatchMode]  # row, padded columns, vectors, mode
+
+
+def patch_table(lm: ModelHandle, batch: Batch, runs: Sequence[PatchedRun]) -> dict[Location, list[Entry]]:
+    """The patches of one padded batch, by resolved location; checks sizes and positions."""
+    table: dict[Location, list[Entry]] = {}
     d = lm.hidden_size
     for row, run in enumerate(runs):
         for patch in run.patches:
@@ -73,20 +86,38 @@ def _patch_table(lm: ModelHandle, batch: Batch, runs: Sequence[PatchedRun]) -> d
                 if not 0 <= p < len(run.ids):
                     raise SpecError(f"patch position {p} outside a target of {len(run.ids)} tokens")
             cols = [batch.padded(row, p) for p in patch.positions]
-            table.setdefault(patch.layer, []).append((row, cols, patch.vectors, patch.mode))
+            table.setdefault(resolve_layer(patch.layer, lm.n_layers), []).append((row, cols, patch.vectors, patch.mode))
     return table
 
 
-def _apply(hidden: torch.Tensor, entries: list[tuple]) -> torch.Tensor:
+def apply_patches(hidden: torch.Tensor, entries: Sequence[Entry]) -> torch.Tensor:
+    """A copy of ``hidden`` with the table's entries written."""
     hidden = hidden.clone()
     for row, cols, vectors, mode in entries:
-        index = torch.tensor(cols, device=hidden.device)
-        v = vectors.to(device=hidden.device, dtype=hidden.dtype)
-        if mode == "replace":
-            hidden[row, index] = v
-        else:
-            hidden[row, index] = hidden[row, index] + v
+        write(hidden, (row, torch.tensor(cols, device=hidden.device)), vectors, mode)
     return hidden
+
+
+def prefill_mask(lm: ModelHandle, batch: Batch, runs: Sequence[PatchedRun]) -> torch.Tensor:
+    """The prefill's attention mask: the padding mask, or a 4-D mask where some run restricts attention."""
+    if all(run.blind is None for run in runs):
+        return batch.attention_mask
+    width = batch.width
+    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(runs), 1, 1)
+    for row, run in enumerate(runs):
+        pad = batch.pad[row]
+        allowed[row, :, :pad] = False
+        if run.blind is not None and run.blind[0] and run.blind[1]:
+            queries = torch.tensor([pad + p for p in run.blind[0]])
+            keys = torch.tensor([pad + p for p in run.blind[1]])
+            allowed[row, queries[:, None], keys[None, :]] = False
+        allowed[row, torch.arange(width), torch.arange(width)] = True  # padding rows attend to themselves (no NaN)
+    return compat.additive_mask(allowed, lm.dtype).to(lm.device)
+
+
+def generators(seed: int | None, rows: int) -> list[torch.Generator] | None:
+    """One generator per row, each seeded alike: a row's sample never depends on its batch mates."""
+    return None if seed is None else [torch.Generator().manual_seed(seed) for _ in range(rows)]
 
 
 @torch.no_grad()
@@ -98,12 +129,13 @@ def continue_generation(
     last_positions: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 0.0,
-    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    generator: Sequence[torch.Generator] | None = None,
 ) -> list[list[int]]:
-    """Decode ``max_new_tokens`` per row from next-token ``logits`` and a KV cache (unpatched steps).
+    """The decode loop: ``max_new_tokens`` per row from next-token ``logits`` and a KV cache (unpatched steps).
 
     Greedy unless ``temperature > 0``; a row stops at the model's end-of-sequence token (not included).
-    ``generator`` may be one per row, so that each row's sample depends on its own seed only.
+    ``generator`` is one per row (see :func:`generators`), so that each row's sample depends on its own
+    seed only; without it sampling draws from torch's global generator.
     """
     rows = logits.shape[0]
     eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=logits.device)  # the unembedding's device
@@ -113,11 +145,11 @@ def continue_generation(
     for _ in range(max_new_tokens):
         if temperature > 0:
             probs = torch.softmax(step_logits / temperature, dim=-1).cpu()
-            if isinstance(generator, Sequence):
+            if generator is not None:
                 drawn = [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(generator)]
                 nxt = torch.cat(drawn).squeeze(-1).to(step_logits.device)
             else:
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1).to(step_logits.device)
+                nxt = torch.multinomial(probs, 1).squeeze(-1).to(step_logits.device)
         else:
             nxt = step_logits.argmax(-1)
         finished = torch.isin(nxt, eos)
@@ -141,13 +173,45 @@ def continue_generation(
     return generated
 
 
-def check_patches_landed(lm: ModelHandle, wanted: set[int], written: set[int]) -> None:
+def check_patches_landed(lm: ModelHandle, wanted: set[Location], written: set[Location]) -> None:
     """A patch whose block never ran would leave the output unpatched: refuse instead of answering."""
     if wanted - written:
-        raise LayerError(
-            f"block(s) {sorted(wanted - written)} did not run in the forward pass of {lm.name}, so a patch there would "
-            "not land (a cross-attention block without cross-attention input skips itself); choose other layers"
+        raise not_run_error(lm.name, sorted(wanted - written, key=depth), "a patch there would not land")
+
+
+@torch.no_grad()
+def _prefill(
+    lm: ModelHandle,
+    batch: Batch,
+    runs: Sequence[PatchedRun],
+    use_cache: bool,
+    read: Sequence[Location] = (),
+    last_only: bool = False,
+) -> tuple[Any, dict[Location, torch.Tensor]]:
+    """One patched forward pass of a padded batch; returns the model output and the hidden states at ``read``."""
+    table = patch_table(lm, batch, runs)
+    written: set[Location] = set()
+    seen: dict[Location, torch.Tensor] = {}
+
+    def hook(location: Location, hidden: torch.Tensor) -> torch.Tensor | None:
+        new = None
+        if location in table:
+            written.add(location)
+            new = apply_patches(hidden, table[location])
+        if location in read:
+            seen[location] = (new if new is not None else hidden).detach().clone()
+        return new
+
+    with at_locations(lm.adapter.blocks, [*table, *read], hook):
+        out = lm.model(
+            input_ids=batch.input_ids,
+            attention_mask=prefill_mask(lm, batch, runs),
+            position_ids=batch.position_ids,
+            use_cache=use_cache,
+            **(compat.logits_to_keep_kwargs(lm.model, 1) if last_only else {}),
         )
+    check_patches_landed(lm, set(table), written)
+    return out, seen
 
 
 @torch.no_grad()
@@ -162,49 +226,27 @@ def run_patched(
 ) -> list[RunOutput]:
     """Run each target with its patches applied on the prefill pass; return logits and generated ids.
 
-    Generation is greedy (``temperature=0``) or sampled, continues from the KV cache, and stops a row at
-    the model's end-of-sequence token. Mixed-length targets are left-padded with a proper attention
-    mask and position ids.
+    Generation is greedy (``temperature=0``) or sampled (each run with its own generator seeded ``seed``),
+    continues from the KV cache, and stops a row at the model's end-of-sequence token. Mixed-length targets
+    are left-padded with a proper attention mask and position ids.
     """
     outputs: list[RunOutput] = []
-    keep_last = compat.logits_to_keep_kwargs(lm.model, 1)
     for group in chunks(list(runs), batch_size):
         batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
-        table = _patch_table(lm, batch, group)
-        active = {"on": True}
-        written: set[int] = set()
-
-        def write(
-            layer: int, hidden: torch.Tensor, active: dict = active, table: dict = table, written: set = written
-        ) -> torch.Tensor | None:
-            if not active["on"]:
-                return None
-            written.add(layer)
-            return _apply(hidden, table[layer])
-
-        with layer_hooks(lm.adapter.blocks, list(table), write):
-            out = lm.model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=max_new_tokens > 0,
-                **keep_last,
+        out, _ = _prefill(lm, batch, group, use_cache=max_new_tokens > 0, last_only=True)
+        logits = out.logits[:, -1].float()
+        generated: list[list[int]] = [[] for _ in group]
+        if max_new_tokens > 0:
+            generated = continue_generation(
+                lm,
+                logits,
+                compat.output_cache(out),
+                batch.attention_mask,
+                batch.position_ids[:, -1:],
+                max_new_tokens,
+                temperature,
+                generators(seed, len(group)),
             )
-            active["on"] = False
-            check_patches_landed(lm, set(table), written)
-            logits = out.logits[:, -1].float()
-            generated: list[list[int]] = [[] for _ in group]
-            if max_new_tokens > 0:
-                generated = continue_generation(
-                    lm,
-                    logits,
-                    compat.output_cache(out),
-                    batch.attention_mask,
-                    batch.position_ids[:, -1:],
-                    max_new_tokens,
-                    temperature,
-                    [torch.Generator().manual_seed(seed) for _ in group] if seed is not None else None,
-                )
         for i in range(len(group)):
             outputs.append(RunOutput(logits=logits[i].cpu(), generated=generated[i]))
         if on_batch is not None:
@@ -214,25 +256,22 @@ def run_patched(
 
 @torch.no_grad()
 def trace(
-    lm: ModelHandle, ids: Sequence[Sequence[int]], patches: Sequence[Sequence[Patch]] | None = None, layers: Sequence[int] = ()
-) -> tuple[torch.Tensor, dict[int, torch.Tensor], Batch]:
-    """Full-sequence logits and hidden states of one padded batch, with optional patches (for inspection and tests).
+    lm: ModelHandle,
+    ids: Sequence[Sequence[int]],
+    patches: Sequence[Sequence[Patch]] | None = None,
+    layers: Sequence[LayerSpec] = (),
+    blind: Sequence[tuple[list[int], list[int]] | None] | None = None,
+) -> tuple[torch.Tensor, dict[Location, torch.Tensor], Batch]:
+    """Full-sequence logits and hidden states of one padded batch, with optional patches and attention
+    restrictions (for inspection, tests and evaluations that read the prefill).
 
-    Returns ``(logits [B, N, V], {layer: hidden [B, N, d]}, batch)``; columns are padded positions.
+    Returns ``(logits [B, N, V], {location: hidden [B, N, d]}, batch)``; columns are padded positions and the
+    hidden states are read after the patches at that location.
     """
-    runs = [PatchedRun(list(seq), list(p)) for seq, p in zip(ids, patches or [[] for _ in ids])]
+    runs = [
+        PatchedRun(list(seq), list(p), b) for seq, p, b in zip(ids, patches or [[] for _ in ids], blind or [None for _ in ids])
+    ]
     batch = left_pad([r.ids for r in runs], lm.pad_id, lm.device)
-    table = _patch_table(lm, batch, runs)
-    seen: dict[int, torch.Tensor] = {}
-
-    def hook(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        new = _apply(hidden, table[layer]) if layer in table else None
-        if layer in layers:
-            seen[layer] = (new if new is not None else hidden).detach().clone()
-        return new
-
-    with layer_hooks(lm.adapter.blocks, sorted(set(table) | set(layers)), hook):
-        out = lm.model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
-        )
+    read = [resolve_layer(layer, lm.n_layers) for layer in layers]
+    out, seen = _prefill(lm, batch, runs, use_cache=False, read=read)
     return out.logits.float(), seen, batch

@@ -99,9 +99,7 @@ def resolve_positions(spec: PositionSpec, prompt: str, offsets: list[tuple[int, 
     raise SpecError(f"position must be an int, a list of ints, Substring or Placeholder, not {type(spec).__name__}")
 
 
-def _check_whole_tokens(
-    text: str, prompt: str, offsets: list[tuple[int, int]], tokens: list[int], start: int, end: int
-) -> None:
+def _check_whole_tokens(text: str, prompt: str, offsets: list[tuple[int, int]], tokens: list[int], start: int, end: int) -> None:
     """A placeholder's tokens must cover it and nothing but it (a leading space in the first token is fine)."""
     first, last = offsets[tokens[0]], offsets[tokens[-1]]
     before = prompt[first[0] : start]

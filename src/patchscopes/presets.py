@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from patchscopes.capture import LayerSpec
+from patchscopes.layers import LayerSpec
 from patchscopes.positions import Placeholder, PositionSpec
 from patchscopes.scope import SAME, DecodeAt, Decoding, Generate, NextToken, Patchscope, Source, Target
 

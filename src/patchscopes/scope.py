@@ -1,4 +1,6 @@
-"""The Patchscope specification (source, mapping, target, decoding) and running it.
+"""The Patchscope specification (source, mapping, target, decoding), its JSON form and its result.
+
+Running it is :mod:`patchscopes.runner`'s job (through :mod:`patchscopes.plan` and :mod:`patchscopes.executors`).
 
 >>> from patchscopes import Patchscope, Source, Target, Generate, Placeholder
 >>> scope = Patchscope(
@@ -13,23 +15,18 @@ True
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, Union
 
 import torch
 
-from patchscopes.capture import EMBEDDINGS, LayerSpec, capture, resolve_layer
-from patchscopes.engine import fast_eligible, fast_engine_problem, run_patched_fast
-from patchscopes.errors import EngineError, MappingError, PatchscopeError, SpecError, warn_once
-from patchscopes.mappings import AffineMap, as_mapping, mapping_from_json, mapping_to_json
-from patchscopes.models.loading import ModelHandle
-from patchscopes.patching import Patch, PatchedRun, PatchMode, run_patched
-from patchscopes.positions import Placeholder, PositionSpec, Substring, position_from_json, position_to_json, resolve_positions
+from patchscopes.errors import SpecError
+from patchscopes.hooks import PatchMode
+from patchscopes.layers import LayerSpec, Location
+from patchscopes.mappings import mapping_from_json, mapping_to_json
+from patchscopes.positions import Placeholder, PositionSpec, Substring, position_from_json, position_to_json
 
 SAME = "same"  # target layer/position/prompt taken from the source
-Engine = Literal["auto", "fast", "plain"]
-Backend = Literal["native", "nnsight"]
 
 
 @dataclass(frozen=True)
@@ -172,8 +169,8 @@ class PatchscopeResult:
     scope: Patchscope
     source_positions: list[int]
     target_positions: list[int]
-    source_layer: int | str
-    target_layer: int
+    source_layer: Location
+    target_layer: Location
     source_tokens: list[str]
     logits: torch.Tensor
     top_ids: list[int]
@@ -194,220 +191,6 @@ class PatchscopeResult:
         )
 
 
-@dataclass
-class _Resolved:
-    scope: Patchscope
-    src_ids: list[int]
-    src_positions: list[int]
-    src_layer: int
-    tgt_ids: list[int]
-    tgt_positions: list[int]
-    tgt_layer: int
-    mapping: Callable[[torch.Tensor], torch.Tensor]
-
-
-def _resolve(scope: Patchscope, lm: ModelHandle, tlm: ModelHandle) -> _Resolved:
-    s, t = scope.source, scope.target
-    for loc, handle, role in ((s, lm, "source"), (t, tlm, "target")):
-        if loc.model is not None and loc.model != handle.name:
-            raise SpecError(f"the {role} names model {loc.model!r} but runs on {handle.name!r}; pass the matching model")
-    src_tok = lm.tokenize(s.prompt)
-    src_positions = resolve_positions(s.position, s.prompt, src_tok.offsets)
-    src_layer = resolve_layer(s.layer, lm.n_layers)
-    tgt_prompt = s.prompt if t.prompt is None else t.prompt
-    if t.prompt is None and tlm is not lm and tlm.tokenizer is not lm.tokenizer:
-        raise SpecError("a target without a prompt reuses the source prompt, which needs the same model or tokenizer")
-    tgt_tok = tlm.tokenize(tgt_prompt)
-    if t.position == SAME:
-        tgt_positions = list(src_positions)
-    else:
-        tgt_positions = resolve_positions(t.position, tgt_prompt, tgt_tok.offsets)  # type: ignore[arg-type]
-    if t.layer == SAME:
-        if src_layer == -1:
-            raise SpecError(f"target layer 'same' with source layer {EMBEDDINGS!r}: give the target layer explicitly")
-        tgt_layer = resolve_layer(s.layer, tlm.n_layers)
-    else:
-        tgt_layer = resolve_layer(t.layer, tlm.n_layers)
-    if len(src_positions) != len(tgt_positions):
-        raise SpecError(
-            f"{len(src_positions)} source position(s) {src_positions} but {len(tgt_positions)} target position(s) "
-            f"{tgt_positions}: multi-token patching pairs them one to one"
-        )
-    if t.decode_at == "patch":
-        tgt_tok_ids = tgt_tok.ids[: max(tgt_positions) + 1]  # later positions cannot change the patched one
-    else:
-        tgt_tok_ids = tgt_tok.ids
-    mapping = as_mapping(scope.mapping)
-    if isinstance(mapping, AffineMap):
-        mapping.check_provenance(lm, tlm, src_layer, tgt_layer)
-    elif scope.mapping is None and lm.hidden_size != tlm.hidden_size:
-        raise MappingError(
-            f"incompatible hidden sizes: {lm.name} has {lm.hidden_size}, {tlm.name} has {tlm.hidden_size}; "
-            "pass mapping= an AffineMap fitted between them (see patchscopes.mappings)"
-        )
-    return _Resolved(scope, src_tok.ids, src_positions, src_layer, tgt_tok_ids, tgt_positions, tgt_layer, mapping)
-
-
-def run_many(
-    scopes: Sequence[Patchscope],
-    model: ModelHandle,
-    target_model: ModelHandle | None = None,
-    batch_size: int = 16,
-    on_batch: Callable[[int], None] | None = None,
-    engine: Engine = "auto",
-    backend: Backend = "native",
-    remote: bool | str = False,
-) -> list[PatchscopeResult]:
-    """Run many Patchscopes; sources are captured once per prompt, targets run in batches.
-
-    ``engine="auto"`` uses the fast engine (:mod:`patchscopes.engine`: shared target prefixes, skipped
-    layers) wherever it applies — a model that passed its self-check, greedy decoding, one block-layer patch —
-    and the plain padded-batch engine elsewhere, with one warning when a model fails the check; ``"plain"``
-    always uses the plain one, ``"fast"`` requires the fast one and raises :class:`EngineError` where it cannot run.
-    ``backend="nnsight"`` compiles the same Patchscopes into nnsight traces instead (``remote=True`` runs them
-    on NDIF; see :mod:`patchscopes.backends`); ``engine`` then does not apply.
-    """
-    if engine not in ("auto", "fast", "plain"):
-        raise SpecError(f"engine {engine!r} is not 'auto', 'fast' or 'plain'")
-    if backend == "nnsight":
-        from patchscopes.backends.nnsight_backend import run_many_nnsight
-
-        return run_many_nnsight(scopes, model, target_model, batch_size, remote=remote or None, on_batch=on_batch)  # type: ignore[arg-type]
-    if backend != "native":
-        raise SpecError(f"backend {backend!r} is not 'native' or 'nnsight'")
-    tlm = target_model or model
-    resolved = [_resolve(s, model, tlm) for s in scopes]
-    # capture: one pass per distinct (source prompt, positions), all needed layers at once
-    keys: dict[tuple, set[int]] = {}
-    for r in resolved:
-        keys.setdefault((tuple(r.src_ids), tuple(r.src_positions)), set()).add(r.src_layer)
-    key_list = list(keys)
-    layer_lists = [sorted(keys[k]) for k in key_list]
-    states: dict[tuple, torch.Tensor] = {}
-    # group prompts by their layer sets so that one capture call serves each group
-    by_layers: dict[tuple[int, ...], list[tuple]] = {}
-    for k, layer_list in zip(key_list, layer_lists):
-        by_layers.setdefault(tuple(layer_list), []).append(k)
-    for layers, group in by_layers.items():
-        captured = capture(model, [list(k[0]) for k in group], [list(k[1]) for k in group], list(layers), batch_size)
-        for k, tensor in zip(group, captured):
-            for i, layer in enumerate(layers):
-                states[(k, layer)] = tensor[i]
-    runs: list[PatchedRun] = []
-    for r in resolved:
-        h = states[((tuple(r.src_ids), tuple(r.src_positions)), r.src_layer)]
-        with torch.no_grad():
-            mapped = r.mapping(h.to(_mapping_device(r.mapping) or model.device))
-        if mapped.shape[-1] != tlm.hidden_size:
-            raise MappingError(f"the mapping returns size {mapped.shape[-1]} but {tlm.name} has hidden size {tlm.hidden_size}")
-        runs.append(PatchedRun(r.tgt_ids, [Patch(r.tgt_layer, r.tgt_positions, mapped, r.scope.mode)]))
-    # decode: group by decoding settings
-    results: list[PatchscopeResult | None] = [None] * len(resolved)
-    groups: dict[Decoding, list[int]] = {}
-    for i, r in enumerate(resolved):
-        groups.setdefault(r.scope.decoding, []).append(i)
-    for decoding, idx in groups.items():
-        max_new = decoding.max_new_tokens if isinstance(decoding, Generate) else 0
-        temperature = decoding.temperature if isinstance(decoding, Generate) else 0.0
-        seed = decoding.seed if isinstance(decoding, Generate) else None
-        fast = _fast_members(engine, tlm, [runs[i] for i in idx], temperature)
-        fast = [idx[j] for j in fast]
-        chosen = set(fast)
-        plain = [i for i in idx if i not in chosen]
-        if fast:
-            try:
-                outs = run_patched_fast(tlm, [runs[i] for i in fast], max_new, batch_size, temperature, seed, on_batch)
-            except PatchscopeError:  # the caller's own error (a cancellation, a bad input) stops the run as it is
-                raise
-            except Exception as exc:
-                if engine == "fast":
-                    raise EngineError(f"the fast engine failed on {tlm.name}: {type(exc).__name__}: {exc}") from exc
-                warn_once(
-                    f"fast-failed:{id(tlm.model)}",
-                    f"fast engine failed on {tlm.name} ({type(exc).__name__}: {exc}); using the plain engine",
-                )
-                plain, fast = sorted(plain + fast), []
-            else:
-                for i, out in zip(fast, outs):
-                    results[i] = _result(resolved[i], out.logits, out.generated, model, tlm, decoding.top_k)
-        if plain:
-            outs = run_patched(tlm, [runs[i] for i in plain], max_new, batch_size, temperature, seed, on_batch)
-            for i, out in zip(plain, outs):
-                results[i] = _result(resolved[i], out.logits, out.generated, model, tlm, decoding.top_k)
-    return [r for r in results if r is not None]
-
-
-def _fast_members(engine: Engine, tlm: ModelHandle, runs: Sequence[PatchedRun], temperature: float) -> list[int]:
-    """Which runs go through the fast engine; ``engine="fast"`` raises where it cannot run them exactly."""
-    if engine == "plain" or not runs:
-        return []
-    if temperature > 0:
-        if engine == "fast":
-            raise EngineError("the fast engine runs greedy decoding only; use engine='auto' or 'plain' to sample")
-        return []
-    eligible = [j for j, run in enumerate(runs) if fast_eligible(run)]
-    if engine == "fast" and len(eligible) < len(runs):
-        raise EngineError(
-            "the fast engine patches one block layer per run; embeddings patches and several patches per run "
-            "need engine='auto' or 'plain'"
-        )
-    if not eligible:
-        return []
-    problem = fast_engine_problem(tlm)
-    if problem is not None:
-        if engine == "fast":
-            raise EngineError(f"the fast engine cannot run {tlm.name} exactly: its {problem}; use engine='auto' or 'plain'")
-        warn_once(f"fast-check:{id(tlm.model)}", f"{tlm.name}: using the plain engine, since the fast engine's {problem}")
-        return []
-    return eligible
-
-
-def _result(
-    r: _Resolved, logits: torch.Tensor, generated: list[int], lm: ModelHandle, tlm: ModelHandle, top_k: int
-) -> PatchscopeResult:
-    probs = torch.softmax(logits, dim=-1)
-    top = torch.topk(probs, min(top_k, probs.shape[-1]))
-    top_ids = top.indices.tolist()
-    top_tokens = tlm.token_strings(top_ids)
-    text = tlm.tokenizer.decode(generated) if isinstance(r.scope.decoding, Generate) else top_tokens[0]
-    return PatchscopeResult(
-        scope=r.scope,
-        source_positions=r.src_positions,
-        target_positions=r.tgt_positions,
-        source_layer=EMBEDDINGS if r.src_layer == -1 else r.src_layer,
-        target_layer=r.tgt_layer,
-        source_tokens=lm.token_strings([r.src_ids[p] for p in r.src_positions]),
-        logits=logits,
-        top_ids=top_ids,
-        top_tokens=top_tokens,
-        top_probs=[float(p) for p in top.values],
-        generated_ids=generated,
-        text=text,
-    )
-
-
-def _mapping_device(mapping: Any) -> torch.device | None:
-    """Where a mapping's weights live (it runs there); None for weightless mappings."""
-    if isinstance(mapping, torch.nn.Module):
-        for tensor in (*mapping.parameters(), *mapping.buffers()):
-            return tensor.device
-    return None
-
-
-#: Public names for backends that reuse the resolution and result building of the native engine.
-resolve_scope = _resolve
-make_result = _result
-
-
-def run(scope: Patchscope, model: ModelHandle, target_model: ModelHandle | None = None) -> PatchscopeResult:
-    """Run one Patchscope.
-
-    >>> result = run(scope, lm)   # doctest: +SKIP
-    >>> result.text               # doctest: +SKIP
-    """
-    return run_many([scope], model, target_model)[0]
-
-
 def with_layers(scope: Patchscope, source_layer: LayerSpec, target_layer: LayerSpec) -> Patchscope:
     """A copy of ``scope`` with other source and target layers."""
     return replace(scope, source=replace(scope.source, layer=source_layer), target=replace(scope.target, layer=target_layer))
@@ -424,7 +207,5 @@ __all__ = [
     "Source",
     "Substring",
     "Target",
-    "run",
-    "run_many",
     "with_layers",
 ]

@@ -1,8 +1,6 @@
 """Many Patchscopes in one call: prompts × source layers × target layers → a tidy DataFrame.
 
-Columns (one row per prompt × ℓ × ℓ*): ``example, source_prompt, source_position, source_token,
-source_layer, target_prompt, target_position, target_layer, text, top_tokens, top_probs, top1,
-top1_prob`` plus whatever ``extra`` adds.
+One row per prompt × ℓ × ℓ*, in the schema of :mod:`patchscopes.rows`, plus whatever ``extra`` adds.
 
     >>> df = sweep(lm, ["Diana, Princess of Wales"], TOKEN_IDENTITY)   # doctest: +SKIP
 """
@@ -14,48 +12,16 @@ from typing import Any
 
 import pandas as pd
 
-from patchscopes.capture import LayerSpec
 from patchscopes.errors import SpecError
+from patchscopes.executors import ExecutorLike
+from patchscopes.layers import LayerSpec
 from patchscopes.models.loading import ModelHandle
 from patchscopes.positions import PositionSpec
 from patchscopes.presets import Preset, custom
 from patchscopes.progress import progress_bar
-from patchscopes.scope import SAME, Backend, Decoding, Engine, Patchscope, PatchscopeResult, run_many
-
-COLUMNS = [
-    "example",
-    "source_prompt",
-    "source_position",
-    "source_token",
-    "source_layer",
-    "target_prompt",
-    "target_position",
-    "target_layer",
-    "text",
-    "top_tokens",
-    "top_probs",
-    "top1",
-    "top1_prob",
-]
-
-
-def result_row(example: int, result: PatchscopeResult) -> dict[str, Any]:
-    scope = result.scope
-    return {
-        "example": example,
-        "source_prompt": scope.source.prompt,
-        "source_position": result.source_positions[-1] if len(result.source_positions) == 1 else result.source_positions,
-        "source_token": "".join(result.source_tokens),
-        "source_layer": result.source_layer,
-        "target_prompt": scope.target.prompt if scope.target.prompt is not None else scope.source.prompt,
-        "target_position": result.target_positions[-1] if len(result.target_positions) == 1 else result.target_positions,
-        "target_layer": result.target_layer,
-        "text": result.text,
-        "top_tokens": result.top_tokens,
-        "top_probs": result.top_probs,
-        "top1": result.top_tokens[0],
-        "top1_prob": result.top_probs[0],
-    }
+from patchscopes.rows import COLUMNS, result_row
+from patchscopes.runner import run_many
+from patchscopes.scope import SAME, Decoding, Patchscope, PatchscopeResult
 
 
 def chunk_size(lm: ModelHandle, batch_size: int, budget_bytes: int = 128 << 20) -> int:
@@ -111,9 +77,7 @@ def sweep(
     batch_size: int = 32,
     extra: Callable[[PatchscopeResult], dict[str, Any]] | None = None,
     progress: bool = True,
-    engine: Engine = "auto",
-    backend: Backend = "native",
-    remote: bool | str = False,
+    executor: ExecutorLike = "auto",
 ) -> pd.DataFrame:
     """Run ``preset`` (or a target prompt with placeholder ``x``) over prompts × source layers × target layers.
 
@@ -121,7 +85,7 @@ def sweep(
     rule for the logit lens), ``None`` means every target block, a list gives the grid explicitly.
     ``position`` applies to every prompt; ``positions`` gives one per prompt instead.
     ``mapping`` may be one mapping, or a callable ``(ℓ, ℓ*) → mapping`` marked ``per_layer_pair = True``.
-    ``engine``, ``backend`` and ``remote``: see :func:`patchscopes.scope.run_many`. Work runs in chunks whose size
+    ``executor``: see :func:`patchscopes.runner.run_many`. Work runs in chunks whose size
     keeps the per-chunk logits within about 128 MB, so memory stays bounded for any number of prompts.
     """
     frames = list(
@@ -139,9 +103,7 @@ def sweep(
             batch_size,
             extra,
             progress,
-            engine,
-            backend,
-            remote,
+            executor,
         )
     )
     if not frames:
@@ -163,9 +125,7 @@ def iter_sweep(
     batch_size: int = 32,
     extra: Callable[[PatchscopeResult], dict[str, Any]] | None = None,
     progress: bool = True,
-    engine: Engine = "auto",
-    backend: Backend = "native",
-    remote: bool | str = False,
+    executor: ExecutorLike = "auto",
 ) -> Iterator[pd.DataFrame]:
     """Like :func:`sweep`, but yield the rows chunk by chunk as they are computed (memory stays bounded).
 
@@ -181,7 +141,7 @@ def iter_sweep(
     scopes = build_scopes(
         model, prompts, preset, source_layers, target_layers, position, mapping, decoding, target_model, positions
     )
-    yield from _chunks(model, scopes, preset.name, target_model, batch_size, extra, progress, engine, backend, remote)
+    yield from _chunks(model, scopes, preset.name, target_model, batch_size, extra, progress, executor)
 
 
 def _chunks(
@@ -192,17 +152,13 @@ def _chunks(
     batch_size: int,
     extra: Callable[[PatchscopeResult], dict[str, Any]] | None,
     progress: bool,
-    engine: Engine,
-    backend: Backend = "native",
-    remote: bool | str = False,
+    executor: ExecutorLike,
 ) -> Iterator[pd.DataFrame]:
     chunk = chunk_size(target_model or model, batch_size)
     with progress_bar(len(scopes), f"sweep {name}", enabled=progress) as advance:
         for start in range(0, len(scopes), chunk):
             part = scopes[start : start + chunk]
-            results = run_many(
-                [s for _, s in part], model, target_model, batch_size, advance, engine=engine, backend=backend, remote=remote
-            )
+            results = run_many([s for _, s in part], model, target_model, batch_size, advance, executor=executor)
             rows = []
             for (example, _), result in zip(part, results):
                 row = result_row(example, result)
@@ -211,3 +167,6 @@ def _chunks(
                 rows.append(row)
             del results
             yield pd.DataFrame(rows, columns=COLUMNS + [c for c in (rows[0] if rows else {}) if c not in COLUMNS])
+
+
+__all__ = ["COLUMNS", "build_scopes", "iter_sweep", "result_row", "sweep"]

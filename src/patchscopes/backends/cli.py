@@ -1,7 +1,7 @@
 """CLI commands of the backends: ``patchscopes distributed-sweep`` and ``patchscopes ndif-check``.
 
-    $ patchscopes distributed-sweep "Diana, Princess of Wales" "The capital of France" --layers 0-29:3 --shards 2 --out runs/dist
-    $ NDIF_API_KEY=... patchscopes ndif-check meta-llama/Llama-3.1-70B
+$ patchscopes distributed-sweep "Diana, Princess of Wales" "The capital of France" --layers 0-29:3 --shards 2 --out runs/dist
+$ NDIF_API_KEY=... patchscopes ndif-check meta-llama/Llama-3.1-70B
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from patchscopes.backends.errors import DeviceMapError
+from patchscopes.layers import EMBEDDINGS, Location
+from patchscopes.mappings import apply_mapping, mapping_device  # noqa: F401  (re-exported)
 from patchscopes.models.loading import ModelHandle, from_model, load_model
 
 DeviceMap = Mapping[str, int | str | torch.device]
@@ -51,33 +53,14 @@ def _storage(module: nn.Module) -> str:
     return "+".join(sorted(devices))
 
 
-def layer_device(lm: ModelHandle, layer: int) -> torch.device:
+def layer_device(lm: ModelHandle, layer: Location) -> torch.device:
     """The device a resolved layer's hidden state lives on (block ``layer``; block 0's input for embeddings)."""
-    return execution_device(lm.adapter.blocks[max(layer, 0)])
+    return execution_device(lm.adapter.blocks[0 if layer == EMBEDDINGS else int(layer)])
 
 
 def input_device(lm: ModelHandle) -> torch.device:
     """The device token ids must be on: where the embedding runs (not the first parameter, which may be offloaded)."""
     return execution_device(lm.adapter.embed)
-
-
-def mapping_device(mapping: Any, default: torch.device | str = "cpu") -> torch.device:
-    """Where a mapping's weights live (an ``nn.Module``'s first parameter or buffer), else ``default``."""
-    if isinstance(mapping, nn.Module):
-        for t in list(mapping.parameters()) + list(mapping.buffers()):
-            return t.device
-    return torch.device(default)
-
-
-def apply_mapping(mapping: Any, hidden: torch.Tensor, out_device: torch.device | str) -> torch.Tensor:
-    """Run ``mapping`` on ``hidden`` where the mapping's weights are, and return the result on ``out_device``.
-
-    >>> apply_mapping(lambda h: 2 * h, torch.ones(1, 4), "cpu")
-    tensor([[2., 2., 2., 2.]])
-    """
-    with torch.no_grad():
-        mapped = mapping(hidden.to(mapping_device(mapping, hidden.device)))
-    return mapped.to(out_device)
 
 
 @dataclass(repr=False)
@@ -104,9 +87,7 @@ def placement(lm: ModelHandle) -> dict[str, Any]:
     ``storage`` is ``"offloaded"`` for a block whose weights sit on disk or in CPU memory and are loaded by
     accelerate for each call.
     """
-    blocks = [
-        {"layer": i, "device": str(execution_device(b)), "storage": _storage(b)} for i, b in enumerate(lm.adapter.blocks)
-    ]
+    blocks = [{"layer": i, "device": str(execution_device(b)), "storage": _storage(b)} for i, b in enumerate(lm.adapter.blocks)]
     return {
         "model": lm.name,
         "embed": str(execution_device(lm.adapter.embed)),

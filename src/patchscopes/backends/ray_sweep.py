@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 
 from patchscopes.backends.errors import BackendError, ShardFailedError
-from patchscopes.capture import LayerSpec
+from patchscopes.layers import LayerSpec
 from patchscopes.models.loading import ModelHandle, load_model
 from patchscopes.positions import PositionSpec
 from patchscopes.presets import Preset

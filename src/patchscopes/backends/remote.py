@@ -14,8 +14,8 @@ model that NDIF currently hosts (``hosted_models()`` lists them). Without a key,
     >>> llama = ndif_model("meta-llama/Llama-3.1-70B")                 # doctest: +SKIP
     >>> results = run_many_nnsight(scopes, llama)                       # doctest: +SKIP
 
-Offline, :func:`build_requests` builds the exact requests that would be sent (model key, routing
-envelope, serialised payloads), validates them by deserialising each payload with this package hidden,
+Offline, :func:`patchscopes.backends.ndif_requests.build_requests` builds the exact requests that would be sent
+(model key, routing envelope, serialised payloads), validates them by deserialising each payload with this package hidden,
 as NDIF's server would, and runs the deserialised blocks on a local stand-in model.
 """
 
@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from patchscopes.backends.errors import BackendError, MissingAPIKeyError, ModelNotHostedError
-from patchscopes.backends.nnsight_backend import NNsightModel, as_nnsight, require_nnsight
-from patchscopes.models.loading import ModelHandle, from_model
+from patchscopes.backends.nnsight_model import NNsightModel, require_nnsight
+from patchscopes.models.loading import from_model
 
 API_KEY_ENV = "NDIF_API_KEY"
 TASK = "text-generation"
@@ -155,101 +154,9 @@ def ndif_model(repo_id: str, revision: str | None = None, check: bool = True) ->
     return NNsightModel(handle, envoy, remote=True)
 
 
-@dataclass
-class RemoteRequest:
-    """One request as NDIF would receive it: the routing envelope and the serialised trace."""
-
-    model_key: str
-    envelope: dict[str, Any]
-    payload: bytes
-    kind: str  # "source" or "target"
-
-    @property
-    def size(self) -> int:
-        return len(self.payload)
-
-
-@dataclass
-class RequestPlan:
-    """Every request a list of Patchscopes needs, with the host and whether a key is set."""
-
-    host: str
-    has_key: bool
-    requests: list[RemoteRequest] = field(default_factory=list)
-    results: list[Any] = field(default_factory=list)
-
-    def validate(self, hosted: Mapping[str, str] | Iterable[str] | None = None, require_key: bool = False) -> None:
-        """Check the envelopes, model keys, hosted list (if given) and key (if required); payloads were
-        already deserialised with this package hidden while the plan was built."""
-        if require_key:
-            api_key()
-        if not self.requests:
-            raise BackendError("the request plan is empty: no Patchscopes were given")
-        for request in self.requests:
-            data = parse_model_key(request.model_key)
-            if request.envelope.get("model_key") != request.model_key:
-                raise BackendError("the envelope names another model than the request's key")
-            if not request.payload:
-                raise BackendError(f"the {request.kind} request has an empty payload")
-            if hosted is not None:
-                check_hosted(data["repo_id"], hosted)
-
-
-def _recorder(plan: RequestPlan, key: str) -> Callable[[Any, str], Any]:
-    """A factory of nnsight backends that record each serialised request, then run it here as NDIF would."""
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-    from nnsight.ndif import pull_env
-    from nnsight.schema.request import RequestModel
-
-    class RecordingBackend(LocalSimulationBackend):
-        def __init__(self, model: Any, kind: str) -> None:
-            super().__init__(model)
-            self.kind = kind
-
-        def __call__(self, tracer: Any) -> None:
-            pull_env()
-            blob = RequestModel.serialize(tracer, compress=False)
-            envelope = json.loads(RequestModel(model_key=key, compress=False, env=self.model._remoteable_get_env()).metadata())
-            plan.requests.append(RemoteRequest(key, envelope, blob, self.kind))
-            super().__call__(tracer)  # deserialises with this package hidden, then runs
-
-    return RecordingBackend
-
-
-def build_requests(
-    scopes: Sequence[Any],
-    stand_in: ModelHandle | NNsightModel,
-    repo_id: str,
-    revision: str | None = None,
-    batch_size: int = 16,
-) -> RequestPlan:
-    """Build, offline, the NDIF requests for ``scopes`` as if ``stand_in`` were the hosted ``repo_id``.
-
-    Each request is serialised exactly as nnsight serialises it for NDIF, deserialised with this package
-    hidden (as on the server), and run on ``stand_in``, so the plan also holds the Patchscope results.
-
-    >>> plan = build_requests(scopes, lm, "HuggingFaceTB/SmolLM2-135M")   # doctest: +SKIP
-    >>> plan.validate(hosted=["HuggingFaceTB/SmolLM2-135M"])             # doctest: +SKIP
-    """
-    from nnsight.schema.config import CONFIG
-
-    from patchscopes.backends.nnsight_backend import run_many_nnsight
-
-    key = model_key(repo_id, revision)
-    parse_model_key(key)
-    plan = RequestPlan(host=CONFIG.API.HOST, has_key=bool(os.environ.get(API_KEY_ENV)))
-    base = as_nnsight(stand_in, False)
-    nm = NNsightModel(base.handle, base.envoy, remote=False, backend=_recorder(plan, key))
-    plan.results = run_many_nnsight(scopes, nm, batch_size=batch_size)
-    return plan
-
-
 __all__ = [
     "API_KEY_ENV",
-    "RemoteRequest",
-    "RequestPlan",
     "api_key",
-    "build_requests",
     "check_hosted",
     "check_remote_ready",
     "fetch_status",

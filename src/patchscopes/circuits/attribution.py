@@ -28,9 +28,10 @@ import torch
 from torch import nn
 
 from patchscopes.batching import left_pad
-from patchscopes.capture import EMBED_INDEX, layer_hooks
 from patchscopes.circuits.circuit import CircuitError
 from patchscopes.circuits.tasks import Encoded
+from patchscopes.hooks import at_locations
+from patchscopes.layers import EMBEDDINGS
 from patchscopes.models.adapters import BlockLayout
 
 
@@ -140,7 +141,7 @@ class _Recorder:
         handles = []
         blocks = self.lm.adapter.blocks
 
-        def on_input(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        def on_input(layer: object, hidden: torch.Tensor) -> torch.Tensor | None:
             if self.replace_input is not None:
                 hidden = self.replace_input
             if self.track_grads and not hidden.requires_grad:
@@ -179,7 +180,7 @@ class _Recorder:
             raise CircuitError("edge attribution needs a final norm module to read the logits receiver")
         handles.append(final.register_forward_pre_hook(pre(len(self.graph.receivers) - 1), with_kwargs=True))
         try:
-            with layer_hooks(blocks, [EMBED_INDEX], on_input):
+            with at_locations(blocks, [EMBEDDINGS], on_input):
                 yield
         finally:
             for h in handles:

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from patchscopes.capture import LayerSpec, capture, resolve_layer
+from patchscopes.capture import capture
 from patchscopes.crossmodel.align import aligned_positions
 from patchscopes.errors import MappingError
+from patchscopes.layers import LayerSpec, resolve_block
 from patchscopes.mappings import AffineFitter, AffineMap, r2_score
 from patchscopes.models.loading import ModelHandle
 from patchscopes.progress import progress_bar
@@ -139,7 +140,12 @@ def fit_maps(
         raise MappingError("no texts to fit on: pass at least two texts (one is held out)")
     if not 0 <= heldout < 1:
         raise MappingError(f"heldout must be a share in [0, 1), got {heldout}")
-    resolved = sorted({(resolve_layer(s, source.n_layers), resolve_layer(t, target.n_layers)) for s, t in pairs})
+    resolved = sorted(
+        {
+            (resolve_block(s, source.n_layers, "a cross-model map"), resolve_block(t, target.n_layers, "a cross-model map"))
+            for s, t in pairs
+        }
+    )
     if not resolved:
         raise MappingError("no layer pairs to fit: pass pairs=[(source_layer, target_layer), ...]")
     src_layers = sorted({s for s, _ in resolved})

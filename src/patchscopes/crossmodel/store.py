@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from patchscopes.capture import LayerSpec, resolve_layer
 from patchscopes.errors import MappingError
+from patchscopes.layers import LayerSpec, resolve_layer
 from patchscopes.mappings import AffineMap, MapProvenanceError  # noqa: F401  (re-exported)
 from patchscopes.models.cache import cache_root
 from patchscopes.models.loading import ModelHandle

@@ -22,20 +22,18 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, cast
 
 import pandas as pd
 import torch
 
-from patchscopes import compat
-from patchscopes.batching import chunks, left_pad
-from patchscopes.capture import layer_hooks
+from patchscopes.batching import chunks
 from patchscopes.errors import PatchscopeError
 from patchscopes.evals.cross_model import records
 from patchscopes.models.loading import ModelHandle, load_model
-from patchscopes.patching import PatchedRun, run_patched
+from patchscopes.patching import Patch, PatchedRun, run_patched, trace
 from patchscopes.positions import char_span_to_tokens
 from patchscopes.relations.data import Relation, load_relations
 from patchscopes.results import ResultStore
@@ -155,104 +153,24 @@ def query_spans(query: TwoHopQuery, lm: ModelHandle) -> tuple[list[int], list[in
     return tok.ids, pi2_tokens, pi1_tokens
 
 
-@dataclass
-class RestrictedRun:
-    """One query: ids, π2 and π1 token indices, and patches ``(layer, position, vector)`` for the prefill."""
-
-    ids: list[int]
-    pi2: list[int]
-    pi1: list[int]
-    patches: list[tuple[int, int, torch.Tensor]] = field(default_factory=list)
-
-
-def restricted_mask(runs: Sequence[RestrictedRun], width: int, pads: list[int], dtype: torch.dtype) -> torch.Tensor:
-    """Additive 4D mask ``[B, 1, N, N]``: causal, no padding keys, and π1's rows blind to π2's columns."""
-    allowed = torch.tril(torch.ones(width, width, dtype=torch.bool)).repeat(len(runs), 1, 1)
-    for row, (run, pad) in enumerate(zip(runs, pads)):
-        allowed[row, :, :pad] = False
-        if run.pi1 and run.pi2:
-            rows = torch.tensor([pad + p for p in run.pi1])
-            cols = torch.tensor([pad + p for p in run.pi2])
-            allowed[row, rows[:, None], cols[None, :]] = False
-        allowed[row, torch.arange(width), torch.arange(width)] = True  # padding rows attend to themselves (no NaN)
-    return compat.additive_mask(allowed, dtype)
-
-
-def _patch_and_grab(
-    table: dict[int, list[tuple[int, int, torch.Tensor]]], grab_layers: list[int], seen: dict[int, torch.Tensor]
-) -> Callable[[int, torch.Tensor], torch.Tensor | None]:
-    def hook(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
-        new = None
-        if layer in table:
-            new = hidden.clone()
-            for row, col, vector in table[layer]:
-                new[row, col] = vector.to(new.device, new.dtype)
-        if layer in grab_layers:
-            seen[layer] = (new if new is not None else hidden).detach()
-        return new
-
-    return hook
+def blind_pi1(pi2: list[int], pi1: list[int]) -> tuple[list[int], list[int]] | None:
+    """The attention restriction of the CoT Patchscope: π1's tokens do not see π2's (none when either is empty)."""
+    return (list(pi1), list(pi2)) if pi1 and pi2 else None
 
 
 @torch.no_grad()
-def restricted_generate(
-    lm: ModelHandle,
-    runs: Sequence[RestrictedRun],
-    max_new_tokens: int = 20,
-    batch_size: int = 32,
-    capture: tuple[list[int], list[int]] | None = None,
-) -> tuple[list[list[int]], list[torch.Tensor]]:
-    """Prefill each query under :func:`restricted_mask` with its patches, then generate greedily from the cache.
-
-    With ``capture=(layers, positions)`` (one position per run) also return each run's hidden states
-    ``[len(layers), d]`` at its position, read on the prefill pass. Returns ``(generated ids, captured)``.
-    """
-    generated_all: list[list[int]] = []
-    captured_all: list[torch.Tensor] = []
-    eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=lm.device)
-    for start, group in zip(range(0, len(runs), batch_size), chunks(list(runs), batch_size)):
-        batch = left_pad([r.ids for r in group], lm.pad_id, lm.device)
-        mask4d = restricted_mask(group, batch.width, batch.pad, lm.dtype).to(lm.device)
-        table: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
-        for row, run in enumerate(group):
-            for layer, position, vector in run.patches:
-                table.setdefault(layer, []).append((row, batch.padded(row, position), vector))
-        seen: dict[int, torch.Tensor] = {}
-        grab_layers = capture[0] if capture else []
-        hook = _patch_and_grab(table, grab_layers, seen)
-        with layer_hooks(lm.adapter.blocks, sorted(set(table) | set(grab_layers)), hook):
-            out = lm.model(
-                input_ids=batch.input_ids, attention_mask=mask4d, position_ids=batch.position_ids, use_cache=max_new_tokens > 0
-            )
-        if capture:
-            for row in range(len(group)):
-                col = batch.padded(row, capture[1][start + row])
-                captured_all.append(torch.stack([seen[layer][row, col] for layer in grab_layers]).float().cpu())
-        generated: list[list[int]] = [[] for _ in group]
-        if max_new_tokens > 0:
-            mask2d, positions, past = batch.attention_mask, batch.position_ids[:, -1:], compat.output_cache(out)
-            step_logits = out.logits[:, -1].float()
-            done = torch.zeros(len(group), dtype=torch.bool, device=lm.device)
-            for _ in range(max_new_tokens):
-                nxt = step_logits.argmax(-1)
-                for i, token in enumerate(nxt.tolist()):
-                    if not done[i]:
-                        generated[i].append(token)
-                done |= torch.isin(nxt, eos)
-                if bool(done.all()):
-                    break
-                mask2d = torch.cat([mask2d, torch.ones_like(mask2d[:, :1])], dim=1)
-                positions = positions + 1
-                step = lm.model(
-                    input_ids=nxt[:, None],
-                    attention_mask=mask2d,
-                    position_ids=positions,
-                    use_cache=True,
-                    **compat.cache_kwargs(lm.model, past),
-                )
-                past, step_logits = compat.output_cache(step), step.logits[:, -1].float()
-        generated_all.extend([g[:-1] if g and g[-1] in lm.eos_ids else g for g in generated])
-    return generated_all, captured_all
+def restricted_states(
+    lm: ModelHandle, parts: Sequence[tuple[list[int], list[int], list[int]]], layers: Sequence[int], batch_size: int = 32
+) -> list[torch.Tensor]:
+    """Per query ``(ids, π2, π1)``: the hidden states ``[len(layers), d]`` at π1's last token, read on a prefill
+    where π1 does not attend to π2."""
+    states: list[torch.Tensor] = []
+    for group in chunks(list(parts), batch_size):
+        _, seen, batch = trace(lm, [ids for ids, _, _ in group], layers=layers, blind=[blind_pi1(p2, p1) for _, p2, p1 in group])
+        for row, (_, _, pi1) in enumerate(group):
+            col = batch.padded(row, pi1[-1])
+            states.append(torch.stack([seen[layer][row, col] for layer in layers]).float().cpu())
+    return states
 
 
 def greedy_texts(lm: ModelHandle, prompts: Sequence[str], max_new_tokens: int = 20, batch_size: int = 32) -> list[str]:
@@ -271,17 +189,16 @@ def cot_patchscope_rows(
 ) -> list[dict[str, Any]]:
     """One row per (query, ℓ, ℓ*): the CoT Patchscope's generation and whether it holds the answer."""
     parts = [query_spans(q, lm) for q in queries]
-    base = [RestrictedRun(ids, pi2, pi1) for ids, pi2, pi1 in parts]
     layers = sorted(set(source_layers))
-    _, states = restricted_generate(lm, base, 0, batch_size, capture=(layers, [r.pi1[-1] for r in base]))
+    states = restricted_states(lm, parts, layers, batch_size)
     runs, keys = [], []
-    for qi, run in enumerate(base):
+    for qi, (ids, pi2, pi1) in enumerate(parts):
         for s in source_layers:
             vector = states[qi][layers.index(s)]
             for t in target_layers:
-                runs.append(RestrictedRun(run.ids, run.pi2, run.pi1, [(t, run.pi2[-1], vector)]))
+                runs.append(PatchedRun(ids, [Patch(t, [pi2[-1]], vector[None])], blind_pi1(pi2, pi1)))
                 keys.append((qi, s, t))
-    generated, _ = restricted_generate(lm, runs, max_new_tokens, batch_size)
+    generated = [out.generated for out in run_patched(lm, runs, max_new_tokens, batch_size)]
     rows = []
     for (qi, s, t), ids in zip(keys, generated):
         text = lm.tokenizer.decode(ids)

@@ -1,7 +1,6 @@
 """Model loading, the bundled registry, the model layer (layouts, probes) and what runs on each model."""
 
 from patchscopes.models.adapters import ARCHITECTURES, Adapter, ArchSpec, BlockLayout, discover_spec
-from patchscopes.models.capabilities import Capabilities, capabilities
 from patchscopes.models.loading import ModelHandle, Tokenized, from_model, load_model
 from patchscopes.models.registry import REGISTRY, RegistryModel
 
@@ -11,11 +10,9 @@ __all__ = [
     "Adapter",
     "ArchSpec",
     "BlockLayout",
-    "Capabilities",
     "ModelHandle",
     "RegistryModel",
     "Tokenized",
-    "capabilities",
     "discover_spec",
     "from_model",
     "load_model",

@@ -82,7 +82,8 @@ def probe(lm: ModelHandle) -> ProbeReport | None:
         return report
     if not _can_run(lm.model):
         return None
-    from patchscopes.capture import EMBED_INDEX, hidden_of, layer_hooks
+    from patchscopes.hooks import at_locations, hidden_of
+    from patchscopes.layers import EMBEDDINGS
 
     ids = lm.tokenize(PROBE_TEXT).ids[:10]
     device = lm.device
@@ -134,10 +135,10 @@ def probe(lm: ModelHandle) -> ProbeReport | None:
     if lens_diff > allowed:
         lens_diff = _repair_final_norm(lm, hidden, reference, allowed, lens_diff)
 
-    def write_back(layer: int, h: torch.Tensor) -> torch.Tensor:
+    def write_back(layer: object, h: torch.Tensor) -> torch.Tensor:
         return h.clone()
 
-    with layer_hooks(lm.adapter.blocks, [EMBED_INDEX, *range(lm.n_layers)], write_back):
+    with at_locations(lm.adapter.blocks, [EMBEDDINGS, *range(lm.n_layers)], write_back):
         rewritten = lm.model(input_ids=input_ids, use_cache=False).logits.float()
     identity_diff = float((rewritten - reference).abs().max())
     if identity_diff > allowed:

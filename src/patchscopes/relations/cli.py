@@ -1,7 +1,7 @@
 """``patchscopes eval lrc``: the LRC paper's Table 5 on a bundled model (sweep on validation, then test).
 
-    patchscopes eval lrc --profile quick --out runs/lrc-quick
-    patchscopes eval lrc --profile default --out runs/lrc
+patchscopes eval lrc --profile quick --out runs/lrc-quick
+patchscopes eval lrc --profile default --out runs/lrc
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from typing import Any
 import pandas as pd
 import torch
 
-from patchscopes.capture import resolve_layer
 from patchscopes.errors import PatchscopeError
+from patchscopes.layers import resolve_block
 from patchscopes.models.loading import ModelHandle
 from patchscopes.progress import progress_bar
 from patchscopes.relations.baselines import averaging_concepts, svm_concepts
@@ -134,8 +134,8 @@ def concept_sets(
     lm: ModelHandle, data: SplitData, cfg: LrcConfig, jacobians: Callable[..., Any], artifacts: Path | None = None
 ) -> dict[str, ConceptSet]:
     """Every method's concepts, all in the subject space of ``cfg.subject_layer`` (saved under ``artifacts``)."""
-    s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
-    final = resolve_layer(cfg.final_layer, lm.n_layers)
+    s_layer = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
+    final = resolve_block(cfg.final_layer, lm.n_layers, "an LRE")
     rank = min(cfg.rank, lm.hidden_size)
     lre = estimate_lre(lm, data.lre_prompts, s_layer, cfg.object_layer, "mean", jacobian_fn=jacobians)
     lre_final = estimate_lre(lm, data.lre_prompts, s_layer, final, "first", jacobian_fn=jacobians)
@@ -191,7 +191,7 @@ def evaluate_split(
     lm: ModelHandle, data: SplitData, cfg: LrcConfig, seed: int, jacobians: Callable[..., Any], artifacts: Path | None = None
 ) -> list[dict]:
     """All rows (one per test prompt or edit and method) of one (relation, seed)."""
-    s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
+    s_layer = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
     sets = concept_sets(lm, data, cfg, jacobians, artifacts)
     states = subject_states(lm, data.test_prompts, s_layer, cfg.batch_size)
     objects = sorted({s.object for s in data.train})
@@ -237,8 +237,8 @@ def run_lrc_eval(
     """
     if lm.name != cfg.model:
         raise LrcEvalError(f"the configuration names model {cfg.model!r} but {lm.name!r} was loaded; pass the same model")
-    s_layer = resolve_layer(cfg.subject_layer, lm.n_layers)
-    o_layer = resolve_layer(cfg.object_layer, lm.n_layers)
+    s_layer = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
+    o_layer = resolve_block(cfg.object_layer, lm.n_layers, "an LRE")
     if not s_layer < o_layer:
         raise LrcEvalError(f"subject layer {s_layer} must come before object layer {o_layer}")
     out = Path(out_dir)

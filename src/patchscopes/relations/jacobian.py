@@ -23,8 +23,8 @@ from typing import Literal
 import torch
 
 from patchscopes import compat
-from patchscopes.capture import layer_hooks
 from patchscopes.errors import LayerError, SpecError
+from patchscopes.hooks import at_locations
 from patchscopes.models.loading import ModelHandle
 from patchscopes.relations.prompts import Located
 
@@ -92,7 +92,7 @@ def prompt_jacobian(
         def forward(s: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             got: dict[int, torch.Tensor] = {}
 
-            def hook(layer: int, hidden: torch.Tensor) -> torch.Tensor | None:
+            def hook(layer: object, hidden: torch.Tensor) -> torch.Tensor | None:
                 new = None
                 if layer == subject_layer:
                     got[-1] = hidden[0, 0]
@@ -105,7 +105,7 @@ def prompt_jacobian(
                 return new
 
             cache = copy.deepcopy(past) if past is not None else None
-            with layer_hooks(lm.adapter.blocks, [subject_layer, *layers], hook):
+            with at_locations(lm.adapter.blocks, [subject_layer, *layers], hook):
                 try:
                     lm.model(
                         input_ids=suffix,

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from patchscopes.capture import resolve_layer
 from patchscopes.errors import MappingError, PatchscopeError
+from patchscopes.layers import resolve_block
 from patchscopes.mappings import AffineMap
 from patchscopes.models.loading import ModelHandle
 from patchscopes.relations.jacobian import Aggregation, PromptJacobian, prompt_jacobian
@@ -140,8 +140,8 @@ def estimate_lre(
 
     ``jacobian_fn`` (same signature as :func:`prompt_jacobian`) lets a caller cache per-prompt Jacobians.
     """
-    s_layer = resolve_layer(subject_layer, lm.n_layers)
-    o_layer = resolve_layer(object_layer, lm.n_layers)
+    s_layer = resolve_block(subject_layer, lm.n_layers, "an LRE")
+    o_layer = resolve_block(object_layer, lm.n_layers, "an LRE")
     fn = jacobian_fn or prompt_jacobian
     jacobians = [fn(lm, p.locate(lm), s_layer, [o_layer], aggregation) for p in prompts]
     relations = sorted({p.relation for p in prompts})

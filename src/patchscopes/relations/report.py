@@ -1,7 +1,7 @@
 """The Table 5 analogue as Markdown beside the paper's numbers, and the sweep curves as a figure.
 
-    >>> print(markdown_table(summary, paper_table5()))          # doctest: +SKIP
-    >>> plot_sweep(ResultStore(out / "sweep", cfg).frame("sweep"), "sweep.png")   # doctest: +SKIP
+>>> print(markdown_table(summary, paper_table5()))          # doctest: +SKIP
+>>> plot_sweep(ResultStore(out / "sweep", cfg).frame("sweep"), "sweep.png")   # doctest: +SKIP
 """
 
 from __future__ import annotations

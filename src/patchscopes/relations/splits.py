@@ -1,9 +1,9 @@
 """Train/test splits for the LRC evaluation: 50/50 per (relation, object), at least one training sample per object.
 
-    >>> from patchscopes.relations.data import RelationSample as S
-    >>> train, test = split_by_object([S("a", "x"), S("b", "x"), S("c", "y")], seed=0)
-    >>> sorted(s.object for s in train), [s.object for s in test]
-    (['x', 'y'], ['x'])
+>>> from patchscopes.relations.data import RelationSample as S
+>>> train, test = split_by_object([S("a", "x"), S("b", "x"), S("c", "y")], seed=0)
+>>> sorted(s.object for s in train), [s.object for s in test]
+(['x', 'y'], ['x'])
 """
 
 from __future__ import annotations

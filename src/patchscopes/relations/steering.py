@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from patchscopes.batching import chunks, left_pad
-from patchscopes.capture import layer_hooks
+from patchscopes.hooks import at_locations, write
 from patchscopes.models.loading import ModelHandle
 from patchscopes.relations.lrc import ConceptSet
 from patchscopes.relations.prompts import RelationPrompt, answer_logits
@@ -62,16 +62,15 @@ def edited_answer_probs(
         delta = torch.stack([deltas[i] for i in group])
 
         def add(
-            layer: int, hidden: torch.Tensor, rows: torch.Tensor = rows, cols: torch.Tensor = cols, delta: torch.Tensor = delta
+            layer: object, hidden: torch.Tensor, rows: torch.Tensor = rows, cols: torch.Tensor = cols, delta: torch.Tensor = delta
         ) -> torch.Tensor | None:
             if beta == 0:
                 return None
             hidden = hidden.clone()
-            h = hidden[rows, cols]
-            hidden[rows, cols] = h + beta * h.norm(dim=-1, keepdim=True) * delta
+            write(hidden, (rows, cols), beta * hidden[rows, cols].norm(dim=-1, keepdim=True) * delta, "add")
             return hidden
 
-        with layer_hooks(lm.adapter.blocks, hooked, add):
+        with at_locations(lm.adapter.blocks, hooked, add):
             logits = answer_logits(lm, [located[i] for i in group])
         for r, i in enumerate(group):
             probs = torch.softmax(logits[r], dim=-1).cpu()

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from patchscopes.capture import resolve_layer
+from patchscopes.layers import resolve_block
 from patchscopes.models.loading import ModelHandle
 from patchscopes.progress import progress_bar
 from patchscopes.relations.evaluate import (
@@ -115,8 +115,10 @@ def run_lrc_sweep(lm: ModelHandle, sweep: SweepConfig, out_dir: str | Path, prog
     store = ResultStore(out, {**asdict(sweep), "weights_sha256": lm.weights_sha256})
     jac = JacobianCache(out.parent / "jacobian-cache")
     splits = {r.name: d for r in select_relations(cfg) if (d := _validation_split(lm, r, cfg, store)) is not None}
-    s0 = resolve_layer(cfg.subject_layer, lm.n_layers)
-    o_layers = sorted(resolve_layer(x, lm.n_layers) for x in sweep.object_layers if resolve_layer(x, lm.n_layers) > s0)
+    s0 = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
+    o_layers = sorted(
+        resolve_block(x, lm.n_layers, "an LRE") for x in sweep.object_layers if resolve_block(x, lm.n_layers, "an LRE") > s0
+    )
     memo: dict[tuple, Any] = {}
     choice: dict[str, Any] = {"relations": sorted(splits), "rank": cfg.rank, "beta": cfg.beta}
 
@@ -137,7 +139,7 @@ def run_lrc_sweep(lm: ModelHandle, sweep: SweepConfig, out_dir: str | Path, prog
     for data in splits.values():
         warm_object_layers(data)
     best_o = int(stage("object_layer", o_layers, lambda d, v: _score(lm, d, cfg, jac, memo, s0, v, cfg.rank, cfg.beta)))
-    s_layers = sorted({resolve_layer(x, lm.n_layers) for x in sweep.subject_layers} | {s0})
+    s_layers = sorted({resolve_block(x, lm.n_layers, "an LRE") for x in sweep.subject_layers} | {s0})
     s_layers = [s for s in s_layers if s < best_o]
     best_s = int(stage("subject_layer", s_layers, lambda d, v: _score(lm, d, cfg, jac, memo, v, best_o, cfg.rank, cfg.beta)))
     # the rank is chosen by validation accuracy alone (no steering runs: they are the expensive part on a CPU)

@@ -3,25 +3,20 @@ at a time, so that progress streams; a cancelled job stops at its next forward p
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
-from patchscopes.capture import layer_hooks
+from patchscopes.hooks import at_locations
 from patchscopes.models.loading import ModelHandle
-from patchscopes.plots import first_entry
+from patchscopes.rows import json_row
 from patchscopes.scope import SAME, Generate, PatchscopeResult
 from patchscopes.server.jobs import JobContext
 from patchscopes.server.plan import Plan
 from patchscopes.server.pool import ModelPool
 from patchscopes.sweep import sweep
-
-
-def _clean(value: float) -> float | None:
-    return round(float(value), 6) if math.isfinite(float(value)) else None
 
 
 def chunk_size(plan: Plan, chunk_cells: int) -> int:
@@ -44,12 +39,12 @@ def layer_chunks(plan: Plan, chunk_cells: int) -> list[tuple[list[int], list[int
 def stop_when_cancelled(models: list[ModelHandle], ctx: JobContext) -> Iterator[None]:
     """Check for cancellation on every forward pass (at block 0), so a cancelled chunk stops mid-way."""
 
-    def check(layer: int, hidden: torch.Tensor) -> None:
+    def check(layer: object, hidden: torch.Tensor) -> None:
         ctx.check()
 
     with ExitStack() as stack:
         for lm in {id(m): m for m in models}.values():
-            stack.enter_context(layer_hooks(lm.adapter.blocks, [0], check))
+            stack.enter_context(at_locations(lm.adapter.blocks, [0], check))
         yield
 
 
@@ -60,23 +55,6 @@ def model_locks(pool: ModelPool, names: set[str]) -> Iterator[None]:
         for name in sorted(names):
             stack.enter_context(pool.run_locks[name])
         yield
-
-
-def _row(record: dict[str, Any], generate: bool) -> dict[str, Any]:
-    text = str(record["text"])
-    row = {
-        "source_layer": int(record["source_layer"]),
-        "target_layer": int(record["target_layer"]),
-        "text": text,
-        "summary": first_entry(text) if generate else text,
-        "top_tokens": list(record["top_tokens"]),
-        "top_probs": [_clean(p) for p in record["top_probs"]],
-        "top1": str(record["top1"]),
-        "top1_prob": _clean(record["top1_prob"]),
-    }
-    if "answer_prob" in record:
-        row["answer_prob"] = _clean(record["answer_prob"])
-    return row
 
 
 def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32) -> list[dict[str, Any]]:
@@ -111,7 +89,7 @@ def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32
                 extra=extra,
                 progress=False,
             )
-        part = [_row({str(k): v for k, v in r.items()}, generate) for r in frame.to_dict("records")]
+        part = [json_row({str(k): v for k, v in r.items()}, generate) for r in frame.to_dict("records")]
         rows.extend(part)
         ctx.emit({"type": "rows", "rows": part, "done": len(rows), "total": total})
     return rows

@@ -1,6 +1,6 @@
 """What the library can do with one loaded model, in one record.
 
->>> from patchscopes.models.capabilities import Capabilities
+>>> from patchscopes.capabilities import Capabilities
 >>> Capabilities("tiny", "model.layers", "model.norm", True, None).fast_engine
 True
 """
