@@ -28,6 +28,10 @@ def trace_kwargs(nm: NNsightModel, kind: str) -> dict[str, Any]:
         from patchscopes.backends.remote import api_key
 
         require_nnsight().CONFIG.API.APIKEY = api_key()
+    if nm.remote == "local":
+        from patchscopes.backends.dry_run import dry_run_backend
+
+        return {"backend": dry_run_backend()(nm.envoy)}
     return {"remote": nm.remote} if nm.remote else {}
 
 
