@@ -114,6 +114,35 @@ def test_requests_built_and_validated_offline(arch: str, monkeypatch: pytest.Mon
         assert b.generated_ids == a.generated_ids
 
 
+def test_requests_ship_only_what_the_block_uses() -> None:
+    """Regression: the decode block named the wrapper, so each target request shipped it by value with its
+    recording backend and every request recorded so far (payloads grew with each batch), and its copy replaced
+    the recorder: the generation request went unrecorded once installed packages stayed visible."""
+    plan = build_requests(_scopes(), tiny_model("llama"), REPO, batch_size=4)
+    targets = [r for r in plan.requests if r.kind == "target"]
+    for request in plan.requests:
+        for name in (b"NNsightModel", b"RequestPlan", b"RecordingBackend"):
+            assert name not in request.payload, (request.kind, name)
+    assert targets[0].size == targets[1].size  # the same block for both decodings: nothing accumulates
+
+
+def test_building_requests_leaves_installed_packages_working() -> None:
+    """Regression: the recorder hid matplotlib and kiwisolver while deserialising, and every constrained-layout
+    figure drawn later in the process raised kiwisolver's TypeError (CI's evals failures)."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def draw() -> None:
+        fig, _ = plt.subplots(layout="constrained")
+        fig.canvas.draw()
+        plt.close(fig)
+
+    draw()
+    build_requests(_scopes()[:2], tiny_model("llama"), REPO)
+    draw()
+
+
 def test_payload_deserialises_on_its_own() -> None:
     """A recorded payload is a complete request: nnsight's server-side deserialiser rebuilds the block."""
     from nnsight.schema.request import RequestModel

@@ -30,7 +30,7 @@ def keep_installed_visible(hidden: dict) -> dict:
 
 
 @cache
-def dry_run_backend() -> type:
+def dry_run_backend() -> Any:
     """nnsight's ``LocalSimulationBackend``, hiding only this package and local modules while deserialising."""
     from nnsight.intervention.backends.local import LocalSimulationBackend
 

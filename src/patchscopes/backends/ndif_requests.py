@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from patchscopes.backends.dry_run import dry_run_backend
 from patchscopes.backends.errors import BackendError
 from patchscopes.backends.nnsight_backend import run_many_nnsight
 from patchscopes.backends.nnsight_model import NNsightModel, as_nnsight
@@ -62,13 +63,15 @@ class RequestPlan:
 
 def recorder(plan: RequestPlan, key: str) -> Callable[[Any, str], Any]:
     """A factory of nnsight backends that record each serialised request, then run it here as NDIF would."""
-    from nnsight.intervention.backends.local import LocalSimulationBackend
     from nnsight.ndif import pull_env
     from nnsight.schema.request import RequestModel
 
-    class RecordingBackend(LocalSimulationBackend):
+    dry_run = dry_run_backend()
+
+    class RecordingBackend(dry_run):  # type: ignore[valid-type,misc]
+        # explicit base calls, no zero-argument super(): nnsight may ship this class by value
         def __init__(self, model: Any, kind: str) -> None:
-            super().__init__(model)
+            dry_run.__init__(self, model)
             self.kind = kind
 
         def __call__(self, tracer: Any) -> None:
@@ -76,7 +79,7 @@ def recorder(plan: RequestPlan, key: str) -> Callable[[Any, str], Any]:
             blob = RequestModel.serialize(tracer, compress=False)
             envelope = json.loads(RequestModel(model_key=key, compress=False, env=self.model._remoteable_get_env()).metadata())
             plan.requests.append(RemoteRequest(key, envelope, blob, self.kind))
-            super().__call__(tracer)  # deserialises with this package hidden, then runs
+            dry_run.__call__(self, tracer)  # deserialises with this package hidden, then runs
 
     return RecordingBackend
 

@@ -127,15 +127,15 @@ TargetItem = tuple[list[int], Location, list[int], torch.Tensor, str]  # ids, lo
 
 def decode_patched(nm: NNsightModel, items: Sequence[TargetItem], decoding: Any) -> list[RunOutput]:
     """Run one batch of patched targets ``(ids, location, positions, vectors, mode)``."""
-    blocks = blocks_envoy(nm)
+    blocks, envoy = blocks_envoy(nm), nm.envoy  # the block names no wrapper: it would ship by value, backend and all
     kwargs = {**trace_kwargs(nm, "target"), **generate_kwargs(nm, decoding)}
     nnsight = require_nnsight()
-    with nm.envoy.generate(**kwargs) as tracer:
+    with envoy.generate(**kwargs) as tracer:
         logits = nnsight.save({})  # keyed by row: invokes may finish in any order
         for row, (ids, location, cols, vectors, mode) in enumerate(items):
             with tracer.invoke(ids):
                 write_patch(blocks, location, len(ids), cols, vectors, mode)
-                logits[row] = nm.envoy.output.logits[0, -1].detach().float().cpu()
+                logits[row] = envoy.output.logits[0, -1].detach().float().cpu()
         with tracer.invoke():
             sequences = nnsight.save(tracer.result.detach().cpu())
     width = max(len(ids) for ids, *_ in items)
