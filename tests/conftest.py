@@ -19,6 +19,21 @@ from tiny import ARCHS, tiny_model  # noqa: E402
 REAL_MODEL = "SmolLM2-135M"
 
 
+@pytest.fixture
+def draw_constrained_figure():  # noqa: ANN201
+    """Draws one constrained-layout figure (kiwisolver's solver runs): raises if the process's copy is broken."""
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def draw() -> None:
+        fig, _ = plt.subplots(layout="constrained")
+        fig.canvas.draw()
+        plt.close(fig)
+
+    return draw
+
+
 @pytest.fixture(params=ARCHS)
 def tiny(request: pytest.FixtureRequest):  # noqa: ANN201
     return tiny_model(request.param)

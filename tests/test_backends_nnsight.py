@@ -77,21 +77,12 @@ def test_serialised_request_path_equals_native(arch: str) -> None:
     _assert_same(run_many(scopes, lm, batch_size=3), run_many_nnsight(scopes, lm, batch_size=3, remote="local"))
 
 
-def test_serialised_request_path_leaves_installed_packages_working() -> None:
+def test_serialised_request_path_leaves_installed_packages_working(draw_constrained_figure) -> None:  # noqa: ANN001
     """Regression: nnsight's local simulation hid matplotlib and kiwisolver while deserialising; a re-import reset
     kiwisolver's extension and every later constrained-layout figure in the process raised a TypeError."""
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def draw() -> None:
-        fig, _ = plt.subplots(layout="constrained")
-        fig.canvas.draw()
-        plt.close(fig)
-
-    draw()
+    draw_constrained_figure()
     run_many_nnsight(_scopes(NextToken())[:1], tiny_model("llama"), remote="local")
-    draw()
+    draw_constrained_figure()
 
 
 def test_capture_equals_native_capture() -> None:

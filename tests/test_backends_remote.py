@@ -126,21 +126,12 @@ def test_requests_ship_only_what_the_block_uses() -> None:
     assert targets[0].size == targets[1].size  # the same block for both decodings: nothing accumulates
 
 
-def test_building_requests_leaves_installed_packages_working() -> None:
+def test_building_requests_leaves_installed_packages_working(draw_constrained_figure) -> None:  # noqa: ANN001
     """Regression: the recorder hid matplotlib and kiwisolver while deserialising, and every constrained-layout
     figure drawn later in the process raised kiwisolver's TypeError (CI's evals failures)."""
-    matplotlib = pytest.importorskip("matplotlib")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    def draw() -> None:
-        fig, _ = plt.subplots(layout="constrained")
-        fig.canvas.draw()
-        plt.close(fig)
-
-    draw()
+    draw_constrained_figure()
     build_requests(_scopes()[:2], tiny_model("llama"), REPO)
-    draw()
+    draw_constrained_figure()
 
 
 def test_payload_deserialises_on_its_own() -> None:
