@@ -3,7 +3,9 @@
 A run directory holds ``config.json`` (every parameter, model and weight hash, package versions, seed)
 and one ``<table>.jsonl`` per table. Each line is one completed *unit* (say, one example) with all its
 rows, written with a single ``write`` and ``fsync``; a line torn by a crash does not parse and its unit
-is simply redone. Re-opening the directory with a different configuration is refused.
+is simply redone. Re-opening the directory with a different configuration is refused; processes that open one
+directory at once agree on its configuration under a lock. A unit whose rows lack a column the table's schema
+requires is redone too, with one warning line.
 
     >>> store = ResultStore("runs/demo", {"model": "SmolLM2-135M", "seed": 0})   # doctest: +SKIP
     >>> for unit in work:                                                       # doctest: +SKIP
@@ -17,7 +19,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -25,10 +28,15 @@ from typing import Any
 import pandas as pd
 
 from patchscopes.errors import PatchscopeError
+from patchscopes.files import atomic_path, atomic_write_text, file_lock
 
 
 class ConfigMismatchError(PatchscopeError, ValueError):
     """A run directory already holds results of a different configuration."""
+
+
+class CorruptRunError(PatchscopeError, ValueError):
+    """A run directory's ``config.json`` is unreadable, so its results cannot be trusted or resumed."""
 
 
 def package_versions(names: Iterable[str] = ("patchscopes", "torch", "transformers", "pandas", "numpy")) -> dict[str, str]:
@@ -42,6 +50,20 @@ def package_versions(names: Iterable[str] = ("patchscopes", "torch", "transforme
     return versions
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """The ``config`` a run's ``config.json`` records, or :class:`CorruptRunError` saying how to recover."""
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+            raise ValueError("it has no 'config' object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptRunError(
+            f"{path} is not a run configuration ({exc}); its results cannot be resumed: "
+            f"delete {path.parent} to start over, or use a new --out directory"
+        ) from None
+    return saved["config"]
+
+
 def _key(key: Any) -> str:
     return json.dumps(key, sort_keys=True, default=str)
 
@@ -49,29 +71,45 @@ def _key(key: Any) -> str:
 class ResultStore:
     """Append-only, resumable tables under one run directory with a fixed configuration."""
 
-    def __init__(self, directory: str | Path, config: dict[str, Any], environment: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        config: dict[str, Any],
+        environment: dict[str, Any] | None = None,
+        schemas: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        """``schemas``: per table, the columns every row must have; a unit with a row missing one is redone."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.config = json.loads(json.dumps(config, default=str))
+        self.schemas = {table: frozenset(columns) for table, columns in (schemas or {}).items()}
         path = self.directory / "config.json"
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("config") != self.config:
-                changed = sorted(
-                    k
-                    for k in set(saved.get("config", {})) | set(self.config)
-                    if saved.get("config", {}).get(k) != self.config.get(k)
-                )
-                raise ConfigMismatchError(
-                    f"{self.directory} holds results of another configuration (differs in: {', '.join(changed)}); "
-                    "use a new --out directory, or delete this one to start over"
-                )
-        else:
-            record = {"config": self.config, "environment": environment or package_versions()}
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, indent=2, default=str))
-            os.replace(tmp, path)
+        with file_lock(self.directory / ".config.lock"):  # one writer; the others then read what it wrote
+            if path.is_file():
+                self._check_config(path)
+            else:
+                record = {"config": self.config, "environment": environment or package_versions()}
+                atomic_write_text(path, json.dumps(record, indent=2, default=str))
         self._done: dict[str, set[str]] = {}
+
+    @classmethod
+    def reopen(cls, directory: str | Path, schemas: Mapping[str, Iterable[str]] | None = None) -> ResultStore:
+        """The store of an existing run directory, with the configuration it was started with."""
+        path = Path(directory) / "config.json"
+        if not path.is_file():
+            raise CorruptRunError(
+                f"{directory} is not a run directory (no config.json): run an evaluation with --out {directory}"
+            )
+        return cls(directory, read_config(path), schemas=schemas)
+
+    def _check_config(self, path: Path) -> None:
+        saved = read_config(path)
+        if saved != self.config:
+            changed = sorted(k for k in set(saved) | set(self.config) if saved.get(k) != self.config.get(k))
+            raise ConfigMismatchError(
+                f"{self.directory} holds results of another configuration (differs in: {', '.join(changed)}); "
+                "use a new --out directory, or delete this one to start over"
+            )
 
     def _path(self, table: str) -> Path:
         return self.directory / f"{table}.jsonl"
@@ -80,14 +118,38 @@ class ResultStore:
         path = self._path(table)
         if not path.is_file():
             return
+        bad: list[str] = []
         with path.open() as f:
-            for line in f:
+            for number, line in enumerate(f, 1):
                 try:
                     unit = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # torn by an interruption: that unit is redone
-                if isinstance(unit, dict) and "key" in unit and "rows" in unit:
+                    if line.endswith("\n"):  # a whole line of garbage, not one torn by an interruption
+                        bad.append(f"line {number} is not JSON")
+                    continue
+                problem = self._unit_problem(table, unit)
+                if problem is None:
                     yield unit
+                else:
+                    bad.append(f"line {number} {problem}")
+        if bad:
+            warnings.warn(
+                f"{path}: {len(bad)} unit(s) do not match the run's schema and will be redone ({bad[0]})",
+                stacklevel=3,
+            )
+
+    def _unit_problem(self, table: str, unit: Any) -> str | None:
+        """Why a parsed line is not a unit of ``table`` (None when it is one)."""
+        if not isinstance(unit, dict) or not isinstance(unit.get("key"), str) or not isinstance(unit.get("rows"), list):
+            return "is not a {key, rows} unit"
+        if not all(isinstance(row, dict) for row in unit["rows"]):
+            return "has rows that are not objects"
+        required = self.schemas.get(table)
+        for row in unit["rows"] if required else ():
+            missing = required - row.keys()  # type: ignore[operator]
+            if missing:
+                return f"has a row without {', '.join(sorted(missing))}"
+        return None
 
     def done_keys(self, table: str) -> set[str]:
         if table not in self._done:
@@ -127,11 +189,19 @@ class ResultStore:
         return pd.DataFrame(rows)
 
     def write_json(self, name: str, data: Any) -> Path:
-        path = self.directory / name
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
-        os.replace(tmp, path)
-        return path
+        """Write ``name`` in the run directory, atomically."""
+        return atomic_write_text(self.directory / name, json.dumps(data, indent=2, default=_jsonable))
+
+    def write_csv(self, name: str, frame: pd.DataFrame, index: bool = False) -> Path:
+        """Write ``frame`` as ``name`` in the run directory, atomically."""
+        return write_csv(self.directory / name, frame, index=index)
+
+
+def write_csv(path: str | Path, frame: pd.DataFrame, index: bool = False) -> Path:
+    """Write ``frame`` to ``path`` as CSV, atomically: a kill leaves the old file or the new one, never a torn one."""
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=index)
+    return Path(path)
 
 
 def _jsonable(value: Any) -> Any:

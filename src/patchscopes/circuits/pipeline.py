@@ -10,7 +10,6 @@ Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -192,7 +191,7 @@ def report(out: str | Path, figures: str | Path | None = None) -> dict[str, pd.D
         raise CircuitError(
             f"{out} is not a circuits run directory (no config.json); run `patchscopes circuits discover --out {out}`"
         )
-    store = ResultStore(out, json.loads((out / "config.json").read_text())["config"])
+    store = ResultStore.reopen(out)
     circuits = load_circuits(out)
     tables: dict[str, pd.DataFrame] = {}
     comp = []

@@ -222,6 +222,13 @@ def _grid_rows(
     ]
 
 
+SCHEMAS = {  # per table, what the summary and the next stages read
+    "screen": ("task", "sample_id", "answered"),
+    "probe": ("task", "layer", "probe_accuracy", "n"),
+    "grid": ("task", "sample_id", "source_layer", "correct", "correct_first_line"),
+}
+
+
 def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int) -> pd.DataFrame:
     """Per task: patchscope and probe accuracy (%) mean ± std over the grid's source layers, paired t-test."""
     rows = []
@@ -282,7 +289,7 @@ def run_attributes(
     sources = _layers(lm, config.source_layers, config.layer_step)
     targets = _layers(lm, config.target_layers, config.target_layer_step)
     config = replace(config, source_layers=tuple(sources), target_layers=tuple(targets))
-    store = open_store(out, run_config("attributes", lm, config.seed, config))
+    store = open_store(out, run_config("attributes", lm, config.seed, config), SCHEMAS)
     counter = UnitCounter(stop_after)
     tasks = [load_attribute_task(p) for p in task_paths(config)]
     with progress_bar(len(tasks), "screen + probe tasks", enabled=progress) as advance:
@@ -352,11 +359,8 @@ def heatmaps(grid: pd.DataFrame, model_name: str, column: str = "correct") -> An
 
 def summarize_run(out: str | Path) -> AttributesResult:
     """Recompute the summaries, CSVs and heatmaps of an existing run directory (no model needed)."""
-    import json
-
-    record = json.loads((Path(out) / "config.json").read_text())
-    config = record["config"]
-    store = ResultStore(out, config)
+    store = ResultStore.reopen(out, SCHEMAS)
+    config = store.config
     n_tasks = len(config["params"]["task_files"] or config["params"]["tasks"])
     return finish(str(config["model"]), store, n_tasks)
 
@@ -370,10 +374,8 @@ def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResul
         kept = screen.groupby("task", sort=False)["answered"].agg(["sum", "count"]).reset_index()
         kept.columns = ["task", "answered", "screened"]
         summary = kept.merge(summary, on="task", how="left") if not summary.empty else kept
-    summary.to_csv(out / "summary.csv", index=False)
-    grid.to_csv(out / "grid.csv", index=False)
-    probe.to_csv(out / "probe.csv", index=False)
-    screen.to_csv(out / "screen.csv", index=False)
+    for name, frame in (("summary", summary), ("grid", grid), ("probe", probe), ("screen", screen)):
+        store.write_csv(f"{name}.csv", frame)
     if not grid.empty:
         plots.save(heatmaps(grid, model_name), out / "heatmaps.png")
     store.write_json("summary.json", {"kind": "attributes", "n_tasks": n_tasks})

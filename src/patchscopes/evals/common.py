@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -62,9 +62,11 @@ def run_config(eval_name: str, lm: ModelHandle | None, seed: int, params: Any) -
     }
 
 
-def open_store(out: str | Path, config: dict[str, Any]) -> ResultStore:
-    """A resumable store under ``out`` whose ``config.json`` also records package versions."""
-    return ResultStore(out, config, environment=package_versions(EVAL_PACKAGES))
+def open_store(out: str | Path, config: dict[str, Any], schemas: Mapping[str, Iterable[str]] | None = None) -> ResultStore:
+    """A resumable store under ``out`` whose ``config.json`` also records package versions.
+
+    ``schemas``: per table, the columns the evaluation's summary reads; a saved unit without them is redone."""
+    return ResultStore(out, config, environment=package_versions(EVAL_PACKAGES), schemas=schemas)
 
 
 def seeded_sample(items: Sequence[T], k: int | None, seed: int) -> list[T]:

@@ -6,7 +6,6 @@ The commands parse and print; :mod:`patchscopes.evals.cross_model`, :mod:`patchs
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
@@ -107,8 +106,7 @@ def cross_model(
 def _store(out: Path):  # noqa: ANN202
     from patchscopes.results import ResultStore
 
-    config = json.loads((out / "config.json").read_text())["config"]
-    return ResultStore(out, config)
+    return ResultStore.reopen(out)
 
 
 def multihop(

@@ -151,6 +151,9 @@ def _entity_rows(
     ]
 
 
+ROW_COLUMNS = ("entity", "popularity", "layer", "rougeL", "similarity")  # what the summary reads
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean RougeL and similarity per (popularity, layer), with the number of entities."""
     table = rows.groupby(["popularity", "layer"]).agg(
@@ -192,7 +195,7 @@ def run_entities(
     chosen_layers = config.layers if config.layers is not None else range(0, lm.n_layers, config.layer_step)
     layers = sorted({layer % lm.n_layers for layer in chosen_layers})
     config = replace(config, layers=tuple(layers))
-    store = open_store(out, run_config("entities", lm, config.seed, config))
+    store = open_store(out, run_config("entities", lm, config.seed, config), {"rows": ROW_COLUMNS})
     chosen = select_entities(load_entities(config.entities_file), config.per_group, config.seed)
     scorer = scorer_factory()
     counter = UnitCounter(stop_after)
@@ -204,8 +207,8 @@ def run_entities(
             advance(1)
     rows = store.frame("rows")
     summary = summarize(rows)
-    summary.to_csv(out / "summary.csv", index=False)
-    rows.to_csv(out / "rows.csv", index=False)
+    store.write_csv("summary.csv", summary)
+    store.write_csv("rows.csv", rows)
     n = config.per_group if config.per_group is not None else "all"
     plots.save(plot(summary, f"{lm.name}: entity description, {n} popular + {n} rare entities"), out / "entities.png")
     store.write_json("summary.json", {"kind": "entities", "n_entities": len(chosen), "layers": layers})

@@ -199,6 +199,9 @@ def _unit_rows(
     return rows
 
 
+ROW_COLUMNS = ("example", "layer", "method", "precision_at_1", "surprisal")  # what the summary reads
+
+
 def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     """Mean Precision@1 and surprisal per (method, layer), with the number of examples."""
     grouped = rows.groupby(["method", "layer"])
@@ -247,7 +250,7 @@ def run_next_token(
         config = replace(config, corpus=config.corpus or (f"<{len(corpus)} texts passed in>",))
     else:
         corpus = read_corpus(config.corpus) if config.corpus else default_corpus()
-    store = open_store(out, run_config("next-token", lm, config.seed, config))
+    store = open_store(out, run_config("next-token", lm, config.seed, config), {"rows": ROW_COLUMNS})
     examples, train = split_examples(lm, corpus, config)
     lens = _fit_lens(lm, train, layers, config, out, progress)
     counter = UnitCounter(stop_after)
@@ -260,8 +263,8 @@ def run_next_token(
             advance(1)
     rows = store.frame("rows")
     summary = summarize(rows)
-    summary.to_csv(out / "summary.csv", index=False)
-    rows.to_csv(out / "rows.csv", index=False)
+    store.write_csv("summary.csv", summary)
+    store.write_csv("rows.csv", rows)
     plots.save(plot(summary, f"{lm.name}: next-token prediction, {len(examples)} positions"), out / "next_token.png")
     store.write_json("summary.json", {"kind": "next-token", "n_examples": len(examples), "n_train_texts": len(train)})
     return NextTokenResult(rows, summary, out)
