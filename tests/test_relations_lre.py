@@ -81,6 +81,20 @@ def test_jacobian_cache_reuses_a_multi_layer_entry(llama, tmp_path) -> None:  # 
     torch.testing.assert_close(again.weight[0], both.weight[1])
 
 
+def test_jacobian_cache_computes_an_entry_once_for_concurrent_callers(llama, tmp_path) -> None:  # noqa: ANN001
+    """Two callers of one entry at once: one computes it under the entry's lock, the other waits and reads it
+    (the hand-written lock was released before the file was written, so a waiter could compute it again)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    caches = [JacobianCache(tmp_path), JacobianCache(tmp_path)]
+    loc = PROMPT.locate(llama)
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda cache: cache(llama, loc, 0, [2]), caches)
+    assert sorted((c.misses, c.hits) for c in caches) == [(0, 1), (1, 0)]
+    torch.testing.assert_close(a.weight, b.weight)
+    assert [p.suffix for p in tmp_path.iterdir() if p.suffix != ".lock"] == [".safetensors"]
+
+
 def test_pinv_full_rank_inverts_and_low_rank_matches_truncated_svd() -> None:
     torch.manual_seed(0)
     w = torch.randn(12, 12) + 4 * torch.eye(12)

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from patchscopes.files import atomic_path  # noqa: E402
+
 _NEXT_ENTRY = re.compile(r",\s*[^,:\n]{1,60}:")
 
 
@@ -122,6 +124,7 @@ def text_table(rows: Sequence[Sequence[str]], header: Sequence[str], title: str 
 def save(fig: Figure, path: str | Path) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(target, dpi=130)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, dpi=130, format=target.suffix.lstrip(".") or None)
     plt.close(fig)
     return target

@@ -18,17 +18,16 @@ storage on a multi-machine cluster).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from patchscopes.backends.errors import BackendError, ShardFailedError
+from patchscopes.files import file_lock
 from patchscopes.layers import LayerSpec
 from patchscopes.models.loading import ModelHandle, load_model
 from patchscopes.positions import PositionSpec
@@ -38,17 +37,6 @@ from patchscopes.scope import Decoding
 
 TABLE = "rows"
 _MODELS: dict[str, ModelHandle] = {}  # per worker process: loaded once, reused by later shards
-
-
-@contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (released by the OS if the holder dies)."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def shard_indices(n_items: int, n_shards: int) -> list[list[int]]:
@@ -100,17 +88,17 @@ def run_shard(
     from patchscopes.sweep import sweep
 
     ResultStore(out_dir, config)  # refuses a directory of another configuration
-    lock = Path(out_dir) / f"{TABLE}.lock"
+    lock = file_lock(Path(out_dir) / f"{TABLE}.lock")
     lm = _model(model, dtype)
     written = 0
     for example in examples:
-        with locked(lock):
+        with lock:
             if ResultStore(out_dir, config).done(TABLE, unit_key(example)):
                 continue
         df = sweep(lm, [prompts[example]], positions=[positions[example]], progress=False, **sweep_kwargs)
         df["example"] = example
         rows = [{str(k): v for k, v in row.items()} for row in df.to_dict(orient="records")]
-        with locked(lock):
+        with lock:
             fresh = ResultStore(out_dir, config)  # re-read: another attempt may have written it meanwhile
             fresh.append(TABLE, unit_key(example), rows)
         written += 1
@@ -212,4 +200,4 @@ def distributed_sweep(
     return ordered(ResultStore(out, config).frame(TABLE))
 
 
-__all__ = ["distributed_sweep", "locked", "ordered", "run_shard", "shard_indices", "sweep_config", "unit_key"]
+__all__ = ["distributed_sweep", "ordered", "run_shard", "shard_indices", "sweep_config", "unit_key"]

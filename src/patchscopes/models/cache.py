@@ -3,7 +3,8 @@
 The cache lives under ``$PATCHSCOPES_CACHE`` (default: ``$XDG_CACHE_HOME/patchscopes`` or
 ``~/.cache/patchscopes``). A cache directory is built in a temporary sibling and renamed into place
 only when complete, with a ``manifest.json`` holding each file's size and sha256; a cache that fails
-that check is rebuilt.
+that check is rebuilt. Processes agree under a lock on who builds, and build directories left by a killed
+build are removed by the next one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from patchscopes import compat
 from patchscopes.errors import CacheError
+from patchscopes.files import file_lock
 from patchscopes.models.registry import RegistryModel, sha256_file
 
 MANIFEST = "manifest.json"
@@ -59,6 +61,15 @@ def verify_cache(directory: Path, entry: RegistryModel) -> str | None:
     return None
 
 
+def is_loadable(entry: RegistryModel) -> bool:
+    """Whether :func:`~patchscopes.models.loading.load_model` can load ``entry`` without installing anything:
+    its wheel is installed (the cache can be built) or a verified cache of it already exists."""
+    if entry.is_installed():
+        return True
+    directory = cache_dir(entry)
+    return directory.is_dir() and verify_cache(directory, entry) is None
+
+
 def _log(message: str) -> None:
     print(f"[patchscopes] {message}", file=sys.stderr, flush=True)
 
@@ -96,12 +107,28 @@ def build_cache(entry: RegistryModel) -> Path:
 def ensure_cache(entry: RegistryModel) -> Path:
     """Return a verified cache directory of ``entry``, building or rebuilding it when needed."""
     directory = cache_dir(entry)
-    if directory.exists():
-        reason = verify_cache(directory, entry)
-        if reason is None:
-            return directory
-        _log(f"cache of {entry.name} at {directory} is damaged ({reason}); rebuilding it")
-    return build_cache(entry)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(directory.parent / f".{entry.name}.lock"):  # one builder; the others wait, then verify
+        remove_stale_builds(entry)
+        if directory.exists():
+            reason = verify_cache(directory, entry)
+            if reason is None:
+                return directory
+            _log(f"cache of {entry.name} at {directory} is damaged ({reason}); rebuilding it")
+        return build_cache(entry)
+
+
+def stale_builds(entry: RegistryModel) -> list[Path]:
+    """Build directories of ``entry`` in the cache (stale when no build holds the entry's lock)."""
+    parent = cache_dir(entry).parent
+    return sorted(parent.glob(f".{entry.name}.build-*")) if parent.is_dir() else []
+
+
+def remove_stale_builds(entry: RegistryModel) -> None:
+    """Remove what killed builds of ``entry`` left behind (call it holding the entry's lock)."""
+    for path in stale_builds(entry):
+        _log(f"removing {path}, left by an interrupted build of {entry.name}")
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def weights_hash(directory: Path) -> str | None:

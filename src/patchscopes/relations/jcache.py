@@ -2,7 +2,8 @@
 
 Keyed by model weights, prompt ids, subject position, layers and aggregation; each entry is one
 ``.safetensors`` file written atomically. Processes sharing the directory (seeds run in parallel) take a
-lock file per entry, and wait for an entry another process is computing instead of duplicating it.
+lock per entry (released by the operating system if its holder dies), and wait for an entry another process
+is computing instead of duplicating it.
 
     >>> cache = JacobianCache("runs/lrc/jacobians")                                  # doctest: +SKIP
     >>> jac = cache(lm, located, subject_layer=16, object_layers=[20], aggregation="mean")   # doctest: +SKIP
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from filelock import Timeout
 from safetensors.torch import load_file, save_file
 
+from patchscopes.files import atomic_path, file_lock
 from patchscopes.models.loading import ModelHandle
 from patchscopes.relations.jacobian import Aggregation, PromptJacobian, prompt_jacobian
 from patchscopes.relations.prompts import Located
@@ -58,30 +60,32 @@ class JacobianCache:
         base = self._base(lm, located, subject_layer, aggregation)
         found = self._find(base, layers)
         if found is not None:
-            self.hits += 1
-            path, stored = found
-            t = load_file(str(path))
-            index = [stored.index(x) for x in layers]
-            return PromptJacobian(weight=t["weight"][index], subject=t["subject"], object=t["object"][index])
+            return self._load(found, layers)
         path = self.directory / f"{base}-{'_'.join(map(str, layers))}.safetensors"
-        lock = path.with_suffix(".lock")
         try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            os.close(fd)
-        except FileExistsError:  # another process is computing this entry: wait for it (or for a stale lock to age)
-            waited = 0.0
-            while lock.exists() and not path.is_file() and waited < self.wait_s:
-                time.sleep(5.0)
-                waited += 5.0
-            if path.is_file():
-                return self(lm, located, subject_layer, layers, aggregation)
+            with file_lock(path.with_suffix(".lock"), timeout=self.wait_s):
+                found = self._find(base, layers)  # another process may have computed it while this one waited
+                if found is not None:
+                    return self._load(found, layers)
+                return self._compute(lm, located, subject_layer, layers, aggregation, path)
+        except Timeout:
+            message = f"{path.name}: another process has held its lock for {self.wait_s:.0f} s; computing it here"
+            warnings.warn(message, stacklevel=2)
+            return self._compute(lm, located, subject_layer, layers, aggregation, path)
+
+    def _load(self, found: tuple[Path, list[int]], layers: list[int]) -> PromptJacobian:
+        self.hits += 1
+        path, stored = found
+        t = load_file(str(path))
+        index = [stored.index(x) for x in layers]
+        return PromptJacobian(weight=t["weight"][index], subject=t["subject"], object=t["object"][index])
+
+    def _compute(
+        self, lm: ModelHandle, located: Located, subject_layer: int, layers: list[int], aggregation: Aggregation, path: Path
+    ) -> PromptJacobian:
         self.misses += 1
-        try:
-            jac = prompt_jacobian(lm, located, subject_layer, layers, aggregation)
-        finally:
-            lock.unlink(missing_ok=True)
-        tmp = path.with_suffix(".tmp")
+        jac = prompt_jacobian(lm, located, subject_layer, layers, aggregation)
         tensors = {"weight": jac.weight.contiguous(), "subject": jac.subject.contiguous(), "object": jac.object.contiguous()}
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp))
         return jac

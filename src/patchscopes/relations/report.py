@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 
 from patchscopes.datasets import DataNotFoundError, data_file
+from patchscopes.files import atomic_path
 
 PAPER_KEYS = {"LRC": "LRC", "LRC (first token, final layer)": "LRC_ft_lfinal", "SVM": "SVM", "input averaging": "input_averaging"}
 METHOD_ORDER = list(PAPER_KEYS)
@@ -87,6 +88,7 @@ def plot_sweep(frame: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=110, format=Path(out).suffix.lstrip(".") or None)
     plt.close(fig)
     return out
