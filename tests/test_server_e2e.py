@@ -53,7 +53,12 @@ def browser(tmp_path: Path):  # noqa: ANN201
     sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright python package is not installed")
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=CHROMIUM, args=ARGS, headless=True, viewport={"width": 1280, "height": 860}
+            str(tmp_path / "profile"),
+            executable_path=CHROMIUM,
+            args=ARGS,
+            headless=True,
+            viewport={"width": 1280, "height": 860},
+            bypass_csp=True,  # the test's own wait_for_function runs through eval, which the page's CSP forbids
         )
         yield context
         context.close()

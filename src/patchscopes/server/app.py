@@ -21,19 +21,26 @@ from contextlib import asynccontextmanager
 from importlib.resources import files
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from patchscopes.errors import PatchscopeError
 from patchscopes.mappings import AffineMap
 from patchscopes.presets import ENTITY_DESCRIPTION_PROMPT, TOKEN_IDENTITY_PROMPT
 from patchscopes.server import exports
-from patchscopes.server.errors import CancelledError, LimitError, QueueFullError, ResultNotFoundError, ServerError
+from patchscopes.server.errors import (
+    CancelledError,
+    LimitError,
+    QueueFullError,
+    RequestTimeoutError,
+    ResultNotFoundError,
+    ServerError,
+)
+from patchscopes.server.guard import BodyLimit, HostCheck, SecurityHeaders
 from patchscopes.server.jobs import Job, JobQueue
 from patchscopes.server.limits import Limits
 from patchscopes.server.plan import Plan, make_plan
@@ -101,49 +108,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "internal", "internal server error; see the server log")
 
 
-class BodyLimit:
-    """Pure ASGI middleware: refuse request bodies over ``max_bytes`` (declared or streamed) with 413.
-
-    A pure middleware (not ``@app.middleware``) keeps ``request.is_disconnected()`` working downstream.
-    """
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            message = (
-                f"request body of {length.decode(errors='replace')} bytes is over this server's max_body_bytes={self.max_bytes}"
-            )
-            await _error(413, "too_large", message)(scope, receive, send)
-            return
-        seen = 0
-
-        async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise HTTPException(413, f"request body is over this server's max_body_bytes={self.max_bytes}")
-            return message
-
-        await self.app(scope, counted, send)
-
-
 def create_app(
     allowed_models: Sequence[str],
     *,
     loader: Loader | None = None,
     maps: Sequence[AffineMap] = (),
     limits: Limits | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The explorer app serving ``allowed_models`` (registry names; ``loader`` overrides how they load)."""
+    """The explorer app serving ``allowed_models`` (registry names; ``loader`` overrides how they load).
+
+    It answers only to loopback Host names and ``allowed_hosts`` (against DNS rebinding).
+    """
     limits = limits or Limits()
     pool = ModelPool(allowed_models, loader)
     map_index = MapIndex(maps)
@@ -167,7 +143,9 @@ def create_app(
     app.state.pool, app.state.jobs, app.state.results, app.state.limits = pool, jobs, results, limits
     _install_error_handlers(app)
 
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, timeout=limits.body_timeout)
+    app.add_middleware(HostCheck, allowed_hosts=allowed_hosts)
+    app.add_middleware(SecurityHeaders)  # outermost: the guards' own answers get the headers too
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -254,6 +232,9 @@ def create_app(
                 if not future.done() and await request.is_disconnected():
                     job.cancel()
                     raise CancelledError("client disconnected")
+                if not future.done() and time.monotonic() - start > limits.request_timeout:
+                    job.cancel()
+                    raise _timed_out(limits)
             rows = future.result()
         finally:
             if not job.future.done():
@@ -285,6 +266,10 @@ def create_app(
                     except asyncio.TimeoutError:
                         if await request.is_disconnected():
                             job.cancel()
+                            return
+                        if not future.done() and time.monotonic() - start > limits.request_timeout:
+                            job.cancel()
+                            yield json.dumps(_error_event(_timed_out(limits))) + "\n"
                             return
                         continue
                     yield json.dumps(event) + "\n"
@@ -332,6 +317,13 @@ def create_app(
         )
 
     return app
+
+
+def _timed_out(limits: Limits) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"the inspection did not finish within this server's request_timeout={limits.request_timeout:g} s and was "
+        "stopped; ask for fewer layers or tokens, or restart with `patchscopes serve --request-timeout SECONDS`"
+    )
 
 
 async def _replay(cached: dict[str, Any], queue: dict[str, Any]) -> AsyncIterator[str]:

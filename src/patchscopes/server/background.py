@@ -16,6 +16,8 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from patchscopes.server.limits import Limits, uvicorn_options
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
@@ -25,9 +27,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int | None = None, timeout: float = 30.0) -> Iterator[str]:
-    """Start uvicorn on ``host:port`` (a free port by default), yield its base URL, stop it on exit."""
+    """Start uvicorn on ``host:port`` (a free port by default), yield its base URL, stop it on exit.
+
+    The connection bounds of the app's :class:`~patchscopes.server.limits.Limits` apply, as with ``serve``.
+    """
     port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    limits = getattr(app.state, "limits", None) or Limits()
+    options = uvicorn_options(limits)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on", **options)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="patchscopes-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

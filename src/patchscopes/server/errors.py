@@ -49,3 +49,10 @@ class CancelledError(ServerError):
 
     status = 499
     kind = "cancelled"
+
+
+class RequestTimeoutError(ServerError):
+    """The inspection queued and ran past the server's ``request_timeout`` and was stopped."""
+
+    status = 504
+    kind = "timeout"

@@ -71,8 +71,33 @@ def frame(result: dict[str, Any]) -> pd.DataFrame:
     return df
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` safe to open in a spreadsheet: text that starts like a formula gets a leading ``'``.
+
+    Numbers, and text that is just a number, are kept as they are.
+
+    >>> csv_cell("=HYPERLINK(1)"), csv_cell("-0.5"), csv_cell(-0.5), csv_cell("Paris")
+    ("'=HYPERLINK(1)", '-0.5', -0.5, 'Paris')
+    """
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
 def to_csv(result: dict[str, Any]) -> str:
-    return frame(result).to_csv(index=False)
+    """The result as CSV, with formula-like text escaped (CSV injection)."""
+    df = frame(result)
+    for col in df.columns:
+        if not pd.api.types.is_numeric_dtype(df[col]):
+            df[col] = df[col].map(csv_cell)
+    return df.to_csv(index=False, lineterminator="\r\n")  # RFC 4180; fields holding \r or \n get quoted
 
 
 def to_png(result: dict[str, Any], value: str = "top1_prob") -> bytes:

@@ -16,7 +16,7 @@ from patchscopes.presets import ENTITY_DESCRIPTION, LOGIT_LENS, TOKEN_IDENTITY, 
 from patchscopes.scope import SAME, Decoding, Generate, NextToken
 from patchscopes.server.errors import LimitError, ServerError
 from patchscopes.server.layers import parse_layers
-from patchscopes.server.limits import Limits
+from patchscopes.server.limits import Limits, context_length
 from patchscopes.server.pool import MapError, MapIndex, ModelPool
 from patchscopes.server.schemas import InspectRequest
 
@@ -111,6 +111,12 @@ def make_plan(req: InspectRequest, pool: ModelPool, maps: MapIndex, limits: Limi
     preset = _preset(req, limits)
     if target_name != req.model and preset.target_prompt is None:
         raise InvalidRequestError(f"preset {req.preset!r} reuses the source prompt, so it cannot run on another target model")
+    if req.preset == "logit-lens" and req.target_layers.strip() != SAME:
+        raise InvalidRequestError(
+            f"target layers {req.target_layers!r} with the logit lens: it decodes each source layer's state through "
+            "the final norm and unembedding, so it has no target layer; send target_layers 'same' (or leave it out), "
+            "or choose another preset for a layer grid"
+        )
     lm, tlm = pool.get(req.model), pool.get(target_name)
     source_layers = parse_layers(req.source_layers, lm.n_layers)
     target_layers: list[int] | str = SAME if req.target_layers.strip() == SAME else parse_layers(req.target_layers, tlm.n_layers)
@@ -130,9 +136,20 @@ def make_plan(req: InspectRequest, pool: ModelPool, maps: MapIndex, limits: Limi
         raise InvalidRequestError(
             f"position {req.position} is outside the prompt's {len(tokens)} tokens; valid: 0..{len(tokens) - 1} or negative"
         )
+    n_ctx = context_length(lm)
+    if n_ctx is not None and len(tokens) > n_ctx:
+        raise LimitError(
+            f"the prompt is {len(tokens)} tokens, over {lm.name}'s context length of {n_ctx} tokens; shorten the prompt"
+        )
     position = req.position % len(tokens)
     if preset.target_prompt is not None and isinstance(preset.target_position, Placeholder):
         target_tokens = tlm.tokenize(preset.target_prompt)
+        t_ctx = context_length(tlm)
+        if t_ctx is not None and len(target_tokens) + req.max_new_tokens > t_ctx:
+            raise LimitError(
+                f"the target prompt ({len(target_tokens)} tokens) plus max_new_tokens={req.max_new_tokens} is over "
+                f"{tlm.name}'s context length of {t_ctx} tokens; shorten it or generate fewer tokens"
+            )
         try:
             resolve_positions(preset.target_position, preset.target_prompt, target_tokens.offsets)
         except PatchscopeError as exc:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 #: A registry-style model name: letters, digits, dot, dash, underscore. Never a path.
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -50,7 +50,7 @@ class InspectRequest(BaseModel):
         default=None, pattern=MODEL_NAME, description="Target model; another model needs a fitted map loaded at start."
     )
     prompt: str = Field(min_length=1, max_length=10_000, description="The source prompt.")
-    position: int = Field(default=-1, ge=-10_000, le=10_000, description="Source token index (negative from the end).")
+    position: StrictInt = Field(default=-1, ge=-10_000, le=10_000, description="Source token index (negative from the end).")
     preset: PresetName = Field(default="token-identity", description="The inspection prompt to patch into.")
     target_prompt: Optional[str] = Field(
         default=None, max_length=10_000, description="For 'attribute' and 'custom': a prompt containing the placeholder."
@@ -58,7 +58,7 @@ class InspectRequest(BaseModel):
     placeholder: str = Field(default="x", min_length=1, max_length=16, description="The placeholder word in target_prompt.")
     source_layers: str = Field(default="all", max_length=200, description="Source layers: all, 0-10, 0-29:3, 1,5,9 …")
     target_layers: str = Field(default="same", max_length=200, description="'same' (ℓ* = ℓ) or a layer list for a grid.")
-    max_new_tokens: int = Field(default=0, ge=0, le=10_000, description="Tokens to generate per cell; 0 = next token only.")
+    max_new_tokens: StrictInt = Field(default=0, ge=0, le=10_000, description="Tokens to generate per cell; 0 = next token only.")
     answer: Optional[str] = Field(
         default=None, max_length=10_000, description="Also report the probability of this answer's first token (e.g. ' Paris')."
     )
@@ -97,7 +97,9 @@ class InspectResponse(BaseModel):
 
 ERRORS: dict[int | str, dict[str, object]] = {
     400: {"model": ErrorBody, "description": "A model that is not on the allow-list"},
+    408: {"model": ErrorBody, "description": "A request body that did not arrive within body_timeout"},
     413: {"model": ErrorBody, "description": "A request body over max_body_bytes"},
     422: {"model": ErrorBody, "description": "Malformed or over a bound (prompt length, layers, tokens), or no map"},
     429: {"model": ErrorBody, "description": "The work queue is full; see the Retry-After header"},
+    504: {"model": ErrorBody, "description": "The inspection ran past request_timeout and was stopped"},
 }
