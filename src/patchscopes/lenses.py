@@ -184,5 +184,22 @@ class AffineLens(Lens):
     @classmethod
     def load(cls, path: str | Path) -> AffineLens:
         directory = Path(path)
-        info = json.loads((directory / "lens.json").read_text())
-        return cls({layer: AffineMap.load(directory / f"layer{layer}") for layer in info["layers"]}, info.get("model"))
+        info_path = directory / "lens.json"
+        if not info_path.is_file():
+            raise MappingError(f"{directory} is not a saved affine lens (no lens.json)")
+        redo = f"delete {directory} and fit the lens again"
+        try:
+            info = json.loads(info_path.read_text(encoding="utf-8"))
+            layers = info["layers"]
+            if not isinstance(layers, list):
+                raise ValueError("'layers' is not a list")
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise MappingError(f"{info_path} is damaged ({exc}); {redo}") from None
+        maps = {}
+        for layer in layers:
+            try:
+                maps[layer] = AffineMap.load(directory / f"layer{layer}", redo=redo)
+            except MappingError as exc:
+                advice = "" if redo in str(exc) else f"; {redo}"
+                raise MappingError(f"the affine lens in {directory} cannot be loaded: {exc}{advice}") from None
+        return cls(maps, info.get("model"))

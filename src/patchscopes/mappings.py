@@ -162,17 +162,33 @@ class AffineMap(nn.Module):
         return directory
 
     @classmethod
-    def load(cls, path: str | Path) -> AffineMap:
+    def load(cls, path: str | Path, *, redo: str | None = None) -> AffineMap:
+        """The map saved in directory ``path``; a missing or damaged file raises :class:`MappingError` naming it
+        and saying what to do (``redo``, default: delete the directory and fit the map again)."""
         directory = Path(path)
+        redo = redo or f"delete {directory} and fit the map again"
         meta_path, weights_path = directory / "map.json", directory / "weights.safetensors"
         if not meta_path.is_file() or not weights_path.is_file():
             raise MappingError(f"{directory} is not a saved affine map (expected map.json and weights.safetensors)")
-        meta = json.loads(meta_path.read_text())
-        tensors = load_file(str(weights_path))
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("it is not a JSON object")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MappingError(f"{meta_path} is damaged ({exc}); {redo}") from None
+        try:
+            tensors = load_file(str(weights_path))
+            weight, bias = tensors["weight"], tensors["bias"]
+        except Exception as exc:  # safetensors raises its own error type on a truncated or foreign file
+            detail = f"no tensor {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+            raise MappingError(f"{weights_path} is damaged or truncated ({detail}); {redo}") from None
         meta.pop("type", None)
         meta.pop("d_in", None)
         meta.pop("d_out", None)
-        loaded = cls(tensors["weight"], tensors["bias"], meta)
+        try:
+            loaded = cls(weight, bias, meta)
+        except MappingError as exc:
+            raise MappingError(f"{weights_path} does not hold an affine map ({exc}); {redo}") from None
         loaded.metadata["path"] = str(directory)
         return loaded
 

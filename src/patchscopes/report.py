@@ -16,6 +16,8 @@ import pandas as pd
 
 from patchscopes.datasets import data_dir
 from patchscopes.errors import PatchscopeError
+from patchscopes.files import atomic_write_text
+from patchscopes.results import read_config
 
 PAPER_FILE = "paper_tables/patchscopes_tables.json"
 
@@ -123,15 +125,28 @@ def render(directory: str | Path, paper_path: str | Path | None = None) -> str:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise ReportError(f"{directory} holds no config.json: pass a directory written by `patchscopes eval …`")
+    config = read_config(config_path)  # a damaged config.json: CorruptRunError saying how to recover
     record = json.loads(config_path.read_text())
-    config = record.get("config", {})
     kind = config.get("eval", "unknown")
-    summary = pd.read_csv(directory / "summary.csv") if (directory / "summary.csv").is_file() else pd.DataFrame()
+    summary_path = directory / "summary.csv"
+    if not summary_path.is_file() and not (directory / "summary.json").is_file():
+        raise ReportError(
+            f"the run in {directory} is incomplete: it has no summary yet (it was stopped before it finished). "
+            f"Finish it by running the same `patchscopes eval {kind} …` command again with --out {directory} "
+            f"(it resumes where it stopped), then run `patchscopes report {directory}`"
+        )
+    try:
+        summary = pd.read_csv(summary_path) if summary_path.is_file() else pd.DataFrame()
+    except (ValueError, UnicodeDecodeError) as exc:  # pandas' EmptyDataError and ParserError are ValueErrors
+        raise ReportError(
+            f"{summary_path} is damaged ({exc}); delete it and run the same `patchscopes eval {kind} …` command "
+            f"again with --out {directory} to rewrite it"
+        ) from None
     paper = load_paper_tables(paper_path)
     parts = [
         f"<h1>patchscopes: {html.escape(kind)} — {html.escape(str(config.get('model')))}</h1>",
         "<h2>Results</h2>",
-        _table(summary) if len(summary) else "<p>No summary yet (the run has not finished a unit).</p>",
+        _table(summary) if len(summary) else "<p>No summary table for this run (see summary.json).</p>",
     ]
     comparison, note = None, ""
     if paper is not None:
@@ -175,5 +190,5 @@ def write_report(directory: str | Path, output: str | Path | None = None, paper_
     path = Path(output) if output is not None else Path(directory) / "report.html"
     text = render(directory, paper_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    atomic_write_text(path, text)
     return path

@@ -12,7 +12,9 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from patchscopes.cli_options import OutDir, OutFile
 from patchscopes.errors import PatchscopeError
+from patchscopes.results import write_csv
 
 console = Console()
 
@@ -41,13 +43,11 @@ def distributed_sweep_command(
         "token-identity"
     ),
     layers: Annotated[str, typer.Option(help="Source layers: all, 0-10, 0-29:3, 1,5,9 …")] = "all",
-    shards: Annotated[int, typer.Option(help="How many Ray tasks the prompts are split into.")] = 4,
-    retries: Annotated[int, typer.Option(help="Retries of a failed shard (a killed worker included).")] = 3,
+    shards: Annotated[int, typer.Option(min=1, help="How many Ray tasks the prompts are split into.")] = 4,
+    retries: Annotated[int, typer.Option(min=0, help="Retries of a failed shard (a killed worker included).")] = 3,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address ('auto'); default: a local cluster.")] = None,
-    out: Annotated[Path, typer.Option(help="Resumable run directory (re-run the same command to resume).")] = Path(
-        "runs/distributed-sweep"
-    ),
-    csv: Annotated[Optional[Path], typer.Option(help="Also write the table to this CSV file.")] = None,
+    out: Annotated[Path, OutDir("Resumable run directory (re-run the same command to resume).")] = Path("runs/distributed-sweep"),
+    csv: Annotated[Optional[Path], OutFile("Also write the table to this CSV file.")] = None,
 ) -> None:
     """Run a sweep as Ray tasks over prompt shards, into one resumable results store."""
     from patchscopes.backends.ray_sweep import distributed_sweep
@@ -57,17 +57,13 @@ def distributed_sweep_command(
         texts += [line for line in prompts_file.read_text().splitlines() if line.strip()]
     if not texts:
         raise typer.BadParameter("give at least one prompt (arguments or --prompts-file)")
-    try:
-        source_layers = _layers(layers)
-        df = distributed_sweep(
-            model, texts, preset, out, source_layers=source_layers, n_shards=shards, max_retries=retries, address=address
-        )
-    except PatchscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from exc
+    source_layers = _layers(layers)
+    df = distributed_sweep(
+        model, texts, preset, out, source_layers=source_layers, n_shards=shards, max_retries=retries, address=address
+    )
     console.print(f"{len(df)} rows from {len(texts)} prompts in {out}")
     if csv is not None:
-        df.to_csv(csv, index=False)
+        write_csv(csv, df)
         console.print(f"wrote {csv}")
 
 
@@ -77,12 +73,8 @@ def ndif_check_command(
     """Check that remote execution on NDIF can run MODEL: the API key is set and the model is hosted."""
     from patchscopes.backends.remote import api_key, check_hosted, hosted_models
 
-    try:
-        api_key()
-        check_hosted(model, hosted_models())
-    except PatchscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from exc
+    api_key()
+    check_hosted(model, hosted_models())
     console.print(f"{model} is hosted on NDIF and running; the API key is set")
 
 

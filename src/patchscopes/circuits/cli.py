@@ -9,15 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
-from patchscopes.errors import PatchscopeError
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, OutDir, float_list, int_list, load
+from patchscopes.results import write_csv
 
 console = Console()
 circuits_app = typer.Typer(help="Circuits: weight masks, edge attribution, the knowledge-edit view.", no_args_is_help=True)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+def _floats(text: str, option: str = "--densities") -> tuple[float, ...]:
+    return float_list(text, option)
 
 
 def _config(
@@ -44,22 +44,22 @@ def _config(
     if quick:
         cfg = RunConfig.quick_profile(model, tasks)
         return RunConfig(**{**cfg.to_dict(), "methods": tuple(method or cfg.methods), "seed": seed})
-    layer_list = None if layers == "all" else tuple(int(x) for x in layers.split(","))
+    layer_list = None if layers == "all" else int_list(layers, "--layers")
     return RunConfig(model=model, tasks=tasks, methods=tuple(method or ("mask", "eap", "eap-ig")), densities=_floats(densities),
                      layers=layer_list, n_examples=n, n_train=n_train, steps_per_stage=steps, batch_size=batch_size, lr=lr,
                      penalty=penalty, init_logit=init_logit, ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
 
 
 Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
-Out = Annotated[Path, typer.Option(help="Run directory (resumable; one configuration per directory).")]
+Out = Annotated[Path, OutDir("Run directory (resumable; one configuration per directory).")]
 Task = Annotated[Optional[list[str]], typer.Option(help="det_noun, subj_verb, sentiment, hierarchy (repeatable).")]
 Method = Annotated[Optional[list[str]], typer.Option(help="mask, eap, eap-ig (repeatable; default all three).")]
 Densities = Annotated[str, typer.Option(help="Target densities, largest first is not required: 0.5,0.35,0.15,0.05")]
 Layers = Annotated[str, typer.Option(help="Blocks the mask covers: all, or a list like 24,25,26,27,28,29.")]
-Steps = Annotated[int, typer.Option(help="Mask training steps per density stage.")]
-N = Annotated[int, typer.Option(help="Examples generated per task (train + held out).")]
-NTrain = Annotated[int, typer.Option(help="Of which used to train the mask.")]
-Batch = Annotated[int, typer.Option(help="Batch size of mask training and attribution.")]
+Steps = Annotated[int, typer.Option(min=1, help="Mask training steps per density stage.")]
+N = Annotated[int, typer.Option(min=1, help="Examples generated per task (train + held out).")]
+NTrain = Annotated[int, typer.Option(min=1, help="Of which used to train the mask.")]
+Batch = Annotated[int, typer.Option(min=1, help="Batch size of mask training and attribution.")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate of the mask logits.")]
 Penalty = Annotated[
     float,
@@ -67,8 +67,8 @@ Penalty = Annotated[
         help="Weight of the density penalty |E[density] - target| (a mean over the masked weights: a larger mask needs more)."
     ),
 ]
-IgSteps = Annotated[int, typer.Option(help="Interpolation steps of EAP-IG.")]
-NAttr = Annotated[int, typer.Option(help="Held-out examples used for EAP / EAP-IG and their curves.")]
+IgSteps = Annotated[int, typer.Option(min=1, help="Interpolation steps of EAP-IG.")]
+NAttr = Annotated[int, typer.Option(min=1, help="Held-out examples used for EAP / EAP-IG and their curves.")]
 Seed = Annotated[int, typer.Option(help="Seed of data, sampling and random baselines.")]
 InitLogit = Annotated[
     float,
@@ -90,16 +90,12 @@ def discover_cmd(
     """Find circuits: a weight mask trained through decreasing densities, and EAP / EAP-IG edge scores."""
     from patchscopes.circuits.pipeline import discover
 
-    try:
-        cfg = _config(
-            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
-            init_logit,
-        )  # fmt: skip
-        lm = load(model, device, dtype, device_map)
-        discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))
-    except PatchscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+    cfg = _config(
+        model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
+        init_logit,
+    )  # fmt: skip
+    lm = load(model, device, dtype, device_map)
+    discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))
     console.print(f"done: {out}")
 
 
@@ -110,7 +106,7 @@ def edit_cmd(
     batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
     seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0,
     circuit_task: Annotated[str, typer.Option(help="Whose circuits take the edit.")] = "hierarchy",
-    edit_steps: Annotated[int, typer.Option(help="Fine-tuning steps of each edit.")] = 20,
+    edit_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each edit.")] = 20,
     edit_lr: Annotated[float, typer.Option(help="Adam learning rate of the edit.")] = 1e-3,
     edit_densities: Annotated[Optional[str], typer.Option(help="Edit only these densities' circuits (default: all).")] = None,
     device: Device = DEFAULT_DEVICE,
@@ -120,25 +116,21 @@ def edit_cmd(
     """Insert held-out 'X is a kind of Y' facts through each circuit, its complement and a random set of its size."""
     from patchscopes.circuits.pipeline import edit
 
-    try:
-        cfg = _config(
-            model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
-            init_logit,
-        )  # fmt: skip
-        lm = load(model, device, dtype, device_map)
-        edit(
-            lm,
-            cfg,
-            out,
-            task=circuit_task,
-            steps=edit_steps,
-            lr=edit_lr,
-            log=lambda m: console.print(m, markup=False, highlight=False),
-            densities=_floats(edit_densities) if edit_densities else None,
-        )
-    except PatchscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+    cfg = _config(
+        model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
+        init_logit,
+    )  # fmt: skip
+    lm = load(model, device, dtype, device_map)
+    edit(
+        lm,
+        cfg,
+        out,
+        task=circuit_task,
+        steps=edit_steps,
+        lr=edit_lr,
+        log=lambda m: console.print(m, markup=False, highlight=False),
+        densities=_floats(edit_densities, "--edit-densities") if edit_densities else None,
+    )
 
 
 @circuits_app.command("report")
@@ -149,11 +141,7 @@ def report_cmd(
     """Tables (composition both ways, overlap, faithfulness, EAP curves, edits) and figures of a run."""
     from patchscopes.circuits.pipeline import report
 
-    try:
-        tables = report(out, figures if figures is not None else out / "figures")
-    except PatchscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+    tables = report(out, figures if figures is not None else out / "figures")
     for name, df in tables.items():
         if name in ("history", "eap_edges"):
             continue
@@ -166,7 +154,7 @@ def report_cmd(
             table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
         console.print(table)
         (out / f"{name}.csv").parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(out / f"{name}.csv")
+        write_csv(out / f"{name}.csv", df, index=True)
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:

@@ -102,9 +102,21 @@ class MapStore:
         return sorted(p.parent.relative_to(self.root).as_posix() for p in self.root.rglob("map.json"))
 
     def list(self) -> pd.DataFrame:
-        """One row per saved map: name, models, layers, held-out R², fit size, corpus hash, ridge."""
-        rows = []
+        """One row per saved map: name, models, layers, held-out R², fit size, corpus hash, ridge.
+        A damaged map raises :class:`MappingError` naming its files (:meth:`scan` lists around it)."""
+        frame, problems = self.scan()
+        if problems:
+            raise MappingError(next(iter(problems.values())))
+        return frame
+
+    def scan(self) -> tuple[pd.DataFrame, dict[str, str]]:
+        """:meth:`list`'s table of the readable maps, and for each damaged one its name and what is wrong."""
+        rows, problems = [], {}
         for name in self.names():
-            meta = AffineMap.load(self.path(name)).metadata
+            try:
+                meta = AffineMap.load(self.path(name)).metadata
+            except MappingError as exc:
+                problems[name] = str(exc)
+                continue
             rows.append({"name": name, **{c: meta.get(c) for c in LIST_COLUMNS[1:]}})
-        return pd.DataFrame(rows, columns=LIST_COLUMNS)
+        return pd.DataFrame(rows, columns=LIST_COLUMNS), problems

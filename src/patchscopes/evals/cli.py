@@ -15,21 +15,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
-from patchscopes.errors import PatchscopeError
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, OutDir, OutFile, int_list, load
 
 console = Console()
 DEFAULT_MODEL = "SmolLM2-135M"
 
 Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
-Out = Annotated[Path, typer.Option(help="Run directory (resumable: the same --out continues an interrupted run).")]
+Out = Annotated[Path, OutDir("Run directory (resumable: the same --out continues an interrupted run).")]
 Seed = Annotated[int, typer.Option(help="Seed of every random choice (positions, samples).")]
 Quick = Annotated[bool, typer.Option(help="A small profile that runs in a minute or two (for CI and smoke tests).")]
 Progress = Annotated[bool, typer.Option(help="Show progress bars.")]
 
 
 def _layers(text: Optional[str]) -> Optional[tuple[int, ...]]:
-    return None if text is None else tuple(int(v) for v in text.split(","))
+    return None if text is None else int_list(text, "--layers")
 
 
 def _print_frame(df, title: str, limit: int = 40) -> None:  # noqa: ANN001
@@ -41,17 +40,12 @@ def _print_frame(df, title: str, limit: int = 40) -> None:  # noqa: ANN001
     console.print(table)
 
 
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
-
-
 def next_token(
     model: Model = DEFAULT_MODEL,
     out: Out = Path("runs/next-token"),
     seed: Seed = 0,
     quick: Quick = False,
-    n_eval: Annotated[Optional[int], typer.Option(help="Evaluated positions (one per text).")] = None,
+    n_eval: Annotated[Optional[int], typer.Option(min=1, help="Evaluated positions (one per text).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
     corpus: Annotated[
         Optional[list[Path]], typer.Option(help="Text files (one text per line) or TSVs with prompt_source.")
@@ -71,11 +65,7 @@ def next_token(
         config = replace(config, layers=_layers(layers))
     if corpus:
         config = replace(config, corpus=tuple(str(p) for p in corpus))
-    try:
-        result = run_next_token(load(model, device, dtype, device_map), out, config, progress=progress)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    result = run_next_token(load(model, device, dtype, device_map), out, config, progress=progress)
     _print_frame(summary_table(result.summary), f"next-token prediction, {model}")
     console.print(f"wrote {out}/summary.csv, {out}/next_token.png")
 
@@ -89,10 +79,10 @@ def attributes(
         Optional[list[str]], typer.Option(help="Task name(s) under <data>/patchscopes (default: Table 2's 12).")
     ] = None,
     task_file: Annotated[Optional[list[Path]], typer.Option(help="Your own task TSV file(s) in the same format.")] = None,
-    screen: Annotated[Optional[int], typer.Option(help="Samples screened per task.")] = None,
-    grid_samples: Annotated[Optional[int], typer.Option(help="Answered samples per task in the (ℓ, ℓ*) grid.")] = None,
-    layer_step: Annotated[Optional[int], typer.Option(help="Grid source layers: every n-th block from 0.")] = None,
-    target_layer_step: Annotated[Optional[int], typer.Option(help="Grid target layers: every n-th block from 0.")] = None,
+    screen: Annotated[Optional[int], typer.Option(min=1, help="Samples screened per task.")] = None,
+    grid_samples: Annotated[Optional[int], typer.Option(min=1, help="Answered samples per task in the (ℓ, ℓ*) grid.")] = None,
+    layer_step: Annotated[Optional[int], typer.Option(min=1, help="Grid source layers: every n-th block from 0.")] = None,
+    target_layer_step: Annotated[Optional[int], typer.Option(min=1, help="Grid target layers: every n-th block from 0.")] = None,
     case_sensitive: Annotated[bool, typer.Option(help="Compare object and generation case-sensitively.")] = False,
     progress: Progress = True,
     device: Device = DEFAULT_DEVICE,
@@ -111,11 +101,7 @@ def attributes(
         config = replace(config, tasks=tuple(task))
     if task_file:
         config = replace(config, task_files=tuple(str(p) for p in task_file))
-    try:
-        result = run_attributes(load(model, device, dtype, device_map), out, config, progress=progress)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    result = run_attributes(load(model, device, dtype, device_map), out, config, progress=progress)
     _print_frame(result.summary, f"attribute extraction vs probing, {model} (accuracy %)")
     console.print(f"wrote {out}/summary.csv and heatmaps")
 
@@ -125,8 +111,8 @@ def entities(
     out: Out = Path("runs/entities"),
     seed: Seed = 0,
     quick: Quick = False,
-    per_group: Annotated[Optional[int], typer.Option(help="Entities drawn from each of popular and rare.")] = None,
-    layer_step: Annotated[Optional[int], typer.Option(help="Layers: every n-th block from 0 (1 = all).")] = None,
+    per_group: Annotated[Optional[int], typer.Option(min=1, help="Entities drawn from each of popular and rare.")] = None,
+    layer_step: Annotated[Optional[int], typer.Option(min=1, help="Layers: every n-th block from 0 (1 = all).")] = None,
     entities_file: Annotated[Optional[Path], typer.Option(help="Your own TSV: entity, popularity, description.")] = None,
     progress: Progress = True,
     device: Device = DEFAULT_DEVICE,
@@ -143,28 +129,20 @@ def entities(
         config = replace(config, layer_step=layer_step, layers=None)
     if entities_file is not None:
         config = replace(config, entities_file=str(entities_file))
-    try:
-        result = run_entities(load(model, device, dtype, device_map), out, config, progress=progress)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    result = run_entities(load(model, device, dtype, device_map), out, config, progress=progress)
     _print_frame(result.summary, f"entity resolution, {model}")
     console.print(f"wrote {out}/summary.csv, {out}/entities.png")
 
 
 def report(
     directory: Annotated[Path, typer.Argument(help="A run directory written by `patchscopes eval …`.")],
-    output: Annotated[Optional[Path], typer.Option(help="HTML file (default: DIRECTORY/report.html).")] = None,
+    output: Annotated[Optional[Path], OutFile("HTML file (default: DIRECTORY/report.html).")] = None,
     paper: Annotated[Optional[Path], typer.Option(help="A JSON of paper numbers (default: <data>/paper_tables).")] = None,
 ) -> None:
     """Render one run directory as a self-contained HTML page: plots, tables, configuration, the paper's numbers."""
     from patchscopes.report import write_report
 
-    try:
-        path = write_report(directory, output, paper)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    path = write_report(directory, output, paper)
     console.print(f"wrote {path}")
 
 

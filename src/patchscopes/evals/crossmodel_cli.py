@@ -13,17 +13,12 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
-from patchscopes.errors import PatchscopeError
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, OutDir, load
 
 console = Console()
 maps_app = typer.Typer(help="Named affine maps between two models' layers (fit, list).", no_args_is_help=True)
-
-
-def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
-    raise typer.Exit(code=2)
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -49,14 +44,18 @@ def _ints(text: str) -> tuple[int, ...]:
 def cross_model(
     source: Annotated[str, typer.Option(help="Model A (whose hidden states are read).")] = "SmolLM2-135M",
     target: Annotated[str, typer.Option(help="Model B (which decodes them).")] = "Gemma-3-270M",
-    layer_step: Annotated[int, typer.Option(help="Sample every n-th layer of each model (plus the last) for the grid.")] = 5,
+    layer_step: Annotated[
+        int, typer.Option(min=1, help="Sample every n-th layer of each model (plus the last) for the grid.")
+    ] = 5,
     source_layers: Annotated[str, typer.Option(help="Explicit source layers, e.g. 0,6,12 (overrides --layer-step).")] = "",
     target_layers: Annotated[str, typer.Option(help="Explicit target layers (overrides --layer-step).")] = "",
-    n_fit_texts: Annotated[int, typer.Option(help="WikiText snippets to fit the maps on (10% held out for R²).")] = 400,
-    n_eval_texts: Annotated[int, typer.Option(help="Other snippets for next-token Precision@1.")] = 100,
-    n_entities: Annotated[int, typer.Option(help="Entities (half popular, half rare) for the description evaluation.")] = 40,
+    n_fit_texts: Annotated[int, typer.Option(min=1, help="WikiText snippets to fit the maps on (10% held out for R²).")] = 400,
+    n_eval_texts: Annotated[int, typer.Option(min=1, help="Other snippets for next-token Precision@1.")] = 100,
+    n_entities: Annotated[
+        int, typer.Option(min=0, help="Entities (half popular, half rare) for the description evaluation.")
+    ] = 40,
     entity_layers: Annotated[str, typer.Option(help="Layers ℓ = ℓ* for entity description.")] = "0,1,2,3,4,5,6,7,8,9",
-    ridge: Annotated[float, typer.Option(help="Ridge penalty of the least-squares fit (0 = ordinary).")] = 0.0,
+    ridge: Annotated[float, typer.Option(min=0.0, help="Ridge penalty of the least-squares fit (0 = ordinary).")] = 0.0,
     ridge_grid: Annotated[
         str, typer.Option(help="Relative ridge penalties tried per pair (× mean diagonal of XᵀX); best held-out R² kept.")
     ] = "0.0001,0.001,0.01,0.1",
@@ -64,7 +63,7 @@ def cross_model(
     dtype: Dtype = "float32",
     device: Device = DEFAULT_DEVICE,
     device_map: DeviceMap = None,
-    out: Annotated[Path, typer.Option(help="Run directory (resumable).")] = Path("runs/cross-model"),
+    out: Annotated[Path, OutDir("Run directory (resumable).")] = Path("runs/cross-model"),
     maps_root: Annotated[Optional[Path], typer.Option(help="Map store (default: PATCHSCOPES_MAPS or <cache>/maps).")] = None,
     quick: Annotated[bool, typer.Option(help="A one-minute smoke profile (few texts, layers and entities).")] = False,
 ) -> None:
@@ -80,12 +79,8 @@ def cross_model(
         config = replace(
             config, layer_step=14, n_fit_texts=60, n_eval_texts=4, n_entities=2, entity_layers=(2,), ridge=1.0, max_new_tokens=8
         )
-    try:
-        summary = run_cross_model(config, out, maps_root, log=console.print, device=device, device_map=device_map)
-        plots = plot_results(_store(out), source, target)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    summary = run_cross_model(config, out, maps_root, log=console.print, device=device, device_map=device_map)
+    plots = plot_results(_store(out), source, target)
     nt = summary.get("next_token", {})
     if nt:
         console.print(
@@ -111,13 +106,13 @@ def _store(out: Path):  # noqa: ANN202
 
 def multihop(
     model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = "SmolLM2-135M",
-    max_per_combo: Annotated[int, typer.Option(help="At most this many queries per relation pair (seeded sample).")] = 30,
-    max_queries: Annotated[int, typer.Option(help="Evaluate at most this many filtered queries (0 = all).")] = 0,
-    layer_step: Annotated[int, typer.Option(help="Every n-th layer (plus the last) as ℓ and ℓ*.")] = 3,
+    max_per_combo: Annotated[int, typer.Option(min=1, help="At most this many queries per relation pair (seeded sample).")] = 30,
+    max_queries: Annotated[int, typer.Option(min=0, help="Evaluate at most this many filtered queries (0 = all).")] = 0,
+    layer_step: Annotated[int, typer.Option(min=1, help="Every n-th layer (plus the last) as ℓ and ℓ*.")] = 3,
     dtype: Dtype = "float32",
     device: Device = DEFAULT_DEVICE,
     device_map: DeviceMap = None,
-    out: Annotated[Path, typer.Option(help="Run directory (resumable).")] = Path("runs/multihop"),
+    out: Annotated[Path, OutDir("Run directory (resumable).")] = Path("runs/multihop"),
     quick: Annotated[bool, typer.Option(help="A one-minute smoke profile.")] = False,
 ) -> None:
     """Multi-hop CoT Patchscope vs vanilla and "Let's think step by step" (paper §5), oracle and held-out."""
@@ -126,12 +121,8 @@ def multihop(
     config = MultihopConfig(model, max_per_combo, max_queries, layer_step, dtype=dtype)
     if quick:
         config = replace(config, max_per_combo=2, max_queries=2, layer_step=15, max_new_tokens=8)
-    try:
-        summary = run_multihop(config, out, log=console.print, device=device, device_map=device_map)
-        plots = plot_results(_store(out), model)
-    except PatchscopeError as exc:
-        _fail(exc)
-        return
+    summary = run_multihop(config, out, log=console.print, device=device, device_map=device_map)
+    plots = plot_results(_store(out), model)
     table = Table(title=f"multi-hop accuracy, {model} ({summary.get('n_evaluated', 0)} queries with both hops answered)")
     table.add_column("method")
     table.add_column("accuracy", justify="right")
@@ -159,8 +150,9 @@ def maps_list(root: Annotated[Optional[Path], typer.Option(help="Map store direc
     from patchscopes.crossmodel.store import MapStore
 
     store = MapStore(root)
-    df = store.list()
-    table = Table(title=f"maps in {store.root} ({len(df)})")
+    df, problems = store.scan()
+    damaged = f", {len(problems)} damaged" if problems else ""
+    table = Table(title=f"maps in {store.root} ({len(df)}{damaged})")
     for col in ("name", "source_layer", "target_layer", "r2", "n_fit", "corpus_sha256"):
         table.add_column(col)
     for r in df.to_dict("records"):
@@ -169,6 +161,10 @@ def maps_list(root: Annotated[Optional[Path], typer.Option(help="Map store direc
             str(r["name"]), str(r["source_layer"]), str(r["target_layer"]), r2, str(r["n_fit"]), str(r["corpus_sha256"])
         )
     console.print(table)
+    for name, problem in problems.items():
+        console.print(Text.assemble(("error:", "bold red"), f" map {name!r} cannot be read: {problem}"))
+    if problems:
+        raise typer.Exit(code=2)
 
 
 @maps_app.command("fit")
@@ -176,8 +172,8 @@ def maps_fit(
     source: Annotated[str, typer.Option(help="Model A.")],
     target: Annotated[str, typer.Option(help="Model B.")],
     pairs: Annotated[str, typer.Option(help="Layer pairs ℓ:ℓ*, comma-separated, e.g. 6:4,12:8.")],
-    n_texts: Annotated[int, typer.Option(help="WikiText snippets (10% held out for R²).")] = 400,
-    ridge: Annotated[float, typer.Option(help="Ridge penalty (0 = ordinary least squares).")] = 0.0,
+    n_texts: Annotated[int, typer.Option(min=1, help="WikiText snippets (10% held out for R²).")] = 400,
+    ridge: Annotated[float, typer.Option(min=0.0, help="Ridge penalty (0 = ordinary least squares).")] = 0.0,
     max_norm_ratio: NormRatio = None,
     tag: Annotated[str, typer.Option(help="Added to the map names.")] = "",
     root: Annotated[Optional[Path], typer.Option(help="Map store directory.")] = None,
@@ -194,16 +190,13 @@ def maps_fit(
         parsed = [tuple(int(v) for v in p.split(":")) for p in pairs.split(",") if p.strip()]
     except ValueError:
         raise typer.BadParameter(f"pairs must look like 6:4,12:8, got {pairs!r}") from None
-    try:
-        a, b = load(source, device, dtype, device_map), load(target, device, dtype, device_map)
-        report = fit_maps(a, b, corpus_texts(n_texts), parsed, ridge=ridge, progress=True, max_norm_ratio=max_norm_ratio)  # type: ignore[arg-type]
-        store = MapStore(root)
-        for (s, t), amap in report.maps.items():
-            name = pair_name(a.name, b.name, s, t, tag)
-            store.save(name, amap, overwrite=True)
-            console.print(f"{name}: held-out R² {amap.metadata['r2']:.3f} ({amap.metadata['n_fit']} positions)")
-    except PatchscopeError as exc:
-        _fail(exc)
+    a, b = load(source, device, dtype, device_map), load(target, device, dtype, device_map)
+    report = fit_maps(a, b, corpus_texts(n_texts), parsed, ridge=ridge, progress=True, max_norm_ratio=max_norm_ratio)  # type: ignore[arg-type]
+    store = MapStore(root)
+    for (s, t), amap in report.maps.items():
+        name = pair_name(a.name, b.name, s, t, tag)
+        store.save(name, amap, overwrite=True)
+        console.print(f"{name}: held-out R² {amap.metadata['r2']:.3f} ({amap.metadata['n_fit']} positions)")
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:

@@ -194,6 +194,12 @@ def load_model(
         digest = weights_hash(directory)
     elif os.path.isdir(name_or_path):
         path, name = name_or_path, Path(name_or_path).name
+        if not (Path(path) / "config.json").is_file():
+            raise UnknownModelError(
+                f"{name_or_path} is not a model directory: it has no config.json (a Hugging Face checkpoint directory "
+                "holds config.json, tokenizer files and weights); pass such a directory, a registry model "
+                f"({', '.join(REGISTRY)}) or a hub id"
+            )
     elif _looks_like_hub_id(name_or_path):
         path, name = name_or_path, name_or_path
     else:
@@ -210,6 +216,13 @@ def load_model(
         raise UnknownModelError(
             f"could not load model {name_or_path!r}: {exc}. Known registry models: {', '.join(REGISTRY)}; "
             "hub ids need network access or a local Hugging Face cache"
+        ) from exc
+    except Exception as exc:  # a user's directory: its files may be anything; say which directory, not a traceback
+        if entry is not None or not os.path.isdir(name_or_path):
+            raise
+        raise UnknownModelError(
+            f"could not load the model directory {name_or_path}: {type(exc).__name__}: {exc}; "
+            "check that it is a complete Hugging Face checkpoint (config.json, tokenizer files, weights)"
         ) from exc
     if device_map is None:
         model.to(target_device)  # type: ignore[arg-type]

@@ -13,29 +13,29 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, load
-from patchscopes.errors import PatchscopeError
+from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, OutDir, int_list, load
+from patchscopes.files import atomic_write_text
 
 console = Console()
 
 
-def _ints(text: str | None) -> tuple[int, ...] | None:
-    return None if text is None else tuple(int(x) for x in text.split(",") if x.strip())
+def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
+    return None if text is None else int_list(text, option)
 
 
 def lrc_command(
     profile: Annotated[str, typer.Option(help="quick (CI, ~1 relation, 1 seed) or default (the documented run).")] = "default",
     model: Annotated[Optional[str], typer.Option(help="Registry name or path (default: the profile's model).")] = None,
-    out: Annotated[Path, typer.Option(help="Run directory (resumable; another configuration is refused).")] = Path("runs/lrc"),
+    out: Annotated[Path, OutDir("Run directory (resumable; another configuration is refused).")] = Path("runs/lrc"),
     sweep: Annotated[bool, typer.Option(help="Choose layers, rank and beta on a validation split first.")] = True,
     relations: Annotated[Optional[str], typer.Option(help="Comma-separated relation names (the files' 'name').")] = None,
     relations_dir: Annotated[Optional[Path], typer.Option(help="Read relation JSON files from here instead.")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, e.g. 42,43,44.")] = None,
     subject_layer: Annotated[Optional[int], typer.Option(help="Subject layer (without --sweep).")] = None,
     object_layer: Annotated[Optional[int], typer.Option(help="Object layer (without --sweep).")] = None,
-    rank: Annotated[Optional[int], typer.Option(help="Inverse rank (without --sweep).")] = None,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="Inverse rank (without --sweep).")] = None,
     beta: Annotated[Optional[float], typer.Option(help="Steering strength (without --sweep).")] = None,
-    n_lre: Annotated[Optional[int], typer.Option(help="Training prompts per LRE.")] = None,
+    n_lre: Annotated[Optional[int], typer.Option(min=1, help="Training prompts per LRE.")] = None,
     run_seeds: Annotated[Optional[str], typer.Option(help="Run only these of the seeds now (parallel processes).")] = None,
     figures: Annotated[Optional[Path], typer.Option(help="Also write the sweep figure into this directory.")] = None,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
@@ -48,37 +48,33 @@ def lrc_command(
     from patchscopes.relations.report import markdown_table, paper_table5, per_relation_table, plot_sweep
     from patchscopes.relations.sweep import SWEEP_PROFILES, SweepConfig, apply_choice, run_lrc_sweep, sweep_frame
 
-    try:
-        if profile not in PROFILES:
-            raise typer.BadParameter(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
-        cfg = PROFILES[profile]
-        overrides: dict[str, Any] = {
-            "model": model,
-            "relations": tuple(r.strip() for r in relations.split(",")) if relations else None,
-            "relations_dir": str(relations_dir) if relations_dir else None,
-            "seeds": _ints(seeds),
-            "subject_layer": subject_layer,
-            "object_layer": object_layer,
-            "rank": rank,
-            "beta": beta,
-            "n_lre": n_lre,
-        }
-        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-        lm = load(cfg.model, device, dtype, device_map)
-        if sweep:
-            sweep_cfg = SweepConfig(base=cfg, **SWEEP_PROFILES.get(profile, {}))
-            choice = run_lrc_sweep(lm, sweep_cfg, out / "sweep", progress=progress)
-            console.print(f"sweep choice (validation): {choice}")
-            cfg = apply_choice(cfg, choice)
-            for target in [out / "sweep.png", *([figures / "sweep.png"] if figures else [])]:
-                plot_sweep(sweep_frame(out / "sweep"), target, title=f"{lm.name}: LRC validation sweep")
-        summary = run_lrc_eval(lm, cfg, out / "eval", progress=progress, only_seeds=_ints(run_seeds))
-    except PatchscopeError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(code=2) from None
+    if profile not in PROFILES:
+        raise typer.BadParameter(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    cfg = PROFILES[profile]
+    overrides: dict[str, Any] = {
+        "model": model,
+        "relations": tuple(r.strip() for r in relations.split(",")) if relations else None,
+        "relations_dir": str(relations_dir) if relations_dir else None,
+        "seeds": _ints(seeds, "--seeds"),
+        "subject_layer": subject_layer,
+        "object_layer": object_layer,
+        "rank": rank,
+        "beta": beta,
+        "n_lre": n_lre,
+    }
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    lm = load(cfg.model, device, dtype, device_map)
+    if sweep:
+        sweep_cfg = SweepConfig(base=cfg, **SWEEP_PROFILES.get(profile, {}))
+        choice = run_lrc_sweep(lm, sweep_cfg, out / "sweep", progress=progress)
+        console.print(f"sweep choice (validation): {choice}")
+        cfg = apply_choice(cfg, choice)
+        for target in [out / "sweep.png", *([figures / "sweep.png"] if figures else [])]:
+            plot_sweep(sweep_frame(out / "sweep"), target, title=f"{lm.name}: LRC validation sweep")
+    summary = run_lrc_eval(lm, cfg, out / "eval", progress=progress, only_seeds=_ints(run_seeds, "--run-seeds"))
     table = markdown_table(summary, paper_table5(), model=lm.name)
     report = f"{table}\n\nPer relation:\n\n{per_relation_table(summary)}\n"
-    (out / "table.md").write_text(report)
+    atomic_write_text(out / "table.md", report)
     console.print(report)
     chosen = f"layers {cfg.subject_layer}→{cfg.object_layer}, rank {cfg.rank}, beta {cfg.beta} ({cfg.chosen_by})"
     console.print(f"{chosen}; written to {out}")
