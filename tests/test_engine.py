@@ -18,6 +18,7 @@ from patchscopes import (
     run_many,
     sweep,
 )
+from patchscopes.capture import capture
 from patchscopes.engine import run_patched_fast
 from patchscopes.errors import EngineError, SpecError
 from patchscopes.patching import Patch, PatchedRun, run_patched
@@ -117,3 +118,82 @@ def test_nnsight_executor_through_run_many_and_sweep():
     assert list(df.top1) == list(sweep(lm, SOURCES[:1], TOKEN_IDENTITY, progress=False).top1)
     with pytest.raises(SpecError, match="executor 'vllm'"):
         run_many(scopes[:1], lm, executor="vllm")  # type: ignore[arg-type]
+
+
+def _one_by_one(lm, runs, max_new_tokens):
+    """The reference: each run alone through the plain engine (no padding, no other rows in its batch)."""
+    return [out for run in runs for out in run_patched(lm, [run], max_new_tokens=max_new_tokens)]
+
+
+def _forward_calls(lm):
+    calls = []
+    handle = lm.model.register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text", "gpt2"])
+def test_one_wave_runs_variants_of_every_patch_layer(arch):
+    """All layers' variants of one target run as one batch (three forwards: prefix, suffix, the wave)."""
+    lm = tiny_model(arch)
+    target = lm.tokenize("cat -> cat\n1135 -> 1135\nhello -> hello\n?").ids
+    source = lm.tokenize("The capital of France is Paris").ids
+    layers = list(range(lm.n_layers))
+    [states] = capture(lm, [source], [[len(source) - 1]], layers)
+    runs = [PatchedRun(target, [Patch(layer, [len(target) - 1], states[layer])]) for layer in reversed(layers)]
+    runs += [PatchedRun(target, [Patch(layer, [len(target) - 1], 2 * states[layer])]) for layer in layers]
+    calls, handle = _forward_calls(lm)
+    try:
+        fast = run_patched_fast(lm, runs, batch_size=1)
+    finally:
+        handle.remove()
+    assert len(calls) == 3
+    for f, p in zip(fast, _one_by_one(lm, runs, 0)):
+        assert (f.logits - p.logits).abs().max() <= ATOL
+
+
+def test_waves_over_mixed_length_targets_equal_left_padded_plain_batches():
+    """Targets of different lengths, patch starts and layers: the fast waves, the plain engine's left-padded
+    batch and each run alone all agree."""
+    lm = tiny_model("qwen2")
+    targets = [lm.tokenize(t).ids for t in ("a b", "The official currency of x is the", "cat -> cat\nhello -> ?")]
+    vec = torch.randn(lm.hidden_size)
+    runs = [
+        PatchedRun(t, [Patch(layer, [position], vec[None])])
+        for t in targets
+        for position in (1, len(t) - 1)
+        for layer in range(lm.n_layers)
+    ]
+    fast = run_patched_fast(lm, runs, max_new_tokens=4, batch_size=2)
+    padded = run_patched(lm, runs, max_new_tokens=4, batch_size=len(runs))
+    alone = _one_by_one(lm, runs, 4)
+    for f, p, a in zip(fast, padded, alone):
+        assert (f.logits - a.logits).abs().max() <= ATOL and (p.logits - a.logits).abs().max() <= ATOL
+        assert f.generated == p.generated == a.generated
+
+
+def test_rows_that_stop_early_leave_the_batch_without_changing_the_others():
+    """With an end-of-sequence token that some rows produce early, batched decoding (which drops finished
+    rows) generates what each row generates alone."""
+    lm = tiny_model("llama")
+    target = lm.tokenize("cat -> cat\n1135 -> 1135\nhello -> ?").ids
+    runs = [
+        PatchedRun(
+            target, [Patch(layer, [len(target) - 1], torch.randn(1, lm.hidden_size, generator=torch.Generator().manual_seed(i)))]
+        )
+        for i in range(6)
+        for layer in (0, lm.n_layers - 1)
+    ]
+    free = run_patched_fast(lm, runs, max_new_tokens=8)
+    second = [out.generated[1] for out in free]
+    eos = max(set(second), key=second.count)  # a token some rows make second and others never make there
+    assert 0 < second.count(eos) < len(runs)
+    lm.model.generation_config.eos_token_id = eos
+    try:
+        fast = run_patched_fast(lm, runs, max_new_tokens=8)
+        plain = run_patched(lm, runs, max_new_tokens=8)
+        alone = _one_by_one(lm, runs, 8)
+    finally:
+        lm.model.generation_config.eos_token_id = None
+    assert [f.generated for f in fast] == [p.generated for p in plain] == [a.generated for a in alone]
+    lengths = {len(a.generated) for a in alone}
+    assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, others ran to the end

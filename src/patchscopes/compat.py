@@ -123,6 +123,21 @@ def append_kv(cache: Any, keys: torch.Tensor, values: torch.Tensor, index: int) 
     cache.update(keys, values, index)
 
 
+def select_rows(cache: Any, rows: torch.Tensor) -> bool:
+    """Keep only batch ``rows`` of a KV cache, in place; False (and nothing changed) where it holds other state.
+
+    A cache of recurrent layers (no ``keys``) is left whole: the caller keeps feeding those rows instead.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or any(not hasattr(layer, "keys") for layer in layers):
+        return False
+    for layer in layers:
+        if layer.keys is not None and layer.keys.numel():
+            at = rows.to(layer.keys.device)  # a model split over devices keeps each layer's cache on its own
+            layer.keys, layer.values = layer.keys[at], layer.values[at]
+    return True
+
+
 def accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether ``model.forward`` takes ``logits_to_keep`` (compute the logits of the last positions only)."""
     return "logits_to_keep" in _forward_parameters(type(model))

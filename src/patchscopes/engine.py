@@ -9,9 +9,11 @@ facts make most of their work common:
   run again: they are *replayed* — a stand-in module returns the stored block output (with the patch
   applied at ℓ*) and writes the stored keys and values into the cache.
 
-So a variant costs only blocks ``ℓ*+1..L−1`` on the suffix ``T[i*:]`` (usually one token), and the
-variants of one (target, i*, ℓ*) run together as one batch. Generation then continues from a cache that
-is exactly the one a full patched forward would have built. The plain engine
+So a variant costs only blocks ``ℓ*+1..L−1`` on the suffix ``T[i*:]`` (usually one token). The variants of
+one (target, i*) run together as a *wave*: sorted by ℓ*, each block k runs once on every row patched below k,
+while the rows patched at or above k replay it, so rows join the batch at their ℓ* and ride through the
+remaining blocks together. Generation then continues, for the whole wave at once, from a cache that is
+exactly the one a full patched forward would have built. The plain engine
 (:func:`patchscopes.patching.run_patched`) stays the reference; ``tests/test_engine.py`` holds the two
 equal on several architectures.
 """
@@ -60,12 +62,54 @@ class _TargetState:
 
 
 def _expand_cache(cache: Any, rows: int) -> Any:
-    expanded = copy.deepcopy(cache)
-    for layer in compat.cache_layers(expanded):
+    """``cache`` widened to ``rows`` identical rows without copying: each layer's keys are an expanded view.
+
+    The cache's layers grow by concatenation, which writes new tensors, so the shared prefix is never written
+    to and every wave can widen the same prefix cache.
+    """
+    expanded = copy.copy(cache)
+    expanded.layers = [copy.copy(layer) for layer in compat.cache_layers(cache)]
+    for layer in expanded.layers:
         if getattr(layer, "keys", None) is not None and layer.keys.numel():
-            layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:]).contiguous()
-            layer.values = layer.values.expand(rows, *layer.values.shape[1:]).contiguous()
+            layer.keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+            layer.values = layer.values.expand(rows, *layer.values.shape[1:])
     return expanded
+
+
+def _layer_rows(layer: Any, rows: slice) -> Any:
+    """A shallow copy of one cache layer holding only ``rows`` of its batch (the same state otherwise)."""
+    part = copy.copy(layer)
+    if getattr(layer, "keys", None) is not None and layer.keys.numel():
+        part.keys, part.values = layer.keys[rows], layer.values[rows]
+    return part
+
+
+def _join_layer_rows(head: Any, tail: Any) -> Any:
+    """One cache layer from two that took the same updates on different rows (``head``'s rows first)."""
+    joined = copy.copy(head)
+    joined.keys = torch.cat([head.keys, tail.keys], dim=0)
+    joined.values = torch.cat([head.values, tail.values], dim=0)
+    return joined
+
+
+def _leading_rows(value: Any, rows: int, n: int) -> Any:
+    """``value`` with every batch-sized tensor cut to its first ``n`` rows.
+
+    A tensor is batch-sized when it has two or more dims and ``rows`` leads them, or a multiple of ``rows``
+    does, batch-major (as Bloom's ALiBi bias folds the heads into the batch: ``[rows × heads, 1, T]``).
+    """
+    if isinstance(value, torch.Tensor):
+        if value.dim() < 2 or value.shape[0] % rows:
+            return value
+        per_row = value.shape[0] // rows
+        return value[: n * per_row]
+    if isinstance(value, tuple):
+        return tuple(_leading_rows(v, rows, n) for v in value)
+    if isinstance(value, list):
+        return [_leading_rows(v, rows, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _leading_rows(v, rows, n) for k, v in value.items()}
+    return value
 
 
 @torch.no_grad()
@@ -92,7 +136,7 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
 
         handles.append(block.register_forward_hook(grab))
     try:
-        cache = copy.deepcopy(prefix_cache) if prefix_cache is not None else compat.new_cache(lm.model)
+        cache = _expand_cache(prefix_cache, 1) if prefix_cache is not None else compat.new_cache(lm.model)
         out = lm.model(
             input_ids=torch.tensor([suffix], device=device),
             position_ids=torch.arange(start, len(ids), device=device)[None],
@@ -108,16 +152,28 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
     return _TargetState(prefix_cache, hidden, kv, templates)
 
 
-class _Replay(nn.Module):
-    """Stands in for block ``index``: writes the stored keys/values, returns the stored (patched) output."""
+class _WaveBlock(nn.Module):
+    """Stands in for block ``index`` in a wave: the first ``active`` rows run it, the others are replayed.
+
+    Rows are sorted by their patch layer ℓ*. The active rows (ℓ* < ``index``) carry a patch from below, so the
+    block runs on them, on their share of the cache. The other rows see this block's unpatched inputs: they
+    get the stored keys and values and the stored output ``stored`` (patched where ℓ* = ``index``).
+    """
 
     def __init__(
-        self, original: nn.Module, index: int, output: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], template: Any
+        self,
+        original: nn.Module,
+        index: int,
+        active: int,
+        stored: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        template: Any,
     ):
         super().__init__()
         self.original = original
         self.index = index
-        self.output = output
+        self.active = active
+        self.stored = stored
         self.kv = kv
         self.template = template
         self.ran = False
@@ -128,55 +184,89 @@ class _Replay(nn.Module):
         except AttributeError:
             return getattr(self._modules["original"], name)
 
+    def _replay(self, cache: Any, rows: int) -> None:
+        keys, values = self.kv
+        compat.append_kv(cache, keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]), self.index)
+
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         cache = compat.find_cache(args, kwargs)
         if cache is None:
             raise ReplayError(f"block {self.index} received no KV cache to replay into")
         self.ran = True
-        rows = hidden_states.shape[0]
-        keys, values = self.kv
-        compat.append_kv(cache, keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]), self.index)
-        return with_hidden(self.template, self.output)
+        rows, n = hidden_states.shape[0], self.active
+        if n == 0:
+            self._replay(cache, rows)
+            return with_hidden(self.template, self.stored)
+        layers = cache.layers
+        whole = layers[self.index]
+        head, tail = _layer_rows(whole, slice(0, n)), _layer_rows(whole, slice(n, rows))
+        try:
+            layers[self.index] = head
+            out = self.original(hidden_states[:n], *_leading_rows(args, rows, n), **_leading_rows(kwargs, rows, n))
+            layers[self.index] = tail
+            self._replay(cache, rows - n)
+        except BaseException:
+            layers[self.index] = whole
+            raise
+        layers[self.index] = _join_layer_rows(head, tail)
+        return with_hidden(out, torch.cat([hidden_of(out), self.stored], dim=0))
 
 
 @contextmanager
-def _replaying(blocks: nn.ModuleList, replays: dict[int, _Replay]) -> Iterator[None]:
-    originals: dict[int, nn.Module] = {i: blocks[i] for i in replays}
+def _standing_in(blocks: nn.ModuleList, stand_ins: dict[int, _WaveBlock]) -> Iterator[None]:
+    originals: dict[int, nn.Module] = {i: blocks[i] for i in stand_ins}
     try:
-        for i, replay in replays.items():
-            blocks[i] = replay
+        for i, stand_in in stand_ins.items():
+            blocks[i] = stand_in
         yield
     finally:
         for i, original in originals.items():
             blocks[i] = original
 
 
+def _stand_ins(
+    lm: ModelHandle, start: int, layers: Sequence[int], runs: Sequence[PatchedRun], state: _TargetState
+) -> dict[int, _WaveBlock]:
+    """The stand-in of every block up to the highest ℓ*, for rows sorted by their patch layer ``layers``."""
+    device, rows = lm.device, len(runs)
+    n_suffix = state.suffix_hidden[0].shape[0]
+    stand_ins = {}
+    for index in range(max(layers) + 1):
+        active = sum(1 for layer in layers if layer < index)
+        stored = state.suffix_hidden[index].to(device).expand(rows - active, n_suffix, -1)
+        patched_here = [row for row in range(active, rows) if layers[row] == index]
+        if patched_here:
+            stored = stored.clone()
+            for row in patched_here:
+                for patch in runs[row].patches:
+                    at = (row - active, torch.tensor([p - start for p in patch.positions], device=device))
+                    write(stored, at, patch.vectors, patch.mode)
+        block = lm.adapter.blocks[index]
+        stand_ins[index] = _WaveBlock(block, index, active, stored, state.suffix_kv[index], state.output_template[index])
+    return stand_ins
+
+
 @torch.no_grad()
-def _run_group(
+def _run_wave(
     lm: ModelHandle,
     ids: Sequence[int],
     start: int,
-    layer: int,
+    layers: Sequence[int],
     runs: Sequence[PatchedRun],
     state: _TargetState,
     max_new_tokens: int,
     temperature: float,
     seed: int | None,
 ) -> list[RunOutput]:
-    """All variants patching ``layer`` of one target at positions ≥ ``start``, as one batch."""
+    """Variants of one target patched at positions ≥ ``start``, sorted by patch layer ``layers``, as one batch.
+
+    Block k runs once for every row whose patch sits below k; the rows patched at or above k replay it.
+    """
     device, rows, suffix = lm.device, len(runs), list(ids[start:])
-    n_suffix = len(suffix)
-    patched = state.suffix_hidden[layer].to(device).expand(rows, n_suffix, -1).clone()
-    for row, run in enumerate(runs):
-        for patch in run.patches:
-            write(patched, (row, torch.tensor([p - start for p in patch.positions], device=device)), patch.vectors, patch.mode)
-    replays = {}
-    for index in range(layer + 1):
-        out = patched if index == layer else state.suffix_hidden[index].to(device).expand(rows, n_suffix, -1)
-        replays[index] = _Replay(lm.adapter.blocks[index], index, out, state.suffix_kv[index], state.output_template[index])
+    stand_ins = _stand_ins(lm, start, layers, runs, state)
     cache = _expand_cache(state.prefix_cache, rows) if state.prefix_cache is not None else compat.new_cache(lm.model)
     positions = torch.arange(start, len(ids), device=device)[None].expand(rows, -1)
-    with _replaying(lm.adapter.blocks, replays):
+    with _standing_in(lm.adapter.blocks, stand_ins):
         out = lm.model(
             input_ids=torch.tensor([suffix], device=device).expand(rows, -1),
             position_ids=positions,
@@ -185,7 +275,7 @@ def _run_group(
             **compat.cache_kwargs(lm.model, cache),
             **compat.logits_to_keep_kwargs(lm.model, 1),
         )
-    check_patches_landed(lm, {layer}, {i for i, replay in replays.items() if replay.ran})
+    check_patches_landed(lm, set(layers), {i for i, stand_in in stand_ins.items() if stand_in.ran})
     logits = out.logits[:, -1].float()
     generated: list[list[int]] = [[] for _ in runs]
     if max_new_tokens > 0:
@@ -194,6 +284,17 @@ def _run_group(
             lm, logits, compat.output_cache(out), mask, positions[:, -1:], max_new_tokens, temperature, generators(seed, rows)
         )
     return [RunOutput(logits=logits[i].cpu(), generated=generated[i]) for i in range(rows)]
+
+
+def wave_rows(lm: ModelHandle, tokens: int, batch_size: int, budget_bytes: int = 256 << 20) -> int:
+    """How many variants one wave runs at once: as many as fit ``budget_bytes``, at least ``batch_size``.
+
+    A row holds its KV cache (at most two hidden-size vectors per layer for each of ``tokens`` positions)
+    and one row of next-token logits; the cap of 1,024 rows is where the matmuls reach full speed.
+    """
+    itemsize = torch.finfo(lm.dtype).bits // 8 if lm.dtype.is_floating_point else 4
+    per_row = 2 * lm.n_layers * lm.hidden_size * tokens * itemsize + 4 * lm.vocab_size
+    return max(batch_size, min(1024, budget_bytes // max(1, per_row)))
 
 
 #: model → {(dtype, device): None when the self-check passed, else why it failed}
@@ -305,31 +406,32 @@ def run_patched_fast(
 ) -> list[RunOutput]:
     """Same contract as :func:`patchscopes.patching.run_patched`, computed with shared prefixes and skipped layers.
 
-    Runs that the fast path does not cover (several patches, an embeddings patch) must go through
-    ``run_patched``; :class:`patchscopes.executors.ReplayExecutor` routes them.
+    The variants of one target and suffix start run as waves: sorted by patch layer, as many rows at once as
+    :func:`wave_rows` allows (at least ``batch_size``). Runs that the fast path does not cover (several patches,
+    an embeddings patch) must go through ``run_patched``; :class:`patchscopes.executors.ReplayExecutor` routes
+    them.
     """
-    groups: dict[tuple, list[int]] = {}
+    waves: dict[tuple[tuple[int, ...], int], list[tuple[int, int]]] = {}
     for i, run in enumerate(runs):
         if not fast_eligible(lm, run):
             raise ValueError("run_patched_fast handles runs with exactly one block-layer patch and no attention restriction")
-        patch = run.patches[0]
-        groups.setdefault((tuple(run.ids), min(patch.positions), resolve_layer(patch.layer, lm.n_layers)), []).append(i)
+        patch, layer = run.patches[0], resolve_layer(run.patches[0].layer, lm.n_layers)
+        assert isinstance(layer, int)  # fast_eligible: a block layer
+        waves.setdefault((tuple(run.ids), min(patch.positions)), []).append((layer, i))
     results: list[RunOutput | None] = [None] * len(runs)
-    states: dict[tuple, _TargetState] = {}
-    for ids, start, layer in sorted(groups):
-        members = groups[(ids, start, layer)]
-        key = (ids, start)
-        if key not in states:
-            states.clear()  # keep one target's state in memory at a time (groups arrive target by target)
-            states[key] = _prepare_target(lm, ids, start)
-        for offset in range(0, len(members), batch_size):
-            chunk = members[offset : offset + batch_size]
-            outs = _run_group(lm, ids, start, layer, [runs[i] for i in chunk], states[key], max_new_tokens, temperature, seed)
-            for i, out in zip(chunk, outs):
+    for ids, start in sorted(waves):
+        state = _prepare_target(lm, ids, start)
+        members = sorted(waves[(ids, start)])  # by patch layer: the rows that run block k lead the batch
+        rows = wave_rows(lm, len(ids) + max_new_tokens, batch_size)
+        for offset in range(0, len(members), rows):
+            chunk = members[offset : offset + rows]
+            layers, chunk_runs = [layer for layer, _ in chunk], [runs[i] for _, i in chunk]
+            outs = _run_wave(lm, ids, start, layers, chunk_runs, state, max_new_tokens, temperature, seed)
+            for (_, i), out in zip(chunk, outs):
                 results[i] = out
             if on_batch is not None:
                 on_batch(len(chunk))
     return [r for r in results if r is not None]
 
 
-__all__ = ["ReplayError", "check_tolerance", "fast_engine_problem", "fast_eligible", "run_patched_fast"]
+__all__ = ["ReplayError", "check_tolerance", "fast_engine_problem", "fast_eligible", "run_patched_fast", "wave_rows"]

@@ -133,13 +133,15 @@ def continue_generation(
 ) -> list[list[int]]:
     """The decode loop: ``max_new_tokens`` per row from next-token ``logits`` and a KV cache (unpatched steps).
 
-    Greedy unless ``temperature > 0``; a row stops at the model's end-of-sequence token (not included).
-    ``generator`` is one per row (see :func:`generators`), so that each row's sample depends on its own
-    seed only; without it sampling draws from torch's global generator.
+    Greedy unless ``temperature > 0``; a row stops at the model's end-of-sequence token (not included) and
+    leaves the batch, so the remaining rows decode without it (where the cache allows; a recurrent cache
+    keeps every row). ``generator`` is one per row (see :func:`generators`), so that each row's sample
+    depends on its own seed only; without it sampling draws from torch's global generator.
     """
     rows = logits.shape[0]
     eos = torch.tensor(sorted(lm.eos_ids) or [-1], device=logits.device)  # the unembedding's device
     generated: list[list[int]] = [[] for _ in range(rows)]
+    live = list(range(rows))  # which row of ``generated`` each row of the batch is
     done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
     step_logits, positions = logits, last_positions
     for _ in range(max_new_tokens):
@@ -153,12 +155,20 @@ def continue_generation(
         else:
             nxt = step_logits.argmax(-1)
         finished = torch.isin(nxt, eos)
-        for i, token in enumerate(nxt.tolist()):
-            if not done[i] and not finished[i]:
-                generated[i].append(token)
+        for row, token, stop, was_done in zip(live, nxt.tolist(), finished.tolist(), done.tolist()):
+            if not was_done and not stop:
+                generated[row].append(token)
         done |= finished
         if bool(done.all()):
             break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(-1)
+            if compat.select_rows(past, keep.to(mask.device)):
+                kept = keep.tolist()
+                live = [live[i] for i in kept]
+                generator = [generator[i] for i in kept] if generator is not None else None
+                nxt, done = nxt[keep], done[keep]
+                mask, positions = mask[keep.to(mask.device)], positions[keep.to(positions.device)]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         positions = positions + 1
         step = lm.model(

@@ -26,8 +26,7 @@ from patchscopes.scope import SAME, Decoding, Patchscope, PatchscopeResult
 
 def chunk_size(lm: ModelHandle, batch_size: int, budget_bytes: int = 128 << 20) -> int:
     """Scopes per chunk: enough for large fast-engine batches, few enough that their logits fit the budget."""
-    vocab = int(getattr(lm.adapter.unembed, "out_features", 0) or lm.tokenizer.vocab_size or 50_000)
-    return max(batch_size, min(4096, budget_bytes // (4 * vocab)))
+    return max(batch_size, min(4096, budget_bytes // (4 * lm.vocab_size)))
 
 
 def build_scopes(

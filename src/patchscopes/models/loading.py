@@ -58,6 +58,11 @@ class ModelHandle:
         return self.adapter.hidden_size
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding (the width of the logits)."""
+        return int(getattr(self.adapter.unembed, "out_features", 0) or self.tokenizer.vocab_size or 50_000)
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
