@@ -158,6 +158,8 @@ class _WaveBlock(nn.Module):
     Rows are sorted by their patch layer ℓ*. The active rows (ℓ* < ``index``) carry a patch from below, so the
     block runs on them, on their share of the cache. The other rows see this block's unpatched inputs: they
     get the stored keys and values and the stored output ``stored`` (patched where ℓ* = ``index``).
+    Without ``keep_cache`` (no generation follows) the replayed rows' keys and values, which no later block
+    reads, are not written.
     """
 
     def __init__(
@@ -168,8 +170,10 @@ class _WaveBlock(nn.Module):
         stored: torch.Tensor,
         kv: tuple[torch.Tensor, torch.Tensor],
         template: Any,
+        keep_cache: bool = True,
     ):
         super().__init__()
+        self.keep_cache = keep_cache
         self.original = original
         self.index = index
         self.active = active
@@ -195,7 +199,8 @@ class _WaveBlock(nn.Module):
         self.ran = True
         rows, n = hidden_states.shape[0], self.active
         if n == 0:
-            self._replay(cache, rows)
+            if self.keep_cache:
+                self._replay(cache, rows)
             return with_hidden(self.template, self.stored)
         layers = cache.layers
         whole = layers[self.index]
@@ -203,12 +208,14 @@ class _WaveBlock(nn.Module):
         try:
             layers[self.index] = head
             out = self.original(hidden_states[:n], *_leading_rows(args, rows, n), **_leading_rows(kwargs, rows, n))
-            layers[self.index] = tail
-            self._replay(cache, rows - n)
+            if self.keep_cache:
+                layers[self.index] = tail
+                self._replay(cache, rows - n)
         except BaseException:
             layers[self.index] = whole
             raise
-        layers[self.index] = _join_layer_rows(head, tail)
+        if self.keep_cache:
+            layers[self.index] = _join_layer_rows(head, tail)
         return with_hidden(out, torch.cat([hidden_of(out), self.stored], dim=0))
 
 
@@ -225,7 +232,7 @@ def _standing_in(blocks: nn.ModuleList, stand_ins: dict[int, _WaveBlock]) -> Ite
 
 
 def _stand_ins(
-    lm: ModelHandle, start: int, layers: Sequence[int], runs: Sequence[PatchedRun], state: _TargetState
+    lm: ModelHandle, start: int, layers: Sequence[int], runs: Sequence[PatchedRun], state: _TargetState, keep_cache: bool
 ) -> dict[int, _WaveBlock]:
     """The stand-in of every block up to the highest ℓ*, for rows sorted by their patch layer ``layers``."""
     device, rows = lm.device, len(runs)
@@ -242,7 +249,9 @@ def _stand_ins(
                     at = (row - active, torch.tensor([p - start for p in patch.positions], device=device))
                     write(stored, at, patch.vectors, patch.mode)
         block = lm.adapter.blocks[index]
-        stand_ins[index] = _WaveBlock(block, index, active, stored, state.suffix_kv[index], state.output_template[index])
+        stand_ins[index] = _WaveBlock(
+            block, index, active, stored, state.suffix_kv[index], state.output_template[index], keep_cache
+        )
     return stand_ins
 
 
@@ -263,7 +272,7 @@ def _run_wave(
     Block k runs once for every row whose patch sits below k; the rows patched at or above k replay it.
     """
     device, rows, suffix = lm.device, len(runs), list(ids[start:])
-    stand_ins = _stand_ins(lm, start, layers, runs, state)
+    stand_ins = _stand_ins(lm, start, layers, runs, state, keep_cache=max_new_tokens > 0)
     cache = _expand_cache(state.prefix_cache, rows) if state.prefix_cache is not None else compat.new_cache(lm.model)
     positions = torch.arange(start, len(ids), device=device)[None].expand(rows, -1)
     with _standing_in(lm.adapter.blocks, stand_ins):
@@ -286,14 +295,15 @@ def _run_wave(
     return [RunOutput(logits=logits[i].cpu(), generated=generated[i]) for i in range(rows)]
 
 
-def wave_rows(lm: ModelHandle, tokens: int, batch_size: int, budget_bytes: int = 256 << 20) -> int:
+def wave_rows(lm: ModelHandle, state: _TargetState, tokens: int, batch_size: int, budget_bytes: int = 512 << 20) -> int:
     """How many variants one wave runs at once: as many as fit ``budget_bytes``, at least ``batch_size``.
 
-    A row holds its KV cache (at most two hidden-size vectors per layer for each of ``tokens`` positions)
-    and one row of next-token logits; the cap of 1,024 rows is where the matmuls reach full speed.
+    A row holds its own KV cache (the prefix's is widened into every row by the first update), ``tokens``
+    positions in every layer at the size the target's own cache has, and one row of next-token logits; the
+    cap of 1,024 rows is past the point where the matmuls reach full speed.
     """
-    itemsize = torch.finfo(lm.dtype).bits // 8 if lm.dtype.is_floating_point else 4
-    per_row = 2 * lm.n_layers * lm.hidden_size * tokens * itemsize + 4 * lm.vocab_size
+    per_token = sum(keys[0, ..., :1, :].nbytes + values[0, ..., :1, :].nbytes for keys, values in state.suffix_kv.values())
+    per_row = per_token * tokens + 4 * lm.vocab_size
     return max(batch_size, min(1024, budget_bytes // max(1, per_row)))
 
 
@@ -356,8 +366,8 @@ def fast_engine_problem(lm: ModelHandle) -> str | None:
     """Why the fast engine cannot run ``lm`` exactly, or None when it can.
 
     The first call per model (and dtype, device) runs a probe through both engines: a few patched variants
-    over the first, a middle and the last block, with two generated tokens. It passes when the logits agree
-    within :func:`check_tolerance` and the greedy tokens are identical. Later calls return the cached verdict.
+    over the first, a middle and the last block, with two generated tokens and with none. It passes when the
+    logits agree within :func:`check_tolerance` and the greedy tokens are identical. Later calls return the cached verdict.
     """
     key = (str(lm.dtype), str(lm.device))
     verdicts = _CHECKS.setdefault(lm.model, {})
@@ -381,7 +391,8 @@ def _compare_engines(lm: ModelHandle) -> str | None:
     runs = _probe_runs(lm)
     fast = run_patched_fast(lm, runs, max_new_tokens=2)
     plain = run_patched(lm, runs, max_new_tokens=2)
-    worst = max(float((f.logits - p.logits).abs().max()) for f, p in zip(fast, plain))
+    next_token = run_patched_fast(lm, runs)  # the path without generation keeps no cache for replayed rows
+    worst = max(float((f.logits - p.logits).abs().max()) for f, p in zip(fast + next_token, plain + plain))
     tolerance = check_tolerance(plain[0].logits, lm.dtype)
     if not worst <= tolerance:
         return f"self-check differs from the plain engine by {worst:.3g} in the logits (tolerance {tolerance:.3g})"
@@ -422,7 +433,7 @@ def run_patched_fast(
     for ids, start in sorted(waves):
         state = _prepare_target(lm, ids, start)
         members = sorted(waves[(ids, start)])  # by patch layer: the rows that run block k lead the batch
-        rows = wave_rows(lm, len(ids) + max_new_tokens, batch_size)
+        rows = wave_rows(lm, state, len(ids) + max_new_tokens, batch_size)
         for offset in range(0, len(members), rows):
             chunk = members[offset : offset + rows]
             layers, chunk_runs = [layer for layer, _ in chunk], [runs[i] for _, i in chunk]

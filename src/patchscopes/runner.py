@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from patchscopes.executors import ExecutorLike, as_executor, result_of
+from patchscopes.executors import ExecutorLike, as_executor, result_of, top_of
 from patchscopes.models.loading import ModelHandle
 from patchscopes.plan import compile_plan
 from patchscopes.scope import Patchscope, PatchscopeResult
@@ -37,7 +37,8 @@ def run_many(
     tlm = target_model or model
     plan = compile_plan(scopes, model, tlm)
     outputs = runner.run(plan, model, tlm, batch_size, on_batch)
-    return [result_of(step, out, model, tlm) for step, out in zip(plan.steps, outputs)]
+    tops = top_of(outputs, max((step.scope.decoding.top_k for step in plan.steps), default=1))
+    return [result_of(step, out, model, tlm, top) for step, out, top in zip(plan.steps, outputs, tops)]
 
 
 def run(

@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Literal, Union
 
 from patchscopes.errors import SpecError
-from patchscopes.executors.base import Executor, NativeExecutor, map_state, read_sources, result_of
+from patchscopes.executors.base import Executor, NativeExecutor, map_state, read_sources, result_of, top_of
 from patchscopes.executors.plain import PlainExecutor
 from patchscopes.executors.replay import ReplayExecutor
 
@@ -53,4 +53,5 @@ __all__ = [
     "map_state",
     "read_sources",
     "result_of",
+    "top_of",
 ]

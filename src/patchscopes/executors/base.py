@@ -54,12 +54,24 @@ def map_state(step: Step, hidden: torch.Tensor, tlm: ModelHandle, device: torch.
     return mapped
 
 
-def result_of(step: Step, output: RunOutput, lm: ModelHandle, tlm: ModelHandle) -> PatchscopeResult:
-    """The result of one step from its logits and generated ids."""
+def top_of(outputs: Sequence[RunOutput], k: int, chunk: int = 256) -> list[tuple[list[int], list[float]]]:
+    """The ``k`` most likely next tokens of each output and their probabilities, ``chunk`` rows at a time."""
+    tops: list[tuple[list[int], list[float]]] = []
+    for offset in range(0, len(outputs), chunk):
+        logits = torch.stack([o.logits.float() for o in outputs[offset : offset + chunk]])
+        top = torch.topk(logits, min(k, logits.shape[-1]))  # the softmax keeps the order: only the top k need it
+        probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1, keepdim=True))
+        tops.extend(zip(top.indices.tolist(), probs.tolist()))
+    return tops
+
+
+def result_of(
+    step: Step, output: RunOutput, lm: ModelHandle, tlm: ModelHandle, top: tuple[list[int], list[float]] | None = None
+) -> PatchscopeResult:
+    """The result of one step from its logits and generated ids (``top``: its :func:`top_of`, when known)."""
     top_k = step.scope.decoding.top_k
-    probs = torch.softmax(output.logits, dim=-1)
-    top = torch.topk(probs, min(top_k, probs.shape[-1]))
-    top_ids = top.indices.tolist()
+    top_ids, top_probs = top or top_of([output], top_k)[0]
+    top_ids, top_probs = top_ids[:top_k], top_probs[:top_k]
     top_tokens = tlm.token_strings(top_ids)
     text = tlm.tokenizer.decode(output.generated) if isinstance(step.scope.decoding, Generate) else top_tokens[0]
     return PatchscopeResult(
@@ -72,7 +84,7 @@ def result_of(step: Step, output: RunOutput, lm: ModelHandle, tlm: ModelHandle) 
         logits=output.logits,
         top_ids=top_ids,
         top_tokens=top_tokens,
-        top_probs=[float(p) for p in top.values],
+        top_probs=top_probs,
         generated_ids=output.generated,
         text=text,
     )
@@ -115,4 +127,4 @@ class NativeExecutor(Executor):
         return [o for o in outputs if o is not None]
 
 
-__all__ = ["Executor", "NativeExecutor", "Progress", "map_state", "read_sources", "result_of"]
+__all__ = ["Executor", "NativeExecutor", "Progress", "map_state", "read_sources", "result_of", "top_of"]

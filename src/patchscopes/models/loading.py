@@ -48,6 +48,7 @@ class ModelHandle:
     source: str
     weights_sha256: str | None = None
     _cache: dict[str, Tokenized] = field(default_factory=dict, repr=False)
+    _token_texts: dict[int, str] = field(default_factory=dict, repr=False)
 
     @property
     def n_layers(self) -> int:
@@ -104,7 +105,12 @@ class ModelHandle:
         return result
 
     def token_strings(self, ids: list[int]) -> list[str]:
-        return [self.tokenizer.decode([i]) for i in ids]
+        """Each id decoded on its own (remembered per id: sweeps decode the same few thousand ids again and again)."""
+        texts = self._token_texts
+        for i in ids:
+            if i not in texts:
+                texts[i] = self.tokenizer.decode([i])
+        return [texts[i] for i in ids]
 
     def __repr__(self) -> str:
         return (
