@@ -21,6 +21,7 @@ full); their time is then extrapolated linearly, and outputs are compared on tha
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import random
 import threading
@@ -131,6 +132,13 @@ def straightforward(lm: ps.ModelHandle, scopes: list[Patchscope]) -> list[tuple[
     return out
 
 
+def left_padding_tokenizer(lm: ps.ModelHandle) -> object:
+    """The model's tokenizer padding on the left, as nnsight and nnterp expect when they load one themselves."""
+    tokenizer = copy.copy(lm.tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 def _target_layer(scope: Patchscope) -> int:
     layer = scope.target.layer if isinstance(scope.target.layer, int) else scope.source.layer
     return int(layer)  # type: ignore[call-overload]
@@ -154,7 +162,7 @@ def nnsight_batched(lm: ps.ModelHandle, scopes: list[Patchscope], batch: int = 3
     import nnsight
     from nnsight import LanguageModel
 
-    model = LanguageModel(lm.model, tokenizer=lm.tokenizer)
+    model = LanguageModel(lm.model, tokenizer=left_padding_tokenizer(lm))
     layers = model.model.layers
     resolved = [resolve_step(scope, lm, lm) for scope in scopes]
     wanted: dict[tuple[int, ...], tuple[list[int], set[int]]] = {}
@@ -217,7 +225,7 @@ def nnterp_lens(lm: ps.ModelHandle, scopes: list[Patchscope]) -> list[tuple[torc
     from nnterp import StandardizedTransformer
     from nnterp.interventions import TargetPrompt, patchscope_lens
 
-    model = StandardizedTransformer(lm.model, tokenizer=lm.tokenizer, check_renaming=False)
+    model = StandardizedTransformer(lm.model, tokenizer=left_padding_tokenizer(lm), check_renaming=False)
     target = scopes[0].target
     by_text: dict[str, list[int]] = {}
     for i, scope in enumerate(scopes):
