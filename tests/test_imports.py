@@ -5,6 +5,7 @@ which never run, left out)."""
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -111,3 +112,18 @@ def test_no_private_names_imported_across_modules() -> None:
     _, imports = _graph()
     private = sorted(f"{m} imports {n} from {i}" for m, edges in imports.items() for i, n in edges if n.startswith("_"))
     assert private == []
+
+
+def test_importing_the_plotting_modules_leaves_the_matplotlib_backend_alone():
+    """A notebook's inline backend survives ``import patchscopes`` and every module that draws."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib, patchscopes, patchscopes.plots, patchscopes.circuits.figures, patchscopes.relations.report, "
+        "patchscopes.evals.next_token, patchscopes.server.exports; print(matplotlib.get_backend())"
+    )
+    env = {**os.environ, "MPLBACKEND": "svg"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "svg"

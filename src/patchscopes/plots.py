@@ -11,15 +11,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import pandas as pd
+from matplotlib.figure import Figure
 
-from patchscopes.files import atomic_path  # noqa: E402
+from patchscopes.files import atomic_path
 
 _NEXT_ENTRY = re.compile(r",\s*[^,:\n]{1,60}:")
 

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from patchscopes.plots import save  # noqa: E402
+from patchscopes.plots import save
 
 TYPE_COLOURS = {"attention": "tab:blue", "mlp": "tab:orange", "norm": "tab:green", "embedding": "tab:purple", "other": "tab:gray"}
 

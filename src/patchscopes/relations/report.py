@@ -65,9 +65,6 @@ def per_relation_table(summary: dict[str, Any]) -> str:
 
 def plot_sweep(frame: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     """One panel per sweep stage: validation accuracy and causality (macro over relations) against the value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     stages = [s for s in ("object_layer", "subject_layer", "rank", "beta") if s in set(frame.get("stage", []))]

@@ -111,6 +111,9 @@ def serve(
         Console().print(message, markup=False, style="bold red")
         raise typer.Exit(code=2) from None
 
+    import matplotlib
+
+    matplotlib.use("Agg")  # the explorer's own process draws exports from worker threads: no GUI backend there
     from patchscopes.errors import PatchscopeError
     from patchscopes.server.app import create_app
     from patchscopes.server.limits import Limits, uvicorn_options
