@@ -30,3 +30,16 @@ def test_bfloat16_load(tmp_path):
     assert loaded.dtype == torch.bfloat16
     result = run(TOKEN_IDENTITY.scope("Diana", layer=2), loaded)
     assert result.logits.dtype == torch.float32 and torch.isfinite(result.logits).all()
+
+
+def test_the_tokenizer_is_read_from_the_same_snapshot_as_the_model(tmp_path):
+    """Options that pick the files (here ``subfolder``; ``revision`` and ``trust_remote_code`` alike) reach the
+    tokenizer too: a checkpoint kept in a subfolder loads whole, tokenizer included."""
+    lm = tiny_model("gpt2")
+    lm.model.save_pretrained(tmp_path / "m" / "v2")
+    lm.tokenizer.save_pretrained(tmp_path / "m" / "v2")
+    loaded = load_model(str(tmp_path / "m"), subfolder="v2")
+    text = "Diana, Princess of Wales"
+    assert loaded.tokenize(text).ids == lm.tokenize(text).ids
+    scope = TOKEN_IDENTITY.scope(text, layer=1)
+    assert torch.allclose(run(scope, loaded).logits, run(scope, lm).logits, atol=1e-5)

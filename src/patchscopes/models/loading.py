@@ -175,6 +175,14 @@ def from_model(
     return handle
 
 
+#: ``from_pretrained`` options that pick the files, which the tokenizer must share with the model
+_SNAPSHOT_OPTIONS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+def _tokenizer_kwargs(from_pretrained_kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {key: from_pretrained_kwargs[key] for key in _SNAPSHOT_OPTIONS if key in from_pretrained_kwargs}
+
+
 def load_model(
     name_or_path: str,
     dtype: str | torch.dtype = "float32",
@@ -188,7 +196,9 @@ def load_model(
 
     Registry models (``patchscopes models`` lists them) are dequantised once into a verified
     safetensors cache. ``device`` and ``dtype`` take ``"auto"`` (see :func:`resolve_device`,
-    :func:`resolve_dtype`); ``device_map=`` and other keyword arguments go to ``from_pretrained``.
+    :func:`resolve_dtype`); ``device_map=`` and other keyword arguments go to ``from_pretrained``, and those
+    that say which files to read (``revision``, ``trust_remote_code``, ``token``, ``cache_dir``,
+    ``local_files_only``, ``subfolder``) to the tokenizer's too, so that both come from the same snapshot.
     Hub ids work offline when their files are in the local Hugging Face cache.
 
     >>> lm = load_model("SmolLM2-135M")  # doctest: +SKIP
@@ -205,7 +215,7 @@ def load_model(
         digest = weights_hash(directory)
     elif os.path.isdir(name_or_path):
         path, name = name_or_path, Path(name_or_path).name
-        if not (Path(path) / "config.json").is_file():
+        if not (Path(path) / from_pretrained_kwargs.get("subfolder", "") / "config.json").is_file():
             raise UnknownModelError(
                 f"{name_or_path} is not a model directory: it has no config.json (a Hugging Face checkpoint directory "
                 "holds config.json, tokenizer files and weights); pass such a directory, a registry model "
@@ -221,7 +231,7 @@ def load_model(
     if device_map is not None:  # None: the whole model goes to ``device``
         from_pretrained_kwargs["device_map"] = device_map
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **_tokenizer_kwargs(from_pretrained_kwargs))
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **from_pretrained_kwargs)
     except OSError as exc:
         raise UnknownModelError(
