@@ -59,8 +59,9 @@ def top_of(outputs: Sequence[RunOutput], k: int, chunk: int = 256) -> list[tuple
     tops: list[tuple[list[int], list[float]]] = []
     for offset in range(0, len(outputs), chunk):
         logits = torch.stack([o.logits.float() for o in outputs[offset : offset + chunk]])
-        top = torch.topk(logits, min(k, logits.shape[-1]))  # the softmax keeps the order: only the top k need it
-        probs = torch.exp(top.values - torch.logsumexp(logits, dim=-1, keepdim=True))
+        top = torch.topk(logits, min(k, logits.shape[-1]))  # the softmax keeps the order
+        # the softmax itself, row by row as a single result's ``probs`` computes it: the same numbers, bit for bit
+        probs = torch.softmax(logits, dim=-1).gather(-1, top.indices)
         tops.extend(zip(top.indices.tolist(), probs.tolist()))
     return tops
 
