@@ -64,7 +64,7 @@ def run_plan(plan: Plan, pool: ModelPool, ctx: JobContext, chunk_cells: int = 32
         answer_id = plan.answer_id
 
         def extra(result: PatchscopeResult) -> dict[str, Any]:
-            return {"answer_prob": float(torch.softmax(result.logits.float(), dim=-1)[answer_id])}
+            return {"answer_prob": float(result.probs[answer_id])}
 
     generate = isinstance(plan.decoding, Generate)
     rows: list[dict[str, Any]] = []
