@@ -45,6 +45,9 @@ def next_token(
     out: Out = Path("runs/next-token"),
     seed: Seed = 0,
     quick: Quick = False,
+    paper: Annotated[
+        bool, typer.Option(help="The paper's protocol: 2,000 positions, the lens fitted on one position of every other text.")
+    ] = False,
     n_eval: Annotated[Optional[int], typer.Option(min=1, help="Evaluated positions (one per text).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
     corpus: Annotated[
@@ -56,9 +59,17 @@ def next_token(
     device_map: DeviceMap = None,
 ) -> None:
     """Next-token prediction (paper Fig. 2): Precision@1 and surprisal of logit lens, affine lens, token identity."""
-    from patchscopes.evals.next_token import DEFAULT_NEXT_TOKEN, QUICK_NEXT_TOKEN, run_next_token, summary_table
+    from patchscopes.evals.next_token import (
+        DEFAULT_NEXT_TOKEN,
+        PAPER_NEXT_TOKEN,
+        QUICK_NEXT_TOKEN,
+        run_next_token,
+        summary_table,
+    )
 
-    config = replace(QUICK_NEXT_TOKEN if quick else DEFAULT_NEXT_TOKEN, seed=seed)
+    if quick and paper:
+        raise typer.BadParameter("--quick and --paper are two profiles; pass one of them")
+    config = replace(QUICK_NEXT_TOKEN if quick else PAPER_NEXT_TOKEN if paper else DEFAULT_NEXT_TOKEN, seed=seed)
     if n_eval is not None:
         config = replace(config, n_eval=n_eval)
     if layers is not None:
@@ -146,9 +157,25 @@ def report(
     console.print(f"wrote {path}")
 
 
+def claims(
+    docs: Annotated[Path, typer.Argument(help="The docs directory holding results/claims.json and the pages.")] = Path("docs"),
+    check: Annotated[bool, typer.Option(help="Change nothing; fail if a page's claim table is stale.")] = False,
+) -> None:
+    """Write the claim table (paper claim, paper number, ours with n and 95% CI, verdict) atop each results page."""
+    from patchscopes.evals.claims import write_claim_tables
+
+    problems = write_claim_tables(docs, check=check)
+    for problem in problems:
+        console.print(f"[red]error:[/red] {problem}")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"claim tables of {docs} are {'up to date' if check else 'written'}")
+
+
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Add the evaluation commands under ``eval`` and ``report`` at the top level."""
+    """Add the evaluation commands under ``eval``, and ``report`` and ``claims`` at the top level."""
     eval_app.command("next-token")(next_token)
     eval_app.command("attributes")(attributes)
     eval_app.command("entities")(entities)
     app.command("report")(report)
+    app.command("claims")(claims)

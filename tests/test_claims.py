@@ -1,0 +1,164 @@
+"""The claim tables: statistics against plain references, verdicts, the page writer, and the docs being current."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from patchscopes.evals.claims import (
+    BEGIN,
+    END,
+    ClaimsError,
+    Estimate,
+    estimate,
+    unqualified_reproduces,
+    verdict,
+    write_claim_tables,
+)
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def _scores(seed: int = 0, n: int = 300, layers: int = 10) -> pd.DataFrame:
+    """Per-example hits of two methods: 'a' improves with depth faster than 'b' and crosses it near layer 4."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for example in range(n):
+        for layer in range(layers):
+            pa, pb = min(1.0, 0.05 + 0.1 * layer), 0.4
+            rows.append((example, layer, "a", float(rng.random() < pa)))
+            rows.append((example, layer, "b", float(rng.random() < (1.0 if layer == layers - 1 else pb))))
+    return pd.DataFrame(rows, columns=["example", "layer", "method", "hit"])
+
+
+def test_mean_and_its_interval_match_a_plain_bootstrap() -> None:
+    frame = _scores()
+    got = estimate(frame, {"kind": "mean", "column": "hit", "where": {"method": "a", "layer": 3}, "cluster": "example"})
+    values = frame[(frame.method == "a") & (frame.layer == 3)].hit.to_numpy()
+    assert got.value == pytest.approx(values.mean()) and got.n == len(values)
+    se = values.std(ddof=1) / np.sqrt(len(values))  # the normal interval the bootstrap should approximate
+    assert got.low == pytest.approx(values.mean() - 1.96 * se, abs=0.02)
+    assert got.high == pytest.approx(values.mean() + 1.96 * se, abs=0.02)
+
+
+def test_clustered_mean_resamples_units_not_rows() -> None:
+    # two units: one with 99 identical rows of 1, one with a single 0; rows are not independent
+    frame = pd.DataFrame({"unit": [0] * 99 + [1], "x": [1.0] * 99 + [0.0]})
+    by_rows = estimate(frame, {"kind": "mean", "column": "x"})
+    by_units = estimate(frame, {"kind": "mean", "column": "x", "cluster": "unit"})
+    assert by_rows.value == by_units.value == pytest.approx(0.99)
+    assert by_units.n == 2 and by_rows.n == 100
+    assert by_units.low < 0.5 < by_rows.low  # resampling two units can draw the 0-unit twice
+
+
+def test_paired_difference_is_the_mean_of_per_pair_differences() -> None:
+    frame = _scores(seed=1)
+    stat = {"kind": "paired_difference", "column": "hit", "by": "method", "a": "a", "b": "b", "pair": ["example"]}
+    stat["where"] = {"layer": 7}
+    got = estimate(frame, stat)
+    at = frame[frame.layer == 7].pivot_table(index="example", columns="method", values="hit")
+    assert got.value == pytest.approx((at.a - at.b).mean()) and got.n == len(at)
+    assert got.low < got.value < got.high
+
+
+def test_crossover_finds_the_layer_from_which_a_stays_above_b() -> None:
+    frame = _scores(seed=2, n=2000)
+    got = estimate(frame, {"kind": "crossover", "column": "hit", "by": "method", "a": "a", "b": "b", "unit": "example"})
+    assert got.value == 4  # p_a = .45 > .4 from layer 4 on; the last layer, where b is 1, is excluded
+    assert got.low <= 4 <= got.high and got.high - got.low <= 1
+    relative = estimate(frame, {"kind": "crossover", "column": "hit", "by": "method", "a": "a", "b": "b", "per_depth": 10})
+    assert relative.value == pytest.approx(0.4)
+    never = estimate(frame, {"kind": "crossover", "column": "hit", "by": "method", "a": "b", "b": "a"})
+    assert np.isinf(never.value)
+
+
+def test_verdicts_need_the_whole_interval() -> None:
+    assert verdict(Estimate(0.3, 0.1, 0.5, 10), {"op": ">", "value": 0}) == "yes"
+    assert verdict(Estimate(-0.3, -0.5, -0.1, 10), {"op": ">", "value": 0}) == "no"
+    assert verdict(Estimate(0.1, -0.1, 0.3, 10), {"op": ">", "value": 0}) == "no (inconclusive)"
+    assert verdict(Estimate(0.2, 0.18, 0.3, 10), {"op": "between", "value": [0.15, 0.35]}) == "yes"
+    assert verdict(Estimate(0.6, 0.5, 0.7, 10), {"op": "between", "value": [0.15, 0.35]}) == "no"
+    with pytest.raises(ClaimsError, match="unknown condition"):
+        verdict(Estimate(0, 0, 0, 1), {"op": "=", "value": 0})
+
+
+def test_bad_specifications_name_the_problem() -> None:
+    frame = _scores(n=5)
+    with pytest.raises(ClaimsError, match="lacks column"):
+        estimate(frame, {"kind": "mean", "column": "nope"})
+    with pytest.raises(ClaimsError, match="unknown statistic kind"):
+        estimate(frame, {"kind": "median", "column": "hit"})
+    with pytest.raises(ClaimsError, match="no rows"):
+        estimate(frame, {"kind": "mean", "column": "hit", "where": {"layer": 99}})
+
+
+def _site(tmp_path: Path, prose: str) -> Path:
+    (tmp_path / "results" / "run").mkdir(parents=True)
+    _scores(n=50).to_csv(tmp_path / "results" / "run" / "scores.csv", index=False)
+    (tmp_path / "results" / "run" / "config.json").write_text(json.dumps({"model": "tiny"}))
+    (tmp_path / "page.md").write_text(f"# A page\n\n{prose}\n")
+    claims = [
+        {
+            "claim": "a beats b at layer 8",
+            "paper": "+.3",
+            "result": "results/run/scores.csv",
+            "stat": {
+                "kind": "paired_difference",
+                "column": "hit",
+                "by": "method",
+                "a": "a",
+                "b": "b",
+                "pair": ["example"],
+                "where": {"layer": 8},
+            },
+            "expect": {"op": ">", "value": 0},
+        },
+        {
+            "claim": "b beats a at layer 8",
+            "paper": "no",
+            "result": "results/run/scores.csv",
+            "stat": {
+                "kind": "paired_difference",
+                "column": "hit",
+                "by": "method",
+                "a": "b",
+                "b": "a",
+                "pair": ["example"],
+                "where": {"layer": 8},
+            },
+            "expect": {"op": ">", "value": 0},
+        },
+        {"claim": "something else", "paper": "1", "plan": "later"},
+    ]
+    (tmp_path / "results" / "claims.json").write_text(json.dumps({"pages": {"page.md": claims}}))
+    return tmp_path
+
+
+def test_tables_are_written_after_the_title_and_then_kept_current(tmp_path: Path) -> None:
+    docs = _site(tmp_path, "Our reading: the ordering is not reproduced.")
+    assert write_claim_tables(docs, check=True) == [f"page.md: its claim table is stale; run `patchscopes claims {docs}`"]
+    assert write_claim_tables(docs) == []
+    page = (docs / "page.md").read_text()
+    assert page.startswith("# A page\n\n" + BEGIN) and page.count(BEGIN) == 1 and END in page
+    rows = page.split(BEGIN)[1].split(END)[0].strip().split("\n")[2:]
+    assert rows[0].endswith("| yes |") and "(tiny, n = 50)" in rows[0]
+    assert rows[1].endswith("| no |")
+    assert rows[2] == "| something else | 1 | not run: later | not run |"
+    assert write_claim_tables(docs, check=True) == []
+    assert write_claim_tables(docs) == [] and (docs / "page.md").read_text() == page  # idempotent
+
+
+def test_a_page_may_not_say_reproduces_when_its_table_says_no(tmp_path: Path) -> None:
+    docs = _site(tmp_path, "This page reproduces Table 5.")
+    problems = write_claim_tables(docs)
+    assert len(problems) == 1 and "reproduces Table 5" in problems[0]
+    assert unqualified_reproduces("It is not reproduced here; it isn't reproduced.\n") == []
+
+
+def test_the_projects_results_pages_are_current_and_honest() -> None:
+    """What CI checks: `patchscopes claims docs --check` passes on the committed pages and result files."""
+    assert write_claim_tables(DOCS, check=True) == []
