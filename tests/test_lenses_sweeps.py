@@ -140,3 +140,27 @@ def test_per_layer_pair_mapping_gets_resolved_layers():
     lm = tiny_model("llama")
     sweep(lm, ["Diana"], TOKEN_IDENTITY, source_layers=[1, 2], mapping=pick, progress=False)
     assert seen == [(1, 1), (2, 2)]
+
+
+def test_affine_lens_fitted_on_one_position_per_text_as_the_paper():
+    """positions_per_text=1 sees exactly one position of each text; the map equals a least-squares fit on them."""
+    lm = tiny_model("llama")
+    texts = [f"{t} (copy {k})" for k, t in enumerate(TEXTS)]
+    one = AffineLens.fit(lm, texts, layers=[1], positions_per_text=1, seed=3, progress=False)
+    assert one.maps[1].metadata["n_fit"] == len(texts)
+    # the reference: the same seeded draw of one position per text, then plain least squares on those states
+    import random
+
+    rng = random.Random(3)
+    xs, ys = [], []
+    for text in texts:
+        ids = lm.tokenize(text).ids
+        [states] = capture(lm, [ids], [[sorted(rng.sample(range(1, len(ids)), 1))[0]]], [1, lm.n_layers - 1])
+        xs.append(states[0, 0])
+        ys.append(states[1, 0])
+    x = torch.cat([torch.stack(xs), torch.ones(len(xs), 1)], 1).double()
+    solution = torch.linalg.lstsq(x, torch.stack(ys).double(), driver="gelsd").solution
+    h = torch.stack(xs[:3])
+    assert torch.allclose(one.maps[1](h).double(), x[:3] @ solution, atol=1e-3)
+    every = AffineLens.fit(lm, texts, layers=[1], progress=False)
+    assert every.maps[1].metadata["n_fit"] > 5 * len(texts)

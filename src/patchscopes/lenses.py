@@ -12,6 +12,7 @@ last layer's space, then the model's final norm and unembedding. It is also a Pa
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,14 @@ from patchscopes.positions import PositionSpec
 from patchscopes.presets import LOGIT_LENS
 from patchscopes.progress import progress_bar
 from patchscopes.scope import NextToken, Patchscope
+
+
+def _fit_positions(length: int, skip_first: int, per_text: int | None, rng: random.Random) -> list[int]:
+    """The positions of a text of ``length`` tokens that a lens is fitted on: all after ``skip_first``, or a sample."""
+    every = list(range(min(skip_first, length - 1), length))
+    if per_text is None or per_text >= len(every):
+        return every
+    return sorted(rng.sample(every, per_text))
 
 
 class Lens:
@@ -141,8 +150,14 @@ class AffineLens(Lens):
         skip_first: int = 1,
         batch_size: int = 16,
         progress: bool = True,
+        positions_per_text: int | None = None,
+        seed: int = 0,
     ) -> AffineLens:
-        """Fit one map per layer on every position of ``texts`` (after ``skip_first`` tokens), up to ``max_positions``."""
+        """Fit one map per layer on the positions of ``texts`` (after ``skip_first`` tokens), up to ``max_positions``.
+
+        ``positions_per_text=None`` takes every position; a number draws that many positions of each text
+        (seeded, without replacement), as the paper's lens is fitted on one random position per text.
+        """
         layer_list = sorted(
             {resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))}, key=depth
         )
@@ -150,13 +165,14 @@ class AffineLens(Lens):
         wanted = sorted(set(layer_list) | {last}, key=depth)
         fitters = {layer: AffineFitter(lm.hidden_size, lm.hidden_size, ridge) for layer in layer_list}
         seen = 0
+        rng = random.Random(seed)
         with progress_bar(len(texts), "fit affine lens", enabled=progress) as advance:
             for start in range(0, len(texts), batch_size):
                 if seen >= max_positions:
                     break
                 part = texts[start : start + batch_size]
                 toks = [lm.tokenize(t).ids for t in part]
-                pos = [list(range(min(skip_first, len(t) - 1), len(t))) for t in toks]
+                pos = [_fit_positions(len(t), skip_first, positions_per_text, rng) for t in toks]
                 states = capture(lm, toks, pos, wanted, batch_size)
                 for st in states:
                     take = min(st.shape[1], max_positions - seen)

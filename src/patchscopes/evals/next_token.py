@@ -41,11 +41,13 @@ class NextTokenConfig:
     """Every parameter of a next-token run (written to ``config.json``).
 
     ``layers=None`` means every block. ``min_context`` tokens precede every evaluated position;
-    ``max_tokens`` truncates long texts. The affine lens sees at most ``train_positions`` positions.
+    ``max_tokens`` truncates long texts. The affine lens sees at most ``train_positions`` positions,
+    ``train_positions_per_text`` of each training text (``None``: all of them; the paper: 1).
     """
 
     n_eval: int = 60
     train_positions: int = 3000
+    train_positions_per_text: int | None = None
     layers: tuple[int, ...] | None = None
     min_context: int = 4
     max_tokens: int = 64
@@ -58,6 +60,8 @@ class NextTokenConfig:
 
 DEFAULT_NEXT_TOKEN = NextTokenConfig()
 QUICK_NEXT_TOKEN = NextTokenConfig(n_eval=4, train_positions=800, layers=(0, 15, -1), unit_size=2)
+PAPER_NEXT_TOKEN = NextTokenConfig(n_eval=2000, train_positions=1_000_000, train_positions_per_text=1, unit_size=50)
+"""The paper's protocol: 2,000 evaluated positions, the lens fitted on one random position of every other text."""
 
 
 @dataclass
@@ -138,7 +142,16 @@ def _fit_lens(
     fit_layers = [layer for layer in layers if layer != lm.n_layers - 1]
     if not fit_layers:  # only the last layer, where the affine lens is the identity
         return AffineLens({}, lm.name)
-    lens = AffineLens.fit(lm, train, fit_layers, max_positions=config.train_positions, ridge=config.ridge, progress=progress)
+    lens = AffineLens.fit(
+        lm,
+        train,
+        fit_layers,
+        max_positions=config.train_positions,
+        ridge=config.ridge,
+        progress=progress,
+        positions_per_text=config.train_positions_per_text,
+        seed=config.seed,
+    )
     lens.save(path)
     return lens
 
@@ -266,7 +279,19 @@ def run_next_token(
     store.write_csv("summary.csv", summary)
     store.write_csv("rows.csv", rows)
     plots.save(plot(summary, f"{lm.name}: next-token prediction, {len(examples)} positions"), out / "next_token.png")
-    store.write_json("summary.json", {"kind": "next-token", "n_examples": len(examples), "n_train_texts": len(train)})
+    store.write_csv("scores.csv.gz", rows[["example", "layer", "method", "precision_at_1", "surprisal"]])
+    lengths = pd.Series([len(e.ids) for e in examples])
+    store.write_json(
+        "summary.json",
+        {
+            "kind": "next-token",
+            "n_examples": len(examples),
+            "n_train_texts": len(train),
+            "train_positions_per_text": config.train_positions_per_text,
+            "eval_text_tokens_median": float(lengths.median()),
+            "eval_text_tokens_max": int(lengths.max()),
+        },
+    )
     return NextTokenResult(rows, summary, out)
 
 
