@@ -15,14 +15,17 @@ from patchscopes.evals.multihop import (
     answered,
     blind_pi1,
     build_queries,
+    cot_patchscope_rows,
     honest_accuracy,
     query_spans,
+    random_donor,
     restricted_states,
     run_multihop,
     versus_vanilla,
 )
 from patchscopes.hooks import at_locations
 from patchscopes.patching import Patch, PatchedRun, run_patched, trace
+from patchscopes.relations.data import load_relations
 from tiny import tiny_model
 
 QUERY = TwoHopQuery("product by company", "company CEO", "Visual Basic", "Microsoft", ("Satya Nadella",))
@@ -157,3 +160,34 @@ def test_quick_profile_end_to_end(smol, data_root, tmp_path):
         assert set(summary["pair_accuracy"]) == {f"{s}->{t}" for s in (0, 15, 29) for t in (0, 15, 29)}
     again = run_multihop(config, tmp_path / "run")  # resumes: nothing recomputed, same numbers
     assert again == summary
+    if summary.get("n_evaluated"):
+        table = pd.read_csv(tmp_path / "run" / "queries.csv")
+        assert len(table) == summary["n_evaluated"]
+        assert table.vanilla.mean() == pytest.approx(summary["vanilla"])
+        assert table.patchscope_oracle.mean() == pytest.approx(summary["patchscope_oracle"])
+        assert table.patchscope_heldout.mean() == pytest.approx(summary["patchscope_heldout"]["accuracy"])
+
+
+def test_random_donor_is_another_bridge_and_stable(data_root):
+    queries = build_queries(load_relations(), max_per_combo=3)
+    kept = list(range(0, len(queries), 2))
+    for qi in kept[:10]:
+        donor = random_donor(qi, kept, queries, seed=0)
+        assert donor in kept and queries[donor].bridge != queries[qi].bridge
+        assert random_donor(qi, list(reversed(kept)), queries, seed=0) == donor  # independent of order (resume)
+    same = [k for k in kept if queries[k].bridge == queries[kept[0]].bridge]
+    assert random_donor(kept[0], same, queries, seed=0) is None
+
+
+def test_random_patch_control_patches_the_donors_state(smol, data_root):
+    """The control's generation equals the plain Patchscope run on the query with the donor's state patched in."""
+    queries = build_queries(load_relations(), max_per_combo=1)[:2]
+    [own] = cot_patchscope_rows(smol, [queries[0]], [10], [5], max_new_tokens=6)
+    [control] = cot_patchscope_rows(smol, [queries[0]], [10], [5], max_new_tokens=6, donors=[queries[1]])
+    ids, pi2, pi1 = query_spans(queries[1], smol)
+    [state] = restricted_states(smol, [(ids, pi2, pi1)], [10])
+    ids0, pi2_0, pi1_0 = query_spans(queries[0], smol)
+    [reference] = run_patched(smol, [PatchedRun(ids0, [Patch(5, [pi2_0[-1]], state[0][None])], blind_pi1(pi2_0, pi1_0))], 6)
+    assert control["text"] == smol.tokenizer.decode(reference.generated)
+    [own_state] = restricted_states(smol, [(ids0, pi2_0, pi1_0)], [10])
+    assert not torch.equal(own_state, state) and own["query"] == control["query"] == 0

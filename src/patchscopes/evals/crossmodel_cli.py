@@ -106,7 +106,9 @@ def _store(out: Path):  # noqa: ANN202
 
 def multihop(
     model: Annotated[str, typer.Option(help="Registry name, local directory or hub id.")] = "SmolLM2-135M",
-    max_per_combo: Annotated[int, typer.Option(min=1, help="At most this many queries per relation pair (seeded sample).")] = 30,
+    max_per_combo: Annotated[
+        int, typer.Option(min=0, help="At most this many queries per relation pair (seeded sample; 0 = every buildable query).")
+    ] = 30,
     max_queries: Annotated[int, typer.Option(min=0, help="Evaluate at most this many filtered queries (0 = all).")] = 0,
     layer_step: Annotated[int, typer.Option(min=1, help="Every n-th layer (plus the last) as ℓ and ℓ*.")] = 3,
     dtype: Dtype = "float32",
@@ -114,11 +116,14 @@ def multihop(
     device_map: DeviceMap = None,
     out: Annotated[Path, OutDir("Run directory (resumable).")] = Path("runs/multihop"),
     quick: Annotated[bool, typer.Option(help="A one-minute smoke profile.")] = False,
+    random_control: Annotated[
+        bool, typer.Option(help="Also patch another query's π1 state (a different bridge entity) on the same grid.")
+    ] = True,
 ) -> None:
     """Multi-hop CoT Patchscope vs vanilla and "Let's think step by step" (paper §5), oracle and held-out."""
     from patchscopes.evals.multihop import MultihopConfig, plot_results, run_multihop
 
-    config = MultihopConfig(model, max_per_combo, max_queries, layer_step, dtype=dtype)
+    config = MultihopConfig(model, max_per_combo, max_queries, layer_step, dtype=dtype, random_control=random_control)
     if quick:
         config = replace(config, max_per_combo=2, max_queries=2, layer_step=15, max_new_tokens=8)
     summary = run_multihop(config, out, log=console.print, device=device, device_map=device_map)
@@ -132,6 +137,9 @@ def multihop(
         table.add_row("Let's think step by step", f"{summary['cot_prompt']:.3f}")
         table.add_row("CoT Patchscope, ORACLE (best pair per query)", f"{summary['patchscope_oracle']:.3f}")
         table.add_row("CoT Patchscope, one pair chosen on held-out half", f"{held['accuracy']:.3f}")
+        if "random_patch_heldout" in summary:
+            table.add_row("random-patch control, ORACLE", f"{summary['random_patch_oracle']:.3f}")
+            table.add_row("random-patch control, held-out pair", f"{summary['random_patch_heldout']['accuracy']:.3f}")
     console.print(table)
     vs = summary.get("versus_vanilla")
     if vs:

@@ -114,7 +114,7 @@ def build_queries(
     relations: dict[str, Relation], max_per_combo: int = 30, seed: int = 0, phrases: dict[str, str] | None = None
 ) -> list[TwoHopQuery]:
     """Every two-hop query whose first object is the second relation's subject, at most ``max_per_combo``
-    per relation pair (a seeded sample), for the relations that have a phrasing."""
+    per relation pair (a seeded sample; 0 keeps them all), for the relations that have a phrasing."""
     phrases = phrases or HOP_PHRASES
     for name, phrase in phrases.items():
         if not phrase.endswith("{}"):
@@ -138,7 +138,7 @@ def build_queries(
                     found.append(TwoHopQuery(hop1, hop2, sample.subject, sample.object, tuple(sorted(set(answers)))))
             found = sorted(set(found), key=lambda q: (q.subject, q.bridge))
             rng.shuffle(found)
-            queries.extend(found[:max_per_combo])
+            queries.extend(found[:max_per_combo] if max_per_combo else found)
     return queries
 
 
@@ -186,11 +186,15 @@ def cot_patchscope_rows(
     target_layers: Sequence[int],
     max_new_tokens: int = 20,
     batch_size: int = 32,
+    donors: Sequence[TwoHopQuery] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (query, ℓ, ℓ*): the CoT Patchscope's generation and whether it holds the answer."""
+    """One row per (query, ℓ, ℓ*): the CoT Patchscope's generation and whether it holds the answer.
+
+    ``donors`` (the random-patch control): the state patched into query k is read at the end of
+    ``donors[k]``'s π1, on that query's own restricted prefill, instead of query k's."""
     parts = [query_spans(q, lm) for q in queries]
     layers = sorted(set(source_layers))
-    states = restricted_states(lm, parts, layers, batch_size)
+    states = restricted_states(lm, [query_spans(q, lm) for q in donors] if donors else parts, layers, batch_size)
     runs, keys = [], []
     for qi, (ids, pi2, pi1) in enumerate(parts):
         for s in source_layers:
@@ -256,6 +260,14 @@ class MultihopConfig:
     seed: int = 0
     batch_size: int = 48
     relations_dir: str = ""
+    random_control: bool = True  # also patch the π1 state of another kept query (another bridge entity)
+
+
+def random_donor(query_id: int, kept: Sequence[int], queries: Sequence[TwoHopQuery], seed: int) -> int | None:
+    """The random-patch control's donor for a query: a kept query with another bridge entity, drawn by a
+    seed of its own (so a resumed run draws the same); None when every kept query shares the bridge."""
+    others = sorted(k for k in kept if queries[k].bridge != queries[query_id].bridge)
+    return random.Random(f"{seed}-{query_id}").choice(others) if others else None
 
 
 def run_multihop(
@@ -282,6 +294,7 @@ def run_multihop(
         store.append("filter", "all", rows)
     filt = store.frame("filter")
     kept = [int(i) for i in filt[filt.hop1_ok & filt.hop2_ok]["query"]]
+    all_kept = sorted(kept)
     random.Random(config.seed).shuffle(kept)  # a budget-capped or interrupted run then still covers the relation pairs
     if config.max_queries:
         kept = kept[: config.max_queries]
@@ -295,11 +308,25 @@ def run_multihop(
         patch_rows = cot_patchscope_rows(lm, [q], layers, layers, config.max_new_tokens, config.batch_size)
         for r in patch_rows:
             r["query"] = qi
+        donor = random_donor(qi, all_kept, queries, config.seed) if config.random_control else None
+        control_rows = []
+        if donor is not None:
+            control_rows = cot_patchscope_rows(
+                lm, [q], layers, layers, config.max_new_tokens, config.batch_size, donors=[queries[donor]]
+            )
+            for r in control_rows:
+                r.update(query=qi, donor=donor)
         baselines = [
             {"query": qi, "combo": q.combo, "kind": kind, "text": text, "correct": answered(text, q.answers)}
             for kind, text in (("vanilla", vanilla), ("cot", cot))
         ]
-        store.append("queries", qi, baselines + [{"combo": q.combo, "kind": "patchscope", **r} for r in patch_rows])
+        store.append(
+            "queries",
+            qi,
+            baselines
+            + [{"combo": q.combo, "kind": "patchscope", **r} for r in patch_rows]
+            + [{"combo": q.combo, "kind": "random_patch", **r} for r in control_rows],
+        )
         log(f"  query {qi}: {q.prompt!r}")
     return summarize(store, config, len(queries))
 
@@ -323,6 +350,29 @@ def versus_vanilla(rows: pd.DataFrame, oracle: pd.Series, heldout: dict[str, Any
     }
 
 
+def per_query_table(rows: pd.DataFrame, heldout: dict[str, Any], control_heldout: dict[str, Any] | None) -> pd.DataFrame:
+    """One row per evaluated query: 0/1 for vanilla, the CoT prompt, the Patchscope (oracle over pairs, and
+    the pair chosen on the other half) and, where it ran, the random-patch control scored the same two ways."""
+
+    def oracle(kind: str) -> pd.Series:
+        return rows[rows.kind == kind].groupby("query")["correct"].any().astype(int)
+
+    def held(result: dict[str, Any] | None, index: pd.Index) -> pd.Series:
+        scored = {int(q) for fold in (result or {}).get("folds", []) for q in fold["correct_queries"]}
+        return pd.Series([int(int(q) in scored) for q in index], index=index)
+
+    first = rows.drop_duplicates("query").set_index("query")
+    table = pd.DataFrame({"combo": first["combo"]})
+    for kind in ("vanilla", "cot"):
+        table[kind] = rows[rows.kind == kind].set_index("query")["correct"].astype(int)
+    table["patchscope_oracle"] = oracle("patchscope")
+    table["patchscope_heldout"] = held(heldout, table.index)
+    if control_heldout is not None:
+        table["random_patch_oracle"] = oracle("random_patch")
+        table["random_patch_heldout"] = held(control_heldout, table.index)
+    return table.reset_index()
+
+
 def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[str, Any]:
     """Accuracies (vanilla, CoT prompt, CoT Patchscope oracle and held-out) and per-pair accuracy; ``summary.json``."""
     rows = store.frame("queries")
@@ -340,6 +390,19 @@ def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[
     grid = patch.groupby(["source_layer", "target_layer"])["correct"].mean()
     best = cast(tuple[int, int], grid.idxmax())
     heldout = honest_accuracy(records(patch), [int(q) for q in per_query.index], config.seed)
+    control = rows[rows.kind == "random_patch"]
+    control_heldout = None
+    if len(control):
+        control_heldout = honest_accuracy(records(control), [int(q) for q in per_query.index], config.seed)
+        summary["random_patch_oracle"] = float(control.groupby("query")["correct"].any().mean())
+        summary["random_patch_heldout"] = control_heldout
+    table = per_query_table(rows, heldout, control_heldout)
+    store.write_csv("queries.csv", table)
+    wrong = table[table.vanilla == 0]
+    if len(wrong):
+        summary["repair_rate_among_vanilla_failures"] = {
+            column: float(wrong[column].mean()) for column in table.columns if column not in ("query", "combo", "vanilla")
+        }
     summary.update(
         {
             "n_evaluated": int(rows["query"].nunique()),
