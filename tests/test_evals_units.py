@@ -214,3 +214,15 @@ def test_report_renders_tables_figures_and_paper(tmp_path, data_root) -> None:  
     assert "data:image/png;base64," in page and "51.0 ± 8.9" in page and "40.0 ± 5.0" in page and "country_currency" in page
     with pytest.raises(ReportError, match="config.json"):
         render(tmp_path / "missing")
+
+
+def test_both_entity_evaluations_score_rouge_l_the_same_stemmed_way():
+    from patchscopes.evals.cross_model import rouge_l as cross_model_rouge_l
+    from patchscopes.evals.entities import Scorer
+
+    pytest.importorskip("rouge_score")
+    scorer = Scorer()
+    for prediction, reference in [("British royals", "a British royal"), ("American actor", "American actor and producer")]:
+        assert scorer.rouge_l(prediction, reference) == cross_model_rouge_l(prediction, reference)
+    # stemming: "royals" and "royal" match, so the F-measure is 2·1·(2/3) / (1 + 2/3) = 0.8, not 0.4
+    assert scorer.rouge_l("British royals", "a British royal") == pytest.approx(0.8)

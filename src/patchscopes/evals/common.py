@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -38,6 +39,20 @@ class EvalError(PatchscopeError, ValueError):
 
 class StopAfter(PatchscopeError, RuntimeError):
     """Raised on purpose after ``stop_after`` units of work (used to test that an interrupted run resumes exactly)."""
+
+
+@functools.cache
+def _rouge_l_scorer() -> Any:
+    return require("rouge_score.rouge_scorer").RougeScorer(["rougeL"], use_stemmer=True)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """RougeL F-measure with Porter stemming: the one scoring rule of both entity-description evaluations.
+
+    >>> round(rouge_l("British royals", "a British royal"), 3)
+    0.8
+    """
+    return float(_rouge_l_scorer().score(reference, prediction)["rougeL"].fmeasure)
 
 
 def require(module: str) -> Any:

@@ -31,6 +31,7 @@ from patchscopes.crossmodel.store import MapStore, check_provenance, pair_name
 from patchscopes.datasets import data_dir
 from patchscopes.errors import PatchscopeError
 from patchscopes.evals.attribute_data import load_attribute_task
+from patchscopes.evals.common import rouge_l
 from patchscopes.mappings import AffineMap
 from patchscopes.models.loading import ModelHandle, load_model
 from patchscopes.patching import trace
@@ -105,13 +106,6 @@ def load_entities() -> pd.DataFrame:
     """The packaged entity list (``entity``, ``popularity``, ``description``)."""
     text = resources.files("patchscopes").joinpath("data/entities.tsv").read_text(encoding="utf-8")
     return pd.DataFrame(list(csv.DictReader(text.splitlines(), delimiter="\t")))
-
-
-def rouge_l(prediction: str, reference: str) -> float:
-    """RougeL F-measure (stemmed), as in the paper's entity-description evaluation."""
-    from rouge_score import rouge_scorer
-
-    return float(rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True).score(reference, prediction)["rougeL"].fmeasure)
 
 
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:

@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from patchscopes import plots
-from patchscopes.evals.common import EvalError, UnitCounter, open_store, require, run_config, seeded_sample
+from patchscopes.evals.common import EvalError, UnitCounter, open_store, require, rouge_l, run_config, seeded_sample
 from patchscopes.models.loading import ModelHandle
 from patchscopes.presets import ENTITY_DESCRIPTION
 from patchscopes.progress import progress_bar
@@ -101,11 +101,11 @@ class Scorer:
     """RougeL F-measure and sentence-embedding cosine similarity between a description and the reference."""
 
     def __init__(self) -> None:
-        self._rouge = require("rouge_score.rouge_scorer").RougeScorer(["rougeL"], use_stemmer=False)
+        require("rouge_score.rouge_scorer")  # fail early, with the install hint, when the extra is missing
         self._embedder: Any = None
 
     def rouge_l(self, prediction: str, reference: str) -> float:
-        return float(self._rouge.score(reference, prediction)["rougeL"].fmeasure)
+        return rouge_l(prediction, reference)
 
     def similarity(self, predictions: Sequence[str], reference: str) -> list[float]:
         if self._embedder is None:
