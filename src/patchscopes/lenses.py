@@ -174,14 +174,17 @@ class AffineLens(Lens):
                 toks = [lm.tokenize(t).ids for t in part]
                 pos = [_fit_positions(len(t), skip_first, positions_per_text, rng) for t in toks]
                 states = capture(lm, toks, pos, wanted, batch_size)
+                taken = []  # the batch's positions, [layers, n, d], so each fitter updates once per batch
                 for st in states:
                     take = min(st.shape[1], max_positions - seen)
                     if take <= 0:
                         break
-                    y = st[wanted.index(last), :take]
-                    for layer in layer_list:
-                        fitters[layer].update(st[wanted.index(layer), :take], y)
+                    taken.append(st[:, :take])
                     seen += take
+                if taken:
+                    block = torch.cat(taken, 1)
+                    for layer in layer_list:
+                        fitters[layer].update(block[wanted.index(layer)], block[wanted.index(last)])
                 advance(len(part))
         meta = {"source_model": lm.name, "target_model": lm.name, "target_layer": last}
         maps = {layer: AffineMap.from_fitter(f, source_layer=layer, **meta) for layer, f in fitters.items()}
