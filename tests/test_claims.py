@@ -162,3 +162,9 @@ def test_a_page_may_not_say_reproduces_when_its_table_says_no(tmp_path: Path) ->
 def test_the_projects_results_pages_are_current_and_honest() -> None:
     """What CI checks: `patchscopes claims docs --check` passes on the committed pages and result files."""
     assert write_claim_tables(DOCS, check=True) == []
+
+
+def test_paired_difference_of_two_columns_of_a_wide_file() -> None:
+    wide = pd.DataFrame({"query": range(6), "x": [1, 1, 1, 0, 1, None], "y": [0, 1, 0, 0, 0, 1]})
+    got = estimate(wide, {"kind": "paired_difference", "a": "x", "b": "y"})
+    assert got.value == pytest.approx(3 / 5) and got.n == 5  # the row without x is not a pair

@@ -95,7 +95,12 @@ def _mean(frame: pd.DataFrame, column: str, cluster: str | None, seed: int) -> E
 
 
 def _paired(frame: pd.DataFrame, stat: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per pair: the difference a − b of ``column`` between the two levels of ``by``."""
+    """One row per pair: the difference a − b of ``column`` between the two levels of ``by`` (long files), or
+    of the columns ``a`` and ``b`` of each row (wide files, without ``by``)."""
+    if "by" not in stat:
+        _need(frame, stat["a"], stat["b"], *([stat["cluster"]] if stat.get("cluster") else []))
+        both = frame.dropna(subset=[stat["a"], stat["b"]])
+        return both.assign(difference=both[stat["a"]].astype(float) - both[stat["b"]].astype(float))
     column, by, pair = stat["column"], stat["by"], list(stat["pair"])
     _need(frame, column, by, *pair)
     wide = frame[frame[by].isin([stat["a"], stat["b"]])].pivot_table(index=pair, columns=by, values=column, aggfunc="mean")
@@ -139,7 +144,7 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
 
     Kinds: ``mean`` of ``column`` (units: ``cluster``, default every row); ``paired_difference`` of
     ``column`` between levels ``a`` and ``b`` of ``by``, paired on the columns ``pair`` (units: ``cluster``,
-    default the pairs); ``crossover``: the first ``x`` (layer) from which ``a``'s mean stays above ``b``'s,
+    default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``crossover``: the first ``x`` (layer) from which ``a``'s mean stays above ``b``'s,
     divided by ``per_depth`` (units: ``unit``). ``where`` keeps rows whose columns hold the given values.
     """
     kind = stat.get("kind")
