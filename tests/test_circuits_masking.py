@@ -134,3 +134,31 @@ def test_circuit_save_reload_and_complement(tmp_path):
     assert r.n_kept == c.n_kept and r.n_total == c.n_total
     with pytest.raises(CircuitError, match="circuit.json"):
         Circuit.load(tmp_path)
+
+
+def test_hard_mask_samples_are_zero_or_one_with_straight_through_gradients():
+    lm = tiny_model("llama")
+    mask = WeightMask(lm, MaskConfig(layers=(0,), init_logit=0.0, hard=True))
+    torch.manual_seed(0)
+    values = mask.sample()
+    assert all(set(torch.unique(v).tolist()) <= {0.0, 1.0} for v in values)
+    kept = sum(float(v.detach().sum()) for v in values) / mask.n_total
+    assert 0.4 < kept < 0.6  # logit 0: the noisy logit is above 0 half of the time
+    sum(v.sum() for v in values).backward()  # type: ignore[union-attr]
+    # the gradient is the soft sample's, d sigmoid(z / T) / d logit: never negative, and 0 only where it saturates
+    grads = torch.cat([p.grad.flatten() for p in mask.logits])
+    assert bool((grads >= 0).all()) and float((grads > 0).float().mean()) > 0.9
+    deterministic = mask.sample(stochastic=False)  # no noise: exactly the logits above 0 (none at logit 0)
+    assert all(not bool(v.any()) for v in deterministic)
+
+
+def test_hard_mask_training_defines_circuits_as_the_positive_logits():
+    lm = tiny_model("llama")
+    data = toy_task(lm)
+    result = train_mask(lm, data, MaskConfig(init_logit=3.0, hard=True), densities=(0.5, 0.2), steps_per_stage=40,
+                        lr=0.1, penalty=20.0, batch_size=12)  # fmt: skip
+    final = result.circuits[0.2]
+    reference = {n: p > 0 for n, p in zip(result.mask.names, result.mask.logits)}
+    assert all(torch.equal(final.masks[n], reference[n]) for n in final.names)
+    assert final.density == pytest.approx(result.mask.positive_density())
+    assert final.density < 0.6  # the penalty moved the hard mask's own density down from 1 (init logit 3)

@@ -37,6 +37,7 @@ def _config(
     seed: int,
     quick: bool,
     init_logit: float = 6.0,
+    hard_mask: bool = False,
 ):  # noqa: ANN202
     from patchscopes.circuits.pipeline import RunConfig
 
@@ -47,7 +48,8 @@ def _config(
     layer_list = None if layers == "all" else int_list(layers, "--layers")
     return RunConfig(model=model, tasks=tasks, methods=tuple(method or ("mask", "eap", "eap-ig")), densities=_floats(densities),
                      layers=layer_list, n_examples=n, n_train=n_train, steps_per_stage=steps, batch_size=batch_size, lr=lr,
-                     penalty=penalty, init_logit=init_logit, ig_steps=ig_steps, n_attr=n_attr, seed=seed)  # fmt: skip
+                     penalty=penalty, init_logit=init_logit, hard_mask=hard_mask, ig_steps=ig_steps, n_attr=n_attr,
+                     seed=seed)  # fmt: skip
 
 
 Model = Annotated[str, typer.Option(help="Registry name, local directory or hub id.")]
@@ -58,6 +60,9 @@ Densities = Annotated[str, typer.Option(help="Target densities, largest first is
 Layers = Annotated[str, typer.Option(help="Blocks the mask covers: all, or a list like 24,25,26,27,28,29.")]
 Steps = Annotated[int, typer.Option(min=1, help="Mask training steps per density stage.")]
 N = Annotated[int, typer.Option(min=1, help="Examples generated per task (train + held out).")]
+HardMask = Annotated[
+    bool, typer.Option(help="Straight-through hard 0/1 mask samples; a circuit is the weights with logit > 0 (not the top-k).")
+]
 NTrain = Annotated[int, typer.Option(min=1, help="Of which used to train the mask.")]
 Batch = Annotated[int, typer.Option(min=1, help="Batch size of mask training and attribution.")]
 Lr = Annotated[float, typer.Option(help="Adam learning rate of the mask logits.")]
@@ -82,7 +87,7 @@ def discover_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
     batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
-    seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0,
+    seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0, hard_mask: HardMask = False,
     device: Device = DEFAULT_DEVICE,
     dtype: Dtype = DEFAULT_DTYPE,
     device_map: DeviceMap = None,
@@ -92,7 +97,7 @@ def discover_cmd(
 
     cfg = _config(
         model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
-        init_logit,
+        init_logit, hard_mask,
     )  # fmt: skip
     lm = load(model, device, dtype, device_map)
     discover(lm, cfg, out, log=lambda m: console.print(m, markup=False, highlight=False))

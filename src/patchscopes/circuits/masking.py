@@ -7,6 +7,8 @@ model is run with ``torch.func.functional_call`` so the model's weights are neve
 are reached in one decreasing schedule (e.g. 50 → 35 → 15 → 5 %): each stage moves the target linearly
 to its density, holds it, and snapshots the circuit as the top ``density × N`` mask logits (exactly the
 target size; the JSON also records how many logits are positive, the mask's own density).
+With ``MaskConfig(hard=True)`` the forward pass uses a hard 0/1 sample (straight-through gradients of the
+soft one), and the circuit at each stage is the weights whose logit is above 0, the reference practice.
 
 >>> from patchscopes.circuits.masking import MaskConfig, WeightMask
 >>> mask = WeightMask(lm, MaskConfig(layers=(28, 29)))            # doctest: +SKIP
@@ -38,6 +40,7 @@ class MaskConfig:
     """Which parameters the mask covers and how it is sampled.
 
     ``layers``: block indices (``None`` = every block); ``final_norm`` / ``embeddings``: mask those too.
+    ``hard``: straight-through hard samples, and circuits defined as the positive logits (not the top-k).
     """
 
     layers: tuple[int, ...] | None = None
@@ -45,6 +48,7 @@ class MaskConfig:
     embeddings: bool = False
     init_logit: float = 6.0
     temperature: float = 0.5
+    hard: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -69,6 +73,19 @@ def masked_parameter_names(lm, config: MaskConfig) -> list[str]:  # noqa: ANN001
     return list(dict.fromkeys(names))
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard values, exactly 0 or 1 (``hard + soft - soft.detach()`` is off by rounding).
+    Backward: the gradient goes to the soft values unchanged."""
+
+    @staticmethod
+    def forward(ctx: Any, soft: torch.Tensor, hard: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+        return hard
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ARG004
+        return grad, None
+
+
 class WeightMask(nn.Module):
     """One learnable logit per masked weight."""
 
@@ -86,14 +103,18 @@ class WeightMask(nn.Module):
         return sum(p.numel() for p in self.logits)
 
     def sample(self, stochastic: bool = True) -> list[torch.Tensor]:
-        """Soft mask values in (0, 1): Gumbel-sigmoid samples, or plain ``sigmoid(logit / T)`` when not stochastic."""
+        """Mask values: Gumbel-sigmoid samples in (0, 1), or plain ``sigmoid(logit / T)`` when not stochastic.
+
+        With ``config.hard`` each value is exactly 0 or 1 (the soft value rounded at 0.5, i.e. a noisy logit
+        above 0) in the forward pass, while its gradient is the soft value's (straight-through)."""
         out = []
         for logit in self.logits:
             z = logit
             if stochastic:
                 u = torch.rand_like(logit).clamp_(1e-6, 1 - 1e-6)
                 z = logit + torch.log(u) - torch.log1p(-u)
-            out.append(torch.sigmoid(z / self.config.temperature))
+            soft = torch.sigmoid(z / self.config.temperature)
+            out.append(_StraightThrough.apply(soft, (z > 0).to(soft.dtype)) if self.config.hard else soft)
         return out
 
     def expected_density(self) -> torch.Tensor:
@@ -261,7 +282,7 @@ def train_mask(
                     "steps": step + 1,
                     **(metadata or {}),
                 }
-                circuits[stage] = mask.circuit(stage, meta)
+                circuits[stage] = mask.circuit(None if mask.config.hard else stage, meta)
     return MaskResult(mask, circuits, history, time.perf_counter() - started)
 
 

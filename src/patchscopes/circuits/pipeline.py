@@ -45,6 +45,7 @@ class RunConfig:
     lr: float = 0.6
     penalty: float = 10000.0
     init_logit: float = 6.0
+    hard_mask: bool = False
     ig_steps: int = 5
     n_attr: int = 32
     edge_sizes: tuple[int, ...] = (0, 10, 30, 100, 300, 1000, 3000)
@@ -69,6 +70,8 @@ class RunConfig:
         d = self.to_dict()
         d.pop("tasks")
         d.pop("methods")
+        if not d["hard_mask"]:
+            d.pop("hard_mask")  # so run directories made before the option existed still resume
         return d
 
 
@@ -96,7 +99,7 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
     _check(cfg)
     out = Path(out)
     store = ResultStore(out, cfg.store_config())
-    mask_cfg = MaskConfig(layers=cfg.layers, init_logit=cfg.init_logit)
+    mask_cfg = MaskConfig(layers=cfg.layers, init_logit=cfg.init_logit, hard=cfg.hard_mask)
     for task in cfg.tasks:
         train, held = _split(lm, cfg, task)
         if "mask" in cfg.methods and not store.done("faithfulness", task):
@@ -110,7 +113,9 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
             rows = [{"task": task, "circuit": "full", "density": 1.0, **faithfulness(lm, None, held)}]
             for d, circuit in result.circuits.items():
                 circuit.save(circuit_dir(out, task, d))
-                rows.append({"task": task, "circuit": "mask", "density": d, **faithfulness(lm, circuit, held)})
+                rows.append(
+                    {"task": task, "circuit": "mask", "density": d, "kept": circuit.density, **faithfulness(lm, circuit, held)}
+                )
                 rows.append(
                     {"task": task, "circuit": "random", "density": d, **faithfulness(lm, circuit.random_like(cfg.seed), held)}
                 )

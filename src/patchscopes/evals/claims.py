@@ -144,8 +144,9 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
 
     Kinds: ``mean`` of ``column`` (units: ``cluster``, default every row); ``paired_difference`` of
     ``column`` between levels ``a`` and ``b`` of ``by``, paired on the columns ``pair`` (units: ``cluster``,
-    default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``crossover``: the first ``x`` (layer) from which ``a``'s mean stays above ``b``'s,
-    divided by ``per_depth`` (units: ``unit``). ``where`` keeps rows whose columns hold the given values.
+    default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``crossover``: the
+    first ``x`` (layer) from which ``a``'s mean stays above ``b``'s, divided by ``per_depth`` (units: ``unit``).
+    ``where`` keeps the rows whose columns hold the given values.
     """
     kind = stat.get("kind")
     frame = _select(frame, stat.get("where"))
