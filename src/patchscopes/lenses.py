@@ -164,27 +164,23 @@ class AffineLens(Lens):
         last = lm.n_layers - 1
         wanted = sorted(set(layer_list) | {last}, key=depth)
         fitters = {layer: AffineFitter(lm.hidden_size, lm.hidden_size, ridge) for layer in layer_list}
-        seen = 0
-        rng = random.Random(seed)
-        with progress_bar(len(texts), "fit affine lens", enabled=progress) as advance:
-            for start in range(0, len(texts), batch_size):
-                if seen >= max_positions:
-                    break
-                part = texts[start : start + batch_size]
-                toks = [lm.tokenize(t).ids for t in part]
-                pos = [_fit_positions(len(t), skip_first, positions_per_text, rng) for t in toks]
-                states = capture(lm, toks, pos, wanted, batch_size)
-                taken = []  # the batch's positions, [layers, n, d], so each fitter updates once per batch
-                for st in states:
-                    take = min(st.shape[1], max_positions - seen)
-                    if take <= 0:
-                        break
-                    taken.append(st[:, :take])
-                    seen += take
-                if taken:
-                    block = torch.cat(taken, 1)
-                    for layer in layer_list:
-                        fitters[layer].update(block[wanted.index(layer)], block[wanted.index(last)])
+        plan: list[tuple[list[int], list[int]]] = []  # (ids, positions) in text order, cut at max_positions
+        seen, rng = 0, random.Random(seed)
+        for text in texts:
+            if seen >= max_positions:
+                break
+            ids = lm.tokenize(text).ids
+            positions = _fit_positions(len(ids), skip_first, positions_per_text, rng)[: max_positions - seen]
+            plan.append((ids, positions))
+            seen += len(positions)
+        by_length = sorted(range(len(plan)), key=lambda k: len(plan[k][0]))  # batches of like lengths pad little
+        with progress_bar(len(plan), "fit affine lens", enabled=progress) as advance:
+            for start in range(0, len(by_length), batch_size):
+                part = [plan[k] for k in by_length[start : start + batch_size]]
+                states = capture(lm, [ids for ids, _ in part], [pos for _, pos in part], wanted, batch_size)
+                block = torch.cat(states, 1)  # [layers, positions of the batch, d]: one update per layer and batch
+                for layer in layer_list:
+                    fitters[layer].update(block[wanted.index(layer)], block[wanted.index(last)])
                 advance(len(part))
         meta = {"source_model": lm.name, "target_model": lm.name, "target_layer": last}
         maps = {layer: AffineMap.from_fitter(f, source_layer=layer, **meta) for layer, f in fitters.items()}
