@@ -1,12 +1,17 @@
 """Cross-model Patchscopes (Patchscopes paper §4.4 and App. E): patch model A's hidden states into model B
 through affine maps fitted on the same text.
 
-Two evaluations, both written into a resumable :class:`~patchscopes.results.ResultStore`:
+Three evaluations, all written into a resumable :class:`~patchscopes.results.ResultStore`:
 
 - **next-token Precision@1** over a grid of layer pairs (ℓ, ℓ*): a WikiText snippet runs in A, a random
   position's state at layer ℓ goes through the map (ℓ→ℓ*) into B's token-identity prompt at ℓ*; a hit is
   B's top-1 token equal to A's own top-1 next token at that position (token strings, stripped, compared
   when the tokenizers differ);
+- **next-token Precision@1 on the same text** (the official notebook's variant for models of different
+  widths, ``prompt_target = prompt``): the mapped state is written into B's own run of the same text, at the
+  position whose token ends at the same character, and B's next-token prediction there is scored the same
+  way; beside it B's *unpatched* prediction at that position (the floor a patch must beat) and, for models
+  sharing a tokenizer, the surprisal −ln p_A(B's patched top-1);
 - **entity description** (RougeL by layer): an entity name's last-token state at layer ℓ is described by
   the paper's few-shot prompt, in three settings as in Fig. 3: A→A, B→B (identity) and A→B (map ℓ→ℓ).
 
@@ -25,7 +30,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import pandas as pd
+import torch
 
+from patchscopes.capture import capture
+from patchscopes.crossmodel.align import aligned_positions
 from patchscopes.crossmodel.fit import corpus_sha256, fit_maps
 from patchscopes.crossmodel.store import MapStore, check_provenance, pair_name
 from patchscopes.datasets import data_dir
@@ -34,7 +42,7 @@ from patchscopes.evals.attribute_data import load_attribute_task
 from patchscopes.evals.common import rouge_l
 from patchscopes.mappings import AffineMap
 from patchscopes.models.loading import ModelHandle, load_model
-from patchscopes.patching import trace
+from patchscopes.patching import Patch, PatchedRun, run_patched, trace
 from patchscopes.plots import first_entry
 from patchscopes.presets import ENTITY_DESCRIPTION, TOKEN_IDENTITY
 from patchscopes.results import ResultStore
@@ -66,6 +74,7 @@ class CrossModelConfig:
     dtype: str = "float32"
     seed: int = 0
     batch_size: int = 32
+    same_text: bool = True  # also patch into B's run of the same text (the official variant), with B's floor
     source_layers: tuple[int, ...] = field(default=())  # empty: every layer_step-th layer, and the last
     target_layers: tuple[int, ...] = field(default=())
 
@@ -216,6 +225,66 @@ def next_token_rows(
     return rows
 
 
+def same_text_rows(
+    source: ModelHandle,
+    target: ModelHandle,
+    maps: dict[tuple[int, int], AffineMap],
+    texts: list[str],
+    source_layers: list[int],
+    target_layers: list[int],
+    seed: int = 0,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """One row per (text, ℓ, ℓ*): A's state at a random position, mapped, written over B's state at the
+    aligned position of B's run of the same text (cut after that position), and B's next-token top-1 there.
+
+    ``floor_hit``: B's unpatched top-1 at that position already equals A's. ``surprisal``: −ln p_A(B's
+    patched top-1) when both models share a tokenizer (else NaN, as A cannot score B's tokens)."""
+    rng = random.Random(seed)
+    same_vocab = source.tokenizer is target.tokenizer or source.tokenizer.get_vocab() == target.tokenizer.get_vocab()
+    rows: list[dict[str, Any]] = []
+    for example, text in enumerate(texts):
+        ids_a, ids_b, pos_a, pos_b = aligned_positions(text, source, target, skip_first=1)
+        if not pos_a:
+            continue
+        k = rng.randrange(len(pos_a))
+        i_a, i_b = pos_a[k], pos_b[k]
+        logits, _, _ = trace(source, [ids_a])
+        logp_a = torch.log_softmax(logits[0, i_a].float(), -1)
+        own = int(logp_a.argmax())
+        [states] = capture(source, [ids_a], [[i_a]], source_layers)
+        prefix = list(ids_b[: i_b + 1])
+        runs = [PatchedRun(prefix)]
+        keys: list[tuple[int, int]] = []
+        for s in source_layers:
+            h = states[source_layers.index(s)]
+            for t in target_layers:
+                runs.append(PatchedRun(prefix, [Patch(t, [i_b], maps[(s, t)](h).to(target.dtype))]))
+                keys.append((s, t))
+        outs = run_patched(target, runs, 0, batch_size)
+        expected = source.token_strings([own])[0]
+        floor = target.token_strings([int(outs[0].logits.argmax())])[0]
+        for (s, t), out in zip(keys, outs[1:]):
+            top = int(out.logits.argmax())
+            patched = target.token_strings([top])[0]
+            rows.append(
+                {
+                    "example": example,
+                    "source_position": i_a,
+                    "target_position": i_b,
+                    "source_layer": s,
+                    "target_layer": t,
+                    "source_top1": expected,
+                    "patched_top1": patched,
+                    "hit": _norm_token(patched) == _norm_token(expected),
+                    "floor_top1": floor,
+                    "floor_hit": _norm_token(floor) == _norm_token(expected),
+                    "surprisal": float(-logp_a[top]) if same_vocab and top < logp_a.numel() else float("nan"),
+                }
+            )
+    return rows
+
+
 def entity_rows(
     setting: str,
     model: ModelHandle,
@@ -325,6 +394,15 @@ def run_cross_model(
             row["example"] += start
         store.append("next_token", start, rows)
         log(f"  texts {start + len(rows) // max(1, len(src_layers) * len(tgt_layers))}/{len(eval_texts)}")
+    for start in range(0, len(eval_texts), chunk) if config.same_text else ():
+        if store.done("same_text", start):
+            continue
+        batch = eval_texts[start : start + chunk]
+        rows = same_text_rows(source, target, maps, batch, src_layers, tgt_layers, config.seed + start, config.batch_size)
+        for row in rows:
+            row["example"] += start
+        store.append("same_text", start, rows)
+        log(f"  same-text variant: texts {start + len(batch)}/{len(eval_texts)}")
     entities = pick_entities(config.n_entities, config.seed)
     settings = [
         (f"{source.name}→{source.name}", source, source, None),
@@ -370,6 +448,20 @@ def summarize(store: ResultStore, source: ModelHandle, target: ModelHandle) -> d
             if len(diagonal)
             else None,
         }
+    same = store.frame("same_text")
+    if len(same):
+        grid = records(same.groupby(["source_layer", "target_layer"])["hit"].mean().reset_index())
+        best = max(grid, key=lambda r: r["hit"])
+        first = same.drop_duplicates("example")
+        summary["same_text"] = {
+            "n_texts": int(same.example.nunique()),
+            "precision_at_1": {f"{int(r['source_layer'])}->{int(r['target_layer'])}": round(float(r["hit"]), 4) for r in grid},
+            "best_pair": [int(best["source_layer"]), int(best["target_layer"])],
+            "best_precision_at_1": round(float(best["hit"]), 4),
+            "unpatched_floor": round(float(first.floor_hit.mean()), 4),
+            "mean_surprisal": round(float(same.surprisal.mean()), 4) if same.surprisal.notna().any() else None,
+        }
+        store.write_csv("same_text.csv", same)
     if len(ent):
         curves: dict[str, dict[int, float]] = {}
         for r in records(ent.groupby(["setting", "popularity", "layer"])["rougeL"].mean().round(4).reset_index()):
