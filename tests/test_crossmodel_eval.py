@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import math
 
+import pytest
 import torch
 
 from patchscopes.evals.cross_model import (
