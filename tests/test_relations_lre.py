@@ -218,3 +218,51 @@ def test_attribute_lens_patchscope_equals_decoding_w_s_plus_b(llama) -> None:  #
     concepts = ConceptSet(["a", "b"], torch.eye(2, llama.hidden_size), {"subject_layer": 1, "subject_norm": 3.0})
     description = describe_concept(llama, concepts, "b")
     assert len(description.top_tokens) == 10 and description.text == description.top_tokens[0]
+
+
+OTHER = RelationPrompt("capital", "Italy", "Rome", "The capital of Japan is Tokyo. The capital of Italy is")
+
+
+def test_lre_faithfulness_equals_decoding_beta_w_s_plus_b_by_hand(llama) -> None:  # noqa: ANN001
+    from patchscopes.relations.lre_measures import lre_faithfulness
+
+    lre = estimate_lre(llama, [PROMPT, OTHER], subject_layer=1, object_layer=-1, aggregation="first")
+    for beta in (1.0, 2.5):
+        got = lre_faithfulness(llama, lre, [PROMPT, OTHER], beta=beta)
+        for k, prompt in enumerate([PROMPT, OTHER]):
+            loc = prompt.locate(llama)
+            with torch.no_grad():  # the plain reference: Hugging Face hidden states and logits, W and b by hand
+                out = llama.model(torch.tensor([loc.prompt_ids]), output_hidden_states=True)
+                s = out.hidden_states[1 + 1][0, loc.subject].float()  # entry ℓ + 1 is block ℓ's output
+                f = beta * (lre.weight @ s) + lre.bias
+                predicted = int(llama.adapter.decode(f[None]).argmax())
+            assert got.predicted[k] == predicted
+            assert got.wanted[k] == int(out.logits[0, -1].argmax())
+            assert got.hits[k] == (predicted == got.wanted[k])
+
+
+def test_lre_causality_adds_the_inverted_difference_at_the_subject(llama) -> None:  # noqa: ANN001
+    from patchscopes.relations.lre_measures import lre_causality
+
+    lre = estimate_lre(llama, [PROMPT, OTHER], subject_layer=1, object_layer=-1, aggregation="first")
+    got = lre_causality(llama, lre, [PROMPT], [OTHER], beta=2.0, rank=8)
+    loc, loc_new = PROMPT.locate(llama), OTHER.locate(llama)
+    with torch.no_grad():  # the plain reference: Δs = (2W)†(F(s') − F(s)) added by a forward hook on block 1
+        states = [llama.model(torch.tensor([x.prompt_ids]), output_hidden_states=True).hidden_states[2][0, x.subject]
+                  for x in (loc, loc_new)]  # fmt: skip
+        delta = low_rank_pinv(2.0 * lre.weight, 8) @ (2.0 * lre.weight @ (states[1] - states[0]).float())
+
+        def add(module, args, output):  # noqa: ANN001, ANN202, ARG001
+            hidden = output[0] if isinstance(output, tuple) else output
+            hidden[0, loc.subject] += delta.to(hidden.dtype)
+            return output
+
+        handle = llama.adapter.blocks[1].register_forward_hook(add)
+        try:
+            logits = llama.model(torch.tensor([loc.prompt_ids])).logits[0, -1]
+        finally:
+            handle.remove()
+    assert got.predicted == [int(logits.argmax())]
+    assert got.wanted == [RelationPrompt("capital", "France", "Rome", PROMPT.text).locate(llama).answer_ids[0]]
+    with pytest.raises(LreError, match="already has"):
+        lre_causality(llama, lre, [PROMPT], [PROMPT])
