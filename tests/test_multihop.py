@@ -21,6 +21,7 @@ from patchscopes.evals.multihop import (
     random_donor,
     restricted_states,
     run_multihop,
+    summarize_run,
     versus_vanilla,
 )
 from patchscopes.hooks import at_locations
@@ -160,6 +161,7 @@ def test_quick_profile_end_to_end(smol, data_root, tmp_path):
         assert set(summary["pair_accuracy"]) == {f"{s}->{t}" for s in (0, 15, 29) for t in (0, 15, 29)}
     again = run_multihop(config, tmp_path / "run")  # resumes: nothing recomputed, same numbers
     assert again == summary
+    assert summarize_run(tmp_path / "run") == summary  # from the directory alone
     if summary.get("n_evaluated"):
         table = pd.read_csv(tmp_path / "run" / "queries.csv")
         assert len(table) == summary["n_evaluated"]

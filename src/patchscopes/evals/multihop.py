@@ -423,6 +423,14 @@ def summarize(store: ResultStore, config: MultihopConfig, n_built: int) -> dict[
     return summary
 
 
+def summarize_run(out: str | Path) -> dict[str, Any]:
+    """Recompute ``summary.json`` and ``queries.csv`` of a run directory from what it holds, without the model:
+    an interrupted run is summarised on the queries it finished (a seeded random subset of the kept ones)."""
+    store = ResultStore.reopen(out)
+    fields = {k: v for k, v in store.config.items() if k in MultihopConfig.__dataclass_fields__}
+    return summarize(store, MultihopConfig(**fields), len(store.frame("filter")))
+
+
 def plot_results(store: ResultStore, model: str) -> list[Path]:
     """Heatmap of CoT Patchscope accuracy per (ℓ, ℓ*)."""
     from patchscopes import plots
