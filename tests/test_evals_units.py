@@ -226,3 +226,43 @@ def test_both_entity_evaluations_score_rouge_l_the_same_stemmed_way():
         assert scorer.rouge_l(prediction, reference) == cross_model_rouge_l(prediction, reference)
     # stemming: "royals" and "royal" match, so the F-measure is 2·1·(2/3) / (1 + 2/3) = 0.8, not 0.4
     assert scorer.rouge_l("British royals", "a British royal") == pytest.approx(0.8)
+
+
+def test_probe_and_patchscope_are_compared_on_the_same_subjects() -> None:
+    import pandas as pd
+
+    from patchscopes.evals.attributes import subject_table, summarize
+
+    grid = pd.DataFrame(
+        [
+            {"task": "t", "sample_id": sid, "source_layer": layer, "target_layer": t, "correct": ok, "correct_first_line": ok}
+            for sid, per_layer in (("1", {0: True, 5: True}), ("2", {0: False, 5: True}), ("3", {0: False, 5: False}))
+            for layer, ok in per_layer.items()
+            for t in (0, 5)
+        ]
+    )
+    # the probe was cross-validated on more samples ("9" is not in the grid); only the grid's are compared
+    probe = pd.DataFrame(
+        [
+            {"task": "t", "layer": 0, "probe_accuracy": 0.5, "n": 4, "n_classes": 2, "correct_ids": ["1", "9"]},
+            {"task": "t", "layer": 5, "probe_accuracy": 0.25, "n": 4, "n_classes": 2, "correct_ids": ["3"]},
+        ]
+    )
+    table = subject_table(grid, probe).set_index("sample_id")
+    assert table.patchscope.to_dict() == {"1": 1.0, "2": 0.5, "3": 0.0}
+    assert table.probe.to_dict() == {"1": 0.5, "2": 0.0, "3": 0.5}
+    assert table.difference.to_dict() == {"1": 0.5, "2": 0.5, "3": -0.5}
+    [row] = summarize(grid, probe, n_tasks=1, min_samples=15).to_dict("records")
+    assert row["subject_difference"] == pytest.approx(100 / 6)  # mean of the three differences, in points
+    assert row["subject_difference_low"] <= row["subject_difference"] <= row["subject_difference_high"]
+    assert not row["meets_min_samples"]  # 3 subjects < the paper's 15
+
+
+def test_probe_predictions_are_the_per_sample_form_of_the_accuracy() -> None:
+    from patchscopes.evals.probing import probe_predictions
+
+    rng = np.random.default_rng(1)
+    labels = ["u", "v"] * 12
+    x = rng.normal(size=(24, 5)) + (np.array(labels) == "v")[:, None] * 0.8
+    hits = probe_predictions(x, labels, folds=3, seed=7)
+    assert hits.shape == (24,) and hits.mean() == pytest.approx(probe_accuracy(x, labels, folds=3, seed=7))

@@ -38,8 +38,9 @@ from patchscopes import plots
 from patchscopes.capture import capture
 from patchscopes.datasets import data_dir
 from patchscopes.evals.attribute_data import AttributeSample, load_attribute_task
+from patchscopes.evals.claims import estimate
 from patchscopes.evals.common import EvalError, UnitCounter, open_store, run_config, seeded_sample
-from patchscopes.evals.probing import paired_test, probe_accuracy
+from patchscopes.evals.probing import paired_test, probe_predictions
 from patchscopes.models.loading import ModelHandle
 from patchscopes.patching import PatchedRun, run_patched
 from patchscopes.positions import find_spans, resolve_positions
@@ -87,6 +88,7 @@ class AttributesConfig:
     case_sensitive: bool = False
     require_answer: bool = True
     folds: int = 3
+    min_samples: int = 15  # the paper drops tasks with fewer data points from its table
     batch_size: int = 32
     seed: int = 0
 
@@ -182,16 +184,21 @@ def _probe_rows(
     states = capture(lm, ids, pos, layers, config.batch_size)
     x = np.stack([st[:, 0].float().cpu().numpy() for st in states])  # [n, layers, d]
     labels = [s.object for s in samples]
-    return [
-        {
-            "task": samples[0].task,
-            "layer": layer,
-            "probe_accuracy": probe_accuracy(x[:, i], labels, config.folds, config.seed),
-            "n": len(samples),
-            "n_classes": len(set(labels)),
-        }
-        for i, layer in enumerate(layers)
-    ]
+    rows = []
+    for i, layer in enumerate(layers):
+        hits = probe_predictions(x[:, i], labels, config.folds, config.seed)
+        rows.append(
+            {
+                "task": samples[0].task,
+                "layer": layer,
+                "probe_accuracy": float(hits.mean()) if len(samples) >= 2 else float("nan"),
+                "n": len(samples),
+                "n_classes": len(set(labels)),
+                # per sample, so the Patchscope and the probe can be compared on the same samples
+                "correct_ids": [s.sample_id for s, hit in zip(samples, hits) if hit],
+            }
+        )
+    return rows
 
 
 def _grid_rows(
@@ -229,8 +236,30 @@ SCHEMAS = {  # per table, what the summary and the next stages read
 }
 
 
-def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int) -> pd.DataFrame:
-    """Per task: patchscope and probe accuracy (%) mean ± std over the grid's source layers, paired t-test."""
+def subject_table(grid: pd.DataFrame, probe: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid sample (subject): the Patchscope's and the probe's accuracy over the grid's source
+    layers (0–1) and their difference, on the same samples and the same layers (the unit of a paired test)."""
+    if grid.empty or probe.empty or "correct_ids" not in probe.columns:
+        return pd.DataFrame(columns=["task", "sample_id", "patchscope", "probe", "difference"])
+    ours = grid.groupby(["task", "sample_id", "source_layer"])["correct"].any().reset_index()
+    right: dict[tuple[str, int], set[str]] = {
+        (str(r["task"]), int(r["layer"])): {str(i) for i in r["correct_ids"]} for r in probe.to_dict("records")
+    }
+    ours["probe"] = [
+        str(s) in right.get((str(t), int(layer)), set()) for t, s, layer in zip(ours.task, ours.sample_id, ours.source_layer)
+    ]
+    table = ours.groupby(["task", "sample_id"], sort=False).agg(patchscope=("correct", "mean"), probe=("probe", "mean"))
+    table = table.reset_index()
+    table["difference"] = table.patchscope - table.probe
+    return table
+
+
+def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int, min_samples: int = 15) -> pd.DataFrame:
+    """Per task: patchscope and probe accuracy (%) mean ± std over the grid's source layers; the subject-level
+    paired difference (Patchscope − probe on the same samples, points) with a 95% bootstrap interval over
+    subjects; whether the task has the paper's ``min_samples``; and, for continuity, a t-test over layers
+    (which treats layers as replicates: read the subject-level interval instead)."""
+    subjects = subject_table(grid, probe)
     rows = []
     for task, part in grid.groupby("task", sort=False):
         per_layer = _per_layer(part, "correct")
@@ -251,12 +280,22 @@ def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int) -> pd.DataF
                 "patchscope_first_line_mean": float(strict.mean()),
                 "probe_mean": float(probe_layers.mean()),
                 "probe_std": float(probe_layers.std(ddof=0)),
+                **_subject_difference(subjects[subjects.task == task]),
+                "meets_min_samples": part.sample_id.nunique() >= min_samples,
                 "t": test.t,
                 "p_bonferroni": test.p_corrected,
                 "better": {"a": "patchscope", "b": "probe", None: ""}[test.winner],
             }
         )
     return pd.DataFrame(rows)
+
+
+def _subject_difference(subjects: pd.DataFrame) -> dict[str, float]:
+    keys = ("subject_difference", "subject_difference_low", "subject_difference_high")
+    if len(subjects) < 2:
+        return dict.fromkeys(keys, float("nan"))
+    est = estimate(subjects, {"kind": "mean", "column": "difference"})
+    return dict(zip(keys, (100 * est.value, 100 * est.low, 100 * est.high)))
 
 
 def _per_layer(grid: pd.DataFrame, column: str) -> pd.Series:
@@ -369,12 +408,14 @@ def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResul
     """Summaries, CSVs and heatmaps from whatever ``store`` holds."""
     out = store.directory
     screen, probe, grid = store.frame("screen"), store.frame("probe"), store.frame("grid")
-    summary = summarize(grid, probe, n_tasks) if not grid.empty else pd.DataFrame()
+    min_samples = int(store.config.get("params", {}).get("min_samples", 15))
+    summary = summarize(grid, probe, n_tasks, min_samples) if not grid.empty else pd.DataFrame()
     if not screen.empty:
         kept = screen.groupby("task", sort=False)["answered"].agg(["sum", "count"]).reset_index()
         kept.columns = ["task", "answered", "screened"]
         summary = kept.merge(summary, on="task", how="left") if not summary.empty else kept
-    for name, frame in (("summary", summary), ("grid", grid), ("probe", probe), ("screen", screen)):
+    subjects = subject_table(grid, probe)
+    for name, frame in (("summary", summary), ("grid", grid), ("probe", probe), ("screen", screen), ("subjects", subjects)):
         store.write_csv(f"{name}.csv", frame)
     if not grid.empty:
         plots.save(heatmaps(grid, model_name), out / "heatmaps.png")

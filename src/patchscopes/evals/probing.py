@@ -20,11 +20,20 @@ from patchscopes.evals.common import require
 
 
 def probe_accuracy(features: np.ndarray, labels: Sequence[str], folds: int = 3, seed: int = 0, max_iter: int = 1000) -> float:
-    """Held-out accuracy of a logistic-regression probe, by ``folds``-fold cross-validation (shuffled, seeded).
+    """Held-out accuracy of a logistic-regression probe, by ``folds``-fold cross-validation (shuffled, seeded):
+    the mean of :func:`probe_predictions` (NaN for fewer than two samples)."""
+    hits = probe_predictions(features, labels, folds, seed, max_iter)
+    return float(hits.mean()) if len(hits) >= 2 else float("nan")
 
-    Every sample is predicted once, by the probe trained on the other folds; a training fold that
-    holds a single class predicts that class. Classes unseen in training can never be predicted, as
-    in the paper's setting where many objects are unique.
+
+def probe_predictions(
+    features: np.ndarray, labels: Sequence[str], folds: int = 3, seed: int = 0, max_iter: int = 1000
+) -> np.ndarray:
+    """Per sample: whether the probe trained on the other folds predicts its label (shuffled, seeded folds).
+
+    Every sample is predicted once; a training fold that holds a single class predicts that class. Classes
+    unseen in training can never be predicted, as in the paper's setting where many objects are unique.
+    Fewer than two samples: all False (nothing to train on).
     """
     require("sklearn")
     from sklearn.linear_model import LogisticRegression
@@ -34,10 +43,10 @@ def probe_accuracy(features: np.ndarray, labels: Sequence[str], folds: int = 3, 
 
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
+    hits = np.zeros(len(y), dtype=bool)
     if len(y) < 2:
-        return float("nan")
+        return hits
     k = min(folds, len(y))
-    correct = 0
     for train, test in KFold(n_splits=k, shuffle=True, random_state=seed).split(x):
         classes = np.unique(y[train])
         if len(classes) == 1:
@@ -46,8 +55,8 @@ def probe_accuracy(features: np.ndarray, labels: Sequence[str], folds: int = 3, 
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter))
             model.fit(x[train], y[train])
             predicted = model.predict(x[test])
-        correct += int((predicted == y[test]).sum())
-    return correct / len(y)
+        hits[test] = predicted == y[test]
+    return hits
 
 
 @dataclass(frozen=True)
