@@ -96,42 +96,20 @@ def test_bad_specifications_name_the_problem() -> None:
         estimate(frame, {"kind": "mean", "column": "hit", "where": {"layer": 99}})
 
 
+def _beats(a: str, b: str, paper: str) -> dict[str, object]:
+    stat = {"kind": "paired_difference", "column": "hit", "by": "method", "a": a, "b": b, "pair": ["example"]}
+    return {"claim": f"{a} beats {b} at layer 8", "paper": paper, "result": "results/run/scores.csv",
+            "stat": {**stat, "where": {"layer": 8}}, "expect": {"op": ">", "value": 0}}  # fmt: skip
+
+
 def _site(tmp_path: Path, prose: str) -> Path:
     (tmp_path / "results" / "run").mkdir(parents=True)
     _scores(n=50).to_csv(tmp_path / "results" / "run" / "scores.csv", index=False)
     (tmp_path / "results" / "run" / "config.json").write_text(json.dumps({"model": "tiny"}))
     (tmp_path / "page.md").write_text(f"# A page\n\n{prose}\n")
     claims = [
-        {
-            "claim": "a beats b at layer 8",
-            "paper": "+.3",
-            "result": "results/run/scores.csv",
-            "stat": {
-                "kind": "paired_difference",
-                "column": "hit",
-                "by": "method",
-                "a": "a",
-                "b": "b",
-                "pair": ["example"],
-                "where": {"layer": 8},
-            },
-            "expect": {"op": ">", "value": 0},
-        },
-        {
-            "claim": "b beats a at layer 8",
-            "paper": "no",
-            "result": "results/run/scores.csv",
-            "stat": {
-                "kind": "paired_difference",
-                "column": "hit",
-                "by": "method",
-                "a": "b",
-                "b": "a",
-                "pair": ["example"],
-                "where": {"layer": 8},
-            },
-            "expect": {"op": ">", "value": 0},
-        },
+        _beats("a", "b", paper="+.3"),
+        _beats("b", "a", paper="no"),
         {"claim": "something else", "paper": "1", "plan": "later"},
     ]
     (tmp_path / "results" / "claims.json").write_text(json.dumps({"pages": {"page.md": claims}}))
