@@ -105,7 +105,7 @@ def _beats(a: str, b: str, paper: str) -> dict[str, object]:
 def _site(tmp_path: Path, prose: str) -> Path:
     (tmp_path / "results" / "run").mkdir(parents=True)
     _scores(n=50).to_csv(tmp_path / "results" / "run" / "scores.csv", index=False)
-    (tmp_path / "results" / "run" / "config.json").write_text(json.dumps({"model": "tiny"}))
+    (tmp_path / "results" / "run" / "config.json").write_text(json.dumps({"config": {"model": "tiny"}}))  # as a run writes it
     (tmp_path / "page.md").write_text(f"# A page\n\n{prose}\n")
     claims = [
         _beats("a", "b", paper="+.3"),

@@ -184,7 +184,8 @@ def _model(result: Path) -> str:
     for directory in (result.parent, *result.parents):
         config = directory / "config.json"
         if config.is_file():
-            return str(json.loads(config.read_text(encoding="utf-8")).get("model") or "?")
+            saved = json.loads(config.read_text(encoding="utf-8"))
+            return str(saved.get("config", saved).get("model") or "?")  # a run's config.json nests it
     return "?"
 
 
