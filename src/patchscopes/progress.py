@@ -1,7 +1,7 @@
 """Progress bars: rich bars on a terminal, tqdm's widgets in a notebook, silence when disabled.
 
-    >>> with progress_bar(3, "units", enabled=False) as advance:
-    ...     advance(1)
+>>> with progress_bar(3, "units", enabled=False) as advance:
+...     advance(1)
 """
 
 from __future__ import annotations
