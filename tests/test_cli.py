@@ -73,8 +73,20 @@ def test_inspect_errors_are_clear(smol):
 
 
 def test_models_listing():
-    result = runner.invoke(app, ["models"])
+    result = runner.invoke(app, ["models"], terminal_width=250)
     assert result.exit_code == 0 and "SmolLM2-135M" in result.output and "Gemma-3-270M" in result.output
+    # honest descriptions: the default is an instruct model from a Q4_1 GGUF, Gemma a base model, and each
+    # model says where its bytes come from
+    assert "SmolLM2-135M: instruct (SmolLM2-135M-Instruct, as the GGUF is named); Q4_1 GGUF" in result.output
+    assert "Gemma-3-270M: base (Gemma 3 270M)" in result.output
+    assert result.output.count("sha256 checked") + result.output.count("sha256 is checked") == 4
+
+
+def test_every_builtin_model_describes_its_weights():
+    from patchscopes.models.registry import REGISTRY
+
+    for entry in REGISTRY.values():
+        assert entry.variant.split(" ")[0] in ("base", "instruct") and "GGUF" in entry.quantisation and entry.provenance
 
 
 def _commands_that_load_a_model() -> list[list[str]]:

