@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,7 +32,6 @@ from typing import Any, cast
 import pandas as pd
 import torch
 
-from patchscopes.capture import capture
 from patchscopes.crossmodel.align import aligned_positions
 from patchscopes.crossmodel.fit import corpus_sha256, fit_maps
 from patchscopes.crossmodel.store import MapStore, check_provenance, pair_name
@@ -177,6 +176,15 @@ def _per_pair(maps: dict[tuple[int, int], AffineMap]) -> Callable[[int, int], Af
     return mapping
 
 
+def source_reading(
+    source: ModelHandle, ids: list[int], position: int, layers: Sequence[int] = ()
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward pass of A: its next-token log-probabilities at ``position`` and its states there at ``layers``."""
+    logits, seen, batch = trace(source, [ids], layers=list(layers))
+    col = batch.padded(0, position)
+    return torch.log_softmax(logits[0, col].float(), -1), [seen[layer][0, col] for layer in layers]
+
+
 def next_token_rows(
     source: ModelHandle,
     target: ModelHandle,
@@ -193,8 +201,8 @@ def next_token_rows(
     positions = [rng.randrange(1, len(i)) if len(i) > 1 else 0 for i in ids]
     own: list[str] = []
     for i, p in zip(ids, positions):
-        logits, _, _ = trace(source, [i])
-        own.append(source.token_strings([int(logits[0, p].argmax())])[0])
+        logp, _ = source_reading(source, i, p)
+        own.append(source.token_strings([int(logp.argmax())])[0])
     df = sweep(
         source,
         texts,
@@ -249,17 +257,15 @@ def same_text_rows(
             continue
         k = rng.randrange(len(pos_a))
         i_a, i_b = pos_a[k], pos_b[k]
-        logits, _, _ = trace(source, [ids_a])
-        logp_a = torch.log_softmax(logits[0, i_a].float(), -1)
+        logp_a, states = source_reading(source, ids_a, i_a, source_layers)
         own = int(logp_a.argmax())
-        [states] = capture(source, [ids_a], [[i_a]], source_layers)
         prefix = list(ids_b[: i_b + 1])
         runs = [PatchedRun(prefix)]
         keys: list[tuple[int, int]] = []
         for s in source_layers:
             h = states[source_layers.index(s)]
             for t in target_layers:
-                runs.append(PatchedRun(prefix, [Patch(t, [i_b], maps[(s, t)](h).to(target.dtype))]))
+                runs.append(PatchedRun(prefix, [Patch(t, [i_b], maps[(s, t)](h[None]).to(target.dtype))]))
                 keys.append((s, t))
         outs = run_patched(target, runs, 0, batch_size)
         expected = source.token_strings([own])[0]
