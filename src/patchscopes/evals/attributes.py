@@ -40,7 +40,7 @@ from patchscopes.datasets import data_dir
 from patchscopes.evals.attribute_data import AttributeSample, load_attribute_task
 from patchscopes.evals.claims import estimate
 from patchscopes.evals.common import EvalError, UnitCounter, open_store, run_config, seeded_sample
-from patchscopes.evals.probing import paired_test, probe_predictions
+from patchscopes.evals.probing import accuracy_of, paired_test, probe_predictions
 from patchscopes.models.loading import ModelHandle
 from patchscopes.patching import PatchedRun, run_patched
 from patchscopes.positions import find_spans, resolve_positions
@@ -191,7 +191,7 @@ def _probe_rows(
             {
                 "task": samples[0].task,
                 "layer": layer,
-                "probe_accuracy": float(hits.mean()) if len(samples) >= 2 else float("nan"),
+                "probe_accuracy": accuracy_of(hits),
                 "n": len(samples),
                 "n_classes": len(set(labels)),
                 # per sample, so the Patchscope and the probe can be compared on the same samples
@@ -254,12 +254,15 @@ def subject_table(grid: pd.DataFrame, probe: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def summarize(grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int, min_samples: int = 15) -> pd.DataFrame:
+def summarize(
+    grid: pd.DataFrame, probe: pd.DataFrame, n_tasks: int, min_samples: int = 15, subjects: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """Per task: patchscope and probe accuracy (%) mean ± std over the grid's source layers; the subject-level
     paired difference (Patchscope − probe on the same samples, points) with a 95% bootstrap interval over
     subjects; whether the task has the paper's ``min_samples``; and, for continuity, a t-test over layers
-    (which treats layers as replicates: read the subject-level interval instead)."""
-    subjects = subject_table(grid, probe)
+    (which treats layers as replicates: read the subject-level interval instead). ``subjects``: the
+    :func:`subject_table` of ``grid`` and ``probe``, when the caller has it already."""
+    subjects = subject_table(grid, probe) if subjects is None else subjects
     rows = []
     for task, part in grid.groupby("task", sort=False):
         per_layer = _per_layer(part, "correct")
@@ -409,12 +412,12 @@ def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResul
     out = store.directory
     screen, probe, grid = store.frame("screen"), store.frame("probe"), store.frame("grid")
     min_samples = int(store.config.get("params", {}).get("min_samples", 15))
-    summary = summarize(grid, probe, n_tasks, min_samples) if not grid.empty else pd.DataFrame()
+    subjects = subject_table(grid, probe)
+    summary = summarize(grid, probe, n_tasks, min_samples, subjects) if not grid.empty else pd.DataFrame()
     if not screen.empty:
         kept = screen.groupby("task", sort=False)["answered"].agg(["sum", "count"]).reset_index()
         kept.columns = ["task", "answered", "screened"]
         summary = kept.merge(summary, on="task", how="left") if not summary.empty else kept
-    subjects = subject_table(grid, probe)
     for name, frame in (("summary", summary), ("grid", grid), ("probe", probe), ("screen", screen), ("subjects", subjects)):
         store.write_csv(f"{name}.csv", frame)
     if not grid.empty:

@@ -22,7 +22,11 @@ from patchscopes.evals.common import require
 def probe_accuracy(features: np.ndarray, labels: Sequence[str], folds: int = 3, seed: int = 0, max_iter: int = 1000) -> float:
     """Held-out accuracy of a logistic-regression probe, by ``folds``-fold cross-validation (shuffled, seeded):
     the mean of :func:`probe_predictions` (NaN for fewer than two samples)."""
-    hits = probe_predictions(features, labels, folds, seed, max_iter)
+    return accuracy_of(probe_predictions(features, labels, folds, seed, max_iter))
+
+
+def accuracy_of(hits: np.ndarray) -> float:
+    """The accuracy of per-sample probe predictions; NaN for fewer than two samples (no probe was trained)."""
     return float(hits.mean()) if len(hits) >= 2 else float("nan")
 
 
