@@ -69,3 +69,17 @@ def test_map_fitted_for_other_models_is_refused():
     m = AffineMap(torch.eye(32), torch.zeros(32), {"source_model": "some-other-model", "target_model": lm.name})
     with pytest.raises(MappingError, match="some-other-model"):
         run(Patchscope(Source("Diana", layer=1), Target("cat -> cat\n?", layer=1), mapping=m), lm)
+
+
+def test_the_recorded_fit_r2_is_the_in_sample_r2_of_the_solution() -> None:
+    from patchscopes.mappings import AffineFitter, r2_score
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 8, generator=g)
+    y = x @ torch.randn(3, 8, generator=g).T + 0.3 * torch.randn(500, 3, generator=g) + 1
+    fitter = AffineFitter(8, 3, ridge=0.5)
+    for part in (slice(0, 123), slice(123, 500)):  # streamed in two batches
+        fitter.update(x[part], y[part])
+    fitted = AffineMap.from_fitter(fitter)
+    assert fitted.metadata["fit_r2"] == pytest.approx(r2_score(fitted(x), y), abs=1e-6)
+    assert 0.9 < fitted.metadata["fit_r2"] < 1

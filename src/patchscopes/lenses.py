@@ -5,8 +5,12 @@ last layer's space, then the model's final norm and unembedding. It is also a Pa
 (T = S, ℓ* = L−1, i* = i, decoded at the patched position), and that is how :meth:`Lens.sweep` runs it: through
 :func:`patchscopes.sweep.sweep`, its executors and its rows. The tests hold the two equal.
 
-    >>> df = LogitLens().sweep(lm, ["The capital of France is"])            # doctest: +SKIP
-    >>> lens = AffineLens.fit(lm, texts, layers=range(lm.n_layers))         # doctest: +SKIP
+    >>> df = LogitLens().sweep(lm, ["The capital of France is"], progress=False)
+    >>> df.source_layer.tolist() == list(range(lm.n_layers))                # one row per layer
+    True
+    >>> lens = AffineLens.fit(lm, texts, layers=range(lm.n_layers), progress=False)
+    >>> lens.logits(lm, 1, torch.zeros(1, lm.hidden_size)).shape == (1, lm.vocab_size)
+    True
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 
 from patchscopes.capture import capture
 from patchscopes.errors import MappingError
+from patchscopes.hub import HubMixin
 from patchscopes.layers import LayerSpec, Location, depth, resolve_layer
 from patchscopes.mappings import AffineFitter, AffineMap
 from patchscopes.models.loading import ModelHandle
@@ -109,10 +114,13 @@ class LogitLens(Lens):
         return None
 
 
-class AffineLens(Lens):
-    """The paper's "tuned lens": a least-squares affine map h^ℓ → h^{L−1} per layer, then the logit lens."""
+class AffineLens(Lens, HubMixin):
+    """The paper's "tuned lens": a least-squares affine map h^ℓ → h^{L−1} per layer, then the logit lens.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` share it on the Hub (:mod:`patchscopes.hub`)."""
 
     name = "affine-lens"
+    hub_kind = "affine-lens"
 
     def __init__(self, maps: dict[Location, AffineMap], model_name: str | None = None) -> None:
         self.maps = maps
@@ -182,7 +190,8 @@ class AffineLens(Lens):
                 for layer in layer_list:
                     fitters[layer].update(block[wanted.index(layer)], block[wanted.index(last)])
                 advance(len(part))
-        meta = {"source_model": lm.name, "target_model": lm.name, "target_layer": last}
+        meta = {"source_model": lm.name, "target_model": lm.name, "target_layer": last, "n_fit_texts": len(plan)}
+        meta |= {"source_weights_sha256": lm.weights_sha256, "target_weights_sha256": lm.weights_sha256}
         maps = {layer: AffineMap.from_fitter(f, source_layer=layer, **meta) for layer, f in fitters.items()}
         return cls(maps, model_name=lm.name)
 

@@ -20,13 +20,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from patchscopes.errors import MappingError
+from patchscopes.errors import MappingError, MapProvenanceError
+from patchscopes.hub import HubMixin
 
 MappingLike = Callable[[torch.Tensor], torch.Tensor]
-
-
-class MapProvenanceError(MappingError):
-    """A saved map used with models, weights or layers other than the ones it was fitted for."""
 
 
 class _Model(Protocol):
@@ -58,6 +55,8 @@ class AffineFitter:
         self.d_in, self.d_out, self.ridge = d_in, d_out, ridge
         self.xtx = torch.zeros(d_in + 1, d_in + 1, dtype=torch.float64)
         self.xty = torch.zeros(d_in + 1, d_out, dtype=torch.float64)
+        self.y_sum = torch.zeros(d_out, dtype=torch.float64)
+        self.yy = 0.0  # Σ‖y‖²: with y_sum, the in-sample R² of the solution comes from the same statistics
         self.n = 0
         self._digest = hashlib.sha256()
 
@@ -68,7 +67,10 @@ class AffineFitter:
             )
         xa = torch.cat([x.detach().double().cpu(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
         self.xtx += xa.T @ xa
-        self.xty += xa.T @ y.detach().double().cpu()
+        yd = y.detach().double().cpu()
+        self.xty += xa.T @ yd
+        self.y_sum += yd.sum(0)
+        self.yy += float((yd * yd).sum())
         self.n += int(x.shape[0])
         self._digest.update(x.detach().float().cpu().numpy().tobytes()[:4096])
 
@@ -85,6 +87,15 @@ class AffineFitter:
         return solution[:-1].T.contiguous(), solution[-1].contiguous()
 
 
+def fit_r2(fitter: AffineFitter, weight: torch.Tensor, bias: torch.Tensor) -> float:
+    """In-sample R² (pooled over output dimensions) of ``y ≈ W x + b`` on the data ``fitter`` accumulated,
+    from its sufficient statistics: SSE = Σ‖y‖² − 2⟨θ, XᵀY⟩ + ⟨θ, XᵀX θ⟩ with θ = [Wᵀ; bᵀ]."""
+    theta = torch.cat([weight.double().T, bias.double()[None]], 0)
+    sse = fitter.yy - 2 * float((theta * fitter.xty).sum()) + float((theta * (fitter.xtx @ theta)).sum())
+    sst = fitter.yy - float((fitter.y_sum**2).sum()) / fitter.n
+    return 1 - sse / sst if sst > 0 else float("nan")
+
+
 def r2_score(predicted: torch.Tensor, target: torch.Tensor) -> float:
     """Coefficient of determination pooled over all output dimensions."""
     residual = ((target.double() - predicted.double()) ** 2).sum()
@@ -92,8 +103,12 @@ def r2_score(predicted: torch.Tensor, target: torch.Tensor) -> float:
     return float(1 - residual / total) if total > 0 else float("nan")
 
 
-class AffineMap(nn.Module):
-    """``h ↦ W h + b`` with metadata (models, layers, fit data hash, fit quality) that travels with it."""
+class AffineMap(nn.Module, HubMixin):
+    """``h ↦ W h + b`` with metadata (models, layers, fit data hash, fit quality) that travels with it.
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` share it on the Hub (:mod:`patchscopes.hub`)."""
+
+    hub_kind = "affine-map"
 
     weight: torch.Tensor
     bias: torch.Tensor
@@ -142,6 +157,7 @@ class AffineMap(nn.Module):
     def from_fitter(cls, fitter: AffineFitter, **metadata: Any) -> AffineMap:
         weight, bias = fitter.solve()
         meta = {"n_fit": fitter.n, "fit_data_hash": fitter.data_hash, "ridge": fitter.ridge, **metadata}
+        meta.setdefault("fit_r2", round(fit_r2(fitter, weight, bias), 6))
         return cls(weight.float(), bias.float(), meta)
 
     def score(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -157,7 +173,8 @@ class AffineMap(nn.Module):
             {"weight": self.weight.contiguous().cpu(), "bias": self.bias.contiguous().cpu()},
             str(directory / "weights.safetensors"),
         )
-        meta = {"type": "affine", "d_in": self.d_in, "d_out": self.d_out, **self.metadata}
+        kept = {k: v for k, v in self.metadata.items() if k != "path"}  # where it was loaded from is no provenance
+        meta = {"type": "affine", "d_in": self.d_in, "d_out": self.d_out, **kept}
         (directory / "map.json").write_text(json.dumps(meta, indent=2, default=str))
         return directory
 

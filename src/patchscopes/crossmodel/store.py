@@ -4,9 +4,12 @@ A store is a directory (default ``<cache root>/maps``; ``PATCHSCOPES_MAPS`` or t
 override it) holding one sub-directory per map name (``/`` in a name nests directories), each written by
 :meth:`AffineMap.save <patchscopes.mappings.AffineMap.save>`.
 
-    >>> store = MapStore(tmp_path)                                    # doctest: +SKIP
-    >>> store.save("smol-to-gemma/L06-L04", amap)                     # doctest: +SKIP
-    >>> store.load("smol-to-gemma/L06-L04", source=smol, target=gemma)   # doctest: +SKIP
+    >>> from patchscopes.crossmodel.fit import fit_maps
+    >>> amap = fit_maps(lm, lm_b, texts, pairs=[(1, 2)]).maps[(1, 2)]
+    >>> store = MapStore("maps")
+    >>> _ = store.save("a-to-b/L01-L02", amap)
+    >>> store.load("a-to-b/L01-L02", source=lm, target=lm_b).weight.shape == (lm_b.hidden_size, lm.hidden_size)
+    True
 """
 
 from __future__ import annotations

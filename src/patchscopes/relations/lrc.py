@@ -4,9 +4,13 @@ For object value ``v`` the concept is the normalised mean, over training prompts
 ``W†(o − b)`` (an LRE's low-rank inverse applied to the object states). A :class:`ConceptSet` classifies a
 subject state by the largest dot product, and saves as ``concepts.safetensors`` + ``concepts.json``.
 
-    >>> concepts = lrc_concepts(lm, lre, train_prompts, rank=192)   # doctest: +SKIP
-    >>> concepts.classify(subject_states)                            # doctest: +SKIP
-    ['positive', 'negative', ...]
+    >>> from patchscopes.relations.lre import estimate_lre
+    >>> lre = estimate_lre(lm, prompts, subject_layer=1, object_layer=3)
+    >>> concepts = lrc_concepts(lm, lre, prompts, rank=8)
+    >>> concepts.names
+    ['Paris', 'Tokyo']
+    >>> len(concepts.classify(torch.randn(5, lm.hidden_size)))      # one object name per subject state
+    5
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from patchscopes.capture import capture
 from patchscopes.errors import PatchscopeError
+from patchscopes.hub import HubMixin
 from patchscopes.models.loading import ModelHandle
 from patchscopes.relations.jacobian import Aggregation
 from patchscopes.relations.lre import LinearRelationalEmbedding
@@ -31,8 +36,12 @@ class ConceptError(PatchscopeError, ValueError):
     """Concepts that cannot be built, used or loaded as asked."""
 
 
-class ConceptSet:
-    """Named unit vectors in the subject space of one layer (``vectors[i]`` is the concept of ``names[i]``)."""
+class ConceptSet(HubMixin):
+    """Named unit vectors in the subject space of one layer (``vectors[i]`` is the concept of ``names[i]``).
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` share it on the Hub (:mod:`patchscopes.hub`)."""
+
+    hub_kind = "concepts"
 
     def __init__(self, names: Sequence[str], vectors: torch.Tensor, metadata: dict[str, Any] | None = None) -> None:
         if vectors.dim() != 2 or vectors.shape[0] != len(names):
@@ -80,7 +89,8 @@ class ConceptSet:
         meta = json.loads((path / "concepts.json").read_text())
         meta.pop("type", None)
         names = meta.pop("names")
-        return cls(names, load_file(str(path / "concepts.safetensors"))["vectors"], meta)
+        vectors = load_file(str(path / "concepts.safetensors"))["vectors"].clone()  # aligned, as LinearRelationalEmbedding.load
+        return cls(names, vectors, meta)
 
 
 def normalise(vectors: torch.Tensor) -> torch.Tensor:
@@ -116,7 +126,10 @@ def lrc_from_objects(
     meta = {
         "method": "lrc",
         "rank": rank,
-        **{k: lre.metadata.get(k) for k in ("model", "relation", "subject_layer", "object_layer", "aggregation")},
+        **{
+            k: lre.metadata.get(k)
+            for k in ("model", "weights_sha256", "relation", "subject_layer", "object_layer", "aggregation")
+        },
         **metadata,
     }
     return ConceptSet(names, normalise(vectors), meta)
