@@ -3,6 +3,7 @@
 from patchscopes.capture import capture
 from patchscopes.errors import (
     CacheError,
+    ChatTemplateError,
     EngineError,
     LayerError,
     MappingError,
@@ -43,6 +44,7 @@ __all__ = [
     "AffineMap",
     "ArchSpec",
     "CacheError",
+    "ChatTemplateError",
     "EngineError",
     "Executor",
     "Generate",

@@ -27,6 +27,28 @@ DEFAULT_DEVICE = "auto"
 DEFAULT_DTYPE = "auto"
 
 
+def _chat_callback(ctx: typer.Context, value: str) -> str:
+    from patchscopes.chat import parse_chat
+
+    try:
+        parse_chat(value)
+    except OptionError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
+Chat = Annotated[
+    str,
+    typer.Option(
+        "--chat",
+        help="Wrap the target prompt as a user turn with the model's chat template: false (as written), true, "
+        "or auto (when the tokenizer ships a template).",
+        callback=_chat_callback,
+    ),
+]
+DEFAULT_CHAT = "false"
+
+
 def load(model: str, device: str = DEFAULT_DEVICE, dtype: str = DEFAULT_DTYPE, device_map: str | None = None):  # noqa: ANN201
     """``load_model`` with the CLI's device options."""
     from patchscopes.models.loading import load_model

@@ -43,8 +43,16 @@ class MappingError(PatchscopeError, ValueError):
     """A mapping whose shapes, provenance or serialisation do not fit its use."""
 
 
+class MapProvenanceError(MappingError):
+    """A saved map, lens, LRE or concept set used with models, weights or layers other than the ones it was fitted for."""
+
+
 class SpecError(PatchscopeError, ValueError):
     """An invalid Patchscope specification (bad option, unserialisable part, …)."""
+
+
+class ChatTemplateError(PatchscopeError, ValueError):
+    """A target asked for a chat template that the tokenizer lacks, or whose template cannot wrap the prompt."""
 
 
 class EngineError(PatchscopeError, RuntimeError):

@@ -10,8 +10,9 @@ decoding happen here once:
   of steps that patch one target prompt, from one position, at one layer (what the replay engine shares).
 
 >>> from patchscopes.presets import TOKEN_IDENTITY
->>> plan = compile_plan([TOKEN_IDENTITY.scope("cat", layer=l) for l in (0, 1)], lm)   # doctest: +SKIP
->>> print(plan)                                                                          # doctest: +SKIP
+>>> plan = compile_plan([TOKEN_IDENTITY.scope("cat", layer=l) for l in (0, 1)], lm)
+>>> len(plan.steps), len(plan.reads)            # two steps; "cat" is read once, at both layers
+(2, 1)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from patchscopes.chat import target_text
 from patchscopes.errors import MappingError, SpecError
 from patchscopes.layers import EMBEDDINGS, Location, depth, resolve_layer
 from patchscopes.mappings import AffineMap, as_mapping
@@ -51,6 +53,7 @@ class Step:
     target_layer: Location
     mapping: Callable[[torch.Tensor], torch.Tensor]
     read: int = -1  # index of its SourceRead in the plan
+    chat_text: str | None = None  # the templated target text, when the target was wrapped with a chat template
 
     @property
     def source_key(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -129,11 +132,16 @@ def resolve_step(scope: Patchscope, lm: ModelHandle, tlm: ModelHandle) -> Step:
     tgt_prompt = s.prompt if t.prompt is None else t.prompt
     if t.prompt is None and tlm is not lm and tlm.tokenizer is not lm.tokenizer:
         raise SpecError("a target without a prompt reuses the source prompt, which needs the same model or tokenizer")
-    tgt_tok = tlm.tokenize(tgt_prompt)
+    if t.position == SAME and t.chat is True:
+        raise SpecError(
+            "target position 'same' reuses the source's token indices, which the chat template shifts; "
+            "give the target an explicit position (such as a Placeholder) or pass chat=False"
+        )
+    tgt_tok = target_text(tlm, tgt_prompt, False if t.position == SAME else t.chat)
     if t.position == SAME:
         tgt_positions = list(src_positions)
     else:
-        tgt_positions = resolve_positions(t.position, tgt_prompt, tgt_tok.offsets)  # type: ignore[arg-type]
+        tgt_positions = tgt_tok.resolve(t.position)  # type: ignore[arg-type]
     if t.layer == SAME:
         if src_layer == EMBEDDINGS:
             raise SpecError(f"target layer 'same' with source layer {EMBEDDINGS!r}: give the target layer explicitly")
@@ -154,7 +162,8 @@ def resolve_step(scope: Patchscope, lm: ModelHandle, tlm: ModelHandle) -> Step:
             f"incompatible hidden sizes: {lm.name} has {lm.hidden_size}, {tlm.name} has {tlm.hidden_size}; "
             "pass mapping= an AffineMap fitted between them (see patchscopes.mappings)"
         )
-    return Step(scope, src_tok.ids, src_positions, src_layer, tgt_ids, tgt_positions, tgt_layer, mapping)
+    chat_text = tgt_tok.text if tgt_tok.chat else None
+    return Step(scope, src_tok.ids, src_positions, src_layer, tgt_ids, tgt_positions, tgt_layer, mapping, chat_text=chat_text)
 
 
 def compile_plan(scopes: Sequence[Patchscope], model: ModelHandle, target_model: ModelHandle | None = None) -> Plan:

@@ -2,12 +2,20 @@
 
 >>> ENTITY_DESCRIPTION.scope("Diana, Princess of Wales", layer=4).target.layer
 'same'
+
+Every preset's target prompt is sent as written; ``preset.with_chat(True)`` (or ``"auto"``) wraps it as a user
+turn with the model's chat template instead (see :mod:`patchscopes.chat`):
+
+>>> ENTITY_DESCRIPTION.with_chat(True).scope("Diana", layer=4).target.chat
+True
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from patchscopes.chat import ChatOption, check_chat
+from patchscopes.errors import SpecError
 from patchscopes.layers import LayerSpec
 from patchscopes.positions import Placeholder, PositionSpec
 from patchscopes.scope import SAME, DecodeAt, Decoding, Generate, NextToken, Patchscope, Source, Target
@@ -21,7 +29,11 @@ ENTITY_DESCRIPTION_PROMPT = (
 
 @dataclass(frozen=True)
 class Preset:
-    """A target prompt, position, layer rule and decoding that together define an inspection."""
+    """A target prompt, position, layer rule and decoding that together define an inspection.
+
+    ``chat`` is the target's chat-template option (:class:`~patchscopes.scope.Target`): ``False`` sends the
+    prompt as written, ``True`` wraps it as a user turn, ``"auto"`` wraps it when the tokenizer has a template.
+    """
 
     name: str
     target_prompt: str | None
@@ -30,6 +42,7 @@ class Preset:
     decoding: Decoding
     description: str = ""
     decode_at: DecodeAt = "end"
+    chat: ChatOption = False
 
     def scope(
         self,
@@ -48,13 +61,28 @@ class Preset:
                 layer=self.target_layer if target_layer is None else target_layer,
                 position=self.target_position,
                 decode_at=self.decode_at,
+                chat=self.chat,
             ),
             mapping=mapping,
             decoding=decoding or self.decoding,
         )
 
     def with_decoding(self, decoding: Decoding) -> Preset:
+        """This preset with another decoding."""
         return replace(self, decoding=decoding)
+
+    def with_chat(self, chat: ChatOption) -> Preset:
+        """This preset with another chat-template option; one without a target prompt of its own (the logit
+        lens reads the source prompt at the source's positions) keeps the raw prompt, except that ``True``
+        is refused."""
+        chat = check_chat(chat)
+        if self.target_prompt is None:
+            if chat is True:
+                raise SpecError(
+                    f"preset {self.name!r} has no target prompt of its own to wrap with a chat template; pass chat=False"
+                )
+            return self
+        return replace(self, chat=chat)
 
 
 LOGIT_LENS = Preset(
@@ -84,7 +112,7 @@ ENTITY_DESCRIPTION = Preset(
 )
 
 
-def attribute(prompt: str, placeholder: str = "x", max_new_tokens: int = 20) -> Preset:
+def attribute(prompt: str, placeholder: str = "x", max_new_tokens: int = 20, chat: ChatOption = False) -> Preset:
     """Attribute extraction: a relation verbalisation with a placeholder, e.g. ``"The official currency of x"``."""
     return Preset(
         f"attribute:{prompt}",
@@ -93,17 +121,19 @@ def attribute(prompt: str, placeholder: str = "x", max_new_tokens: int = 20) -> 
         target_layer=SAME,
         decoding=Generate(max_new_tokens=max_new_tokens),
         description="attribute extraction by a relation prompt with a placeholder",
+        chat=check_chat(chat),
     )
 
 
-def custom(prompt: str, placeholder: str = "x", decoding: Decoding | None = None) -> Preset:
-    """Any target prompt with a placeholder, generating 20 tokens by default."""
+def custom(prompt: str, placeholder: str = "x", decoding: Decoding | None = None, chat: ChatOption = False) -> Preset:
+    """Any target prompt with a placeholder, generating 20 tokens by default (``chat``: see :class:`Preset`)."""
     return Preset(
         "custom",
         target_prompt=prompt,
         target_position=Placeholder(placeholder),
         target_layer=SAME,
         decoding=decoding or Generate(max_new_tokens=20),
+        chat=check_chat(chat),
     )
 
 

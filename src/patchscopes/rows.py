@@ -3,7 +3,9 @@
 Sweeps, lenses, the explorer and the evaluations all build their rows here. Columns: ``example,
 source_prompt, source_position, source_token, source_layer, target_prompt, target_position, target_layer,
 text, top_tokens, top_probs, top1, top1_prob`` (a single position is a number, several are a list), plus
-whatever a caller's ``extra`` adds. :func:`json_row` is the same row made safe for JSON.
+whatever a caller's ``extra`` adds. A target with a ``chat`` option other than ``False`` adds ``target_chat``
+(whether the prompt was wrapped with the chat template) and ``target_text`` (the text the target model read).
+:func:`json_row` is the same row made safe for JSON.
 
 >>> json_row({"source_layer": 3, "target_layer": 3, "text": "x", "top_tokens": ["x"], "top_probs": [float("nan")],
 ...           "top1": "x", "top1_prob": 0.5}, generate=False)["top_probs"]
@@ -43,7 +45,7 @@ def _position(positions: list[int]) -> int | list[int]:
 def result_row(example: int, result: PatchscopeResult) -> dict[str, Any]:
     """The row of one result; ``example`` numbers the input prompt it came from."""
     scope = result.scope
-    return {
+    row: dict[str, Any] = {
         "example": example,
         "source_prompt": scope.source.prompt,
         "source_position": _position(result.source_positions),
@@ -58,6 +60,10 @@ def result_row(example: int, result: PatchscopeResult) -> dict[str, Any]:
         "top1": result.top_tokens[0],
         "top1_prob": result.top_probs[0],
     }
+    if scope.target.chat is not False:
+        row["target_chat"] = result.chat_text is not None
+        row["target_text"] = row["target_prompt"] if result.chat_text is None else result.chat_text
+    return row
 
 
 def finite(value: Any) -> float | None:

@@ -20,6 +20,7 @@ from typing import Any, Literal, Union
 
 import torch
 
+from patchscopes.chat import ChatOption, check_chat
 from patchscopes.errors import SpecError
 from patchscopes.hooks import PatchMode
 from patchscopes.layers import LayerSpec, Location
@@ -48,6 +49,10 @@ class Target:
 
     ``decode_at="end"`` (the default) decodes after the whole target prompt; ``"patch"`` decodes right after the
     last patched position (the target is cut there), as the logit lens reads the position it patched.
+
+    ``chat=True`` wraps the prompt as a user turn with the target tokenizer's chat template (positions are
+    then resolved on the templated tokens), ``"auto"`` does so only when the tokenizer ships a template, and
+    ``False`` (the default) sends the prompt as written; see :mod:`patchscopes.chat`.
     """
 
     prompt: str | None = None
@@ -55,10 +60,12 @@ class Target:
     position: PositionSpec | str = -1
     model: str | None = None
     decode_at: DecodeAt = "end"
+    chat: ChatOption = False
 
     def __post_init__(self) -> None:
         if self.decode_at not in ("end", "patch"):
             raise SpecError(f"decode_at {self.decode_at!r} is not 'end' or 'patch'")
+        check_chat(self.chat)
 
 
 @dataclass(frozen=True)
@@ -119,7 +126,7 @@ class Patchscope:
     def to_dict(self) -> dict[str, Any]:
         return {
             "source": {**_loc_dict(self.source), "position": position_to_json(self.source.position)},
-            "target": {**_loc_dict(self.target), "position": _target_position_json(self.target.position)},
+            "target": {**_target_dict(self.target), "position": _target_position_json(self.target.position)},
             "mapping": mapping_to_json(self.mapping),
             "mode": self.mode,
             "decoding": {"type": type(self.decoding).__name__, **self.decoding.__dict__},
@@ -147,6 +154,8 @@ class Patchscope:
     def __str__(self) -> str:
         s, t = self.source, self.target
         tprompt = "<source prompt>" if t.prompt is None else repr(t.prompt)
+        if t.chat is not False:
+            tprompt += f" (chat={t.chat!r})"
         mapping = "" if self.mapping is None else f" --{self.mapping!r}-->"
         return (
             f"Patchscope[{s.model or 'model'} {s.prompt!r} @ layer {s.layer}, pos {s.position}{mapping} "
@@ -162,9 +171,21 @@ def _loc_dict(loc: Source | Target) -> dict[str, Any]:
     return {k: v for k, v in loc.__dict__.items() if k != "position"}
 
 
+def _target_dict(target: Target) -> dict[str, Any]:
+    """The target's fields; ``chat`` only when set, so a raw target's JSON is what it always was."""
+    data = _loc_dict(target)
+    if data.get("chat") is False:
+        del data["chat"]
+    return data
+
+
 @dataclass
 class PatchscopeResult:
-    """What a Patchscope decoded: the next-token distribution and, when generating, the text."""
+    """What a Patchscope decoded: the next-token distribution and, when generating, the text.
+
+    ``chat_text`` is the text the target model read when the target was wrapped with a chat template
+    (``None`` when it read the prompt as written).
+    """
 
     scope: Patchscope
     source_positions: list[int]
@@ -178,6 +199,7 @@ class PatchscopeResult:
     top_probs: list[float]
     generated_ids: list[int]
     text: str
+    chat_text: str | None = None
 
     @property
     def probs(self) -> torch.Tensor:
@@ -189,6 +211,12 @@ class PatchscopeResult:
             f"PatchscopeResult(layer {self.source_layer}→{self.target_layer}, source tokens {self.source_tokens}, "
             f"text={self.text!r}, top=[{shown}])"
         )
+
+    def _repr_html_(self) -> str:
+        """What a notebook shows: the layers, source tokens, decoded text and top tokens with bars."""
+        from patchscopes.display import result_html
+
+        return result_html(self)
 
 
 def with_layers(scope: Patchscope, source_layer: LayerSpec, target_layer: LayerSpec) -> Patchscope:

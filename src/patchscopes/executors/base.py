@@ -88,6 +88,7 @@ def result_of(
         top_probs=top_probs,
         generated_ids=output.generated,
         text=text,
+        chat_text=step.chat_text,
     )
 
 
