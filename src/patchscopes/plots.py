@@ -1,7 +1,9 @@
 """Heatmaps over (source layer, target layer), layer curves and layer-by-layer text tables (matplotlib).
 
->>> fig = heatmap(df, value="top1_prob")        # doctest: +SKIP
->>> fig.savefig("grid.png")                       # doctest: +SKIP
+>>> from patchscopes import TOKEN_IDENTITY, sweep
+>>> df = sweep(lm, ["Diana, Princess of Wales"], TOKEN_IDENTITY, target_layers=None, progress=False)   # every (ℓ, ℓ*)
+>>> fig = heatmap(df, value="top1_prob")
+>>> fig.savefig("grid.png")
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ def one_line(text: str, limit: int = 40) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-def _layer_key(layer: Any) -> float:
+def layer_key(layer: Any) -> float:
     return -1.0 if layer == "embeddings" else float(layer)
 
 
-def _layer_label(layer: Any) -> str:
+def layer_label(layer: Any) -> str:
     """``3`` for a layer stored as ``3.0`` (columns with missing values turn integers into floats)."""
     return str(int(layer)) if isinstance(layer, float) and layer.is_integer() else str(layer)
 
@@ -60,7 +62,7 @@ def heatmap(
     ``annotate`` writes each cell's value in it (default: when the grid has at most 10 × 10 cells).
     """
     table = df.pivot_table(index="target_layer", columns="source_layer", values=value, aggfunc=aggregate)  # type: ignore[arg-type]
-    table = table.reindex(sorted(table.columns, key=_layer_key), axis=1).sort_index(ascending=False)
+    table = table.reindex(sorted(table.columns, key=layer_key), axis=1).sort_index(ascending=False)
     if ax is None:
         width, height = max(3.6, 1.4 + 0.4 * table.shape[1]), max(2.8, 1.0 + 0.3 * table.shape[0])
         fig, ax = plt.subplots(figsize=(width, height))
@@ -68,8 +70,8 @@ def heatmap(
         fig = ax.figure
     values = table.to_numpy(dtype=float)
     image = ax.imshow(values, aspect="auto", cmap=cmap)
-    ax.set_xticks(range(table.shape[1]), [_layer_label(c) for c in table.columns], fontsize=7, rotation=90)
-    ax.set_yticks(range(table.shape[0]), [_layer_label(i) for i in table.index], fontsize=7)
+    ax.set_xticks(range(table.shape[1]), [layer_label(c) for c in table.columns], fontsize=7, rotation=90)
+    ax.set_yticks(range(table.shape[0]), [layer_label(i) for i in table.index], fontsize=7)
     if annotate if annotate is not None else max(values.shape) <= 10:
         middle = float(np.nanmin(values) + np.nanmax(values)) / 2 if np.isfinite(values).any() else 0.0
         for (row, col), v in np.ndenumerate(values):
@@ -92,8 +94,8 @@ def layer_curves(
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, part in df.groupby(by):
         curve = part.groupby(layer)[value].mean()
-        curve = curve.reindex(sorted(curve.index, key=_layer_key))
-        ax.plot([_layer_key(i) for i in curve.index], curve.to_numpy(), marker="o", markersize=3, label=str(name))
+        curve = curve.reindex(sorted(curve.index, key=layer_key))
+        ax.plot([layer_key(i) for i in curve.index], curve.to_numpy(), marker="o", markersize=3, label=str(name))
     ax.set_xlabel(layer.replace("_", " "))
     ax.set_ylabel(ylabel or value)
     ax.set_title(title or f"{value} by {layer}")

@@ -7,11 +7,13 @@ is simply redone. Re-opening the directory with a different configuration is ref
 directory at once agree on its configuration under a lock. A unit whose rows lack a column the table's schema
 requires is redone too, with one warning line.
 
-    >>> store = ResultStore("runs/demo", {"model": "SmolLM2-135M", "seed": 0})   # doctest: +SKIP
-    >>> for unit in work:                                                       # doctest: +SKIP
-    ...     if not store.done("rows", unit.key):
-    ...         store.append("rows", unit.key, compute(unit))
-    >>> df = store.frame("rows")                                                # doctest: +SKIP
+    >>> store = ResultStore("runs/demo", {"model": "SmolLM2-135M", "seed": 0})
+    >>> for key in range(3):
+    ...     if not store.done("rows", key):
+    ...         store.append("rows", key, [{"example": key, "score": key / 2}])
+    >>> df = store.frame("rows")
+    >>> df.score.tolist()
+    [0.0, 0.5, 1.0]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any
 
 import pandas as pd
 
-from patchscopes.errors import PatchscopeError
+from patchscopes.errors import OptionError, PatchscopeError
 from patchscopes.files import atomic_path, atomic_write_text, file_lock
 
 
@@ -201,6 +203,21 @@ def write_csv(path: str | Path, frame: pd.DataFrame, index: bool = False) -> Pat
     """Write ``frame`` to ``path`` as CSV, atomically: a kill leaves the old file or the new one, never a torn one."""
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=index)
+    return Path(path)
+
+
+def write_parquet(path: str | Path, frame: pd.DataFrame) -> Path:
+    """Write ``frame`` to ``path`` as Parquet, atomically. Unlike CSV, list columns (``top_tokens``,
+    ``top_probs``) stay lists and numbers keep their types; read it back with ``pd.read_parquet``.
+
+    Needs pyarrow: ``pip install "patchscopes[parquet]"``.
+    """
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise OptionError('Parquet export needs pyarrow: pip install "patchscopes[parquet]" (or write CSV instead)') from exc
+    with atomic_path(path) as tmp:
+        frame.to_parquet(tmp, index=False)
     return Path(path)
 
 

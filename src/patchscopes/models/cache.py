@@ -9,6 +9,7 @@ build are removed by the next one.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 from patchscopes import compat
-from patchscopes.errors import CacheError
+from patchscopes.errors import CacheError, ModelNotInstalledError
 from patchscopes.files import file_lock
 from patchscopes.models.registry import RegistryModel, sha256_file
 
@@ -74,8 +75,22 @@ def _log(message: str) -> None:
     print(f"[patchscopes] {message}", file=sys.stderr, flush=True)
 
 
+#: The GGUF reader that transformers uses; the ``gguf`` extra (only a first conversion needs it).
+GGUF_REQUIREMENT = "gguf>=0.10"
+
+
+def gguf_available() -> bool:
+    """Whether the GGUF reader is installed (a verified cache loads without it)."""
+    return importlib.util.find_spec("gguf") is not None
+
+
 def build_cache(entry: RegistryModel) -> Path:
     """Convert the GGUF of ``entry`` to safetensors (atomically) and return the cache directory."""
+    if not gguf_available():
+        raise ModelNotInstalledError(
+            f"converting {entry.name} on first use reads its GGUF file with the gguf package, which is not installed: "
+            f'pip install "patchscopes[gguf]" (or run `patchscopes models install {entry.name}`, which adds it)'
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
