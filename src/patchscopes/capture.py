@@ -35,7 +35,9 @@ def capture(
     Returns one tensor per prompt of shape ``[len(layers), len(positions[i]), d]`` (on CPU, model dtype),
     in the order of ``layers``. The forward pass stops after the deepest requested block.
 
-    >>> states = capture(lm, [lm.tokenize("Hello world").ids], [[1]], [0, -1, "embeddings"])  # doctest: +SKIP
+    >>> states = capture(lm, [lm.tokenize("Hello world").ids], [[1]], [0, -1, "embeddings"])
+    >>> states[0].shape == (3, 1, lm.hidden_size)
+    True
     """
     order = resolve_layers(layers, lm.n_layers)
     wanted = set(order)

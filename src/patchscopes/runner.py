@@ -3,7 +3,9 @@
 >>> from patchscopes import load_model, run
 >>> from patchscopes.presets import TOKEN_IDENTITY
 >>> lm = load_model("SmolLM2-135M")                                              # doctest: +SKIP
->>> run(TOKEN_IDENTITY.scope("Diana, Princess of Wales", layer=6), lm).top_tokens[0]  # doctest: +SKIP
+>>> result = run(TOKEN_IDENTITY.scope("Diana, Princess of Wales", layer=2), lm)
+>>> len(result.top_tokens), result.source_layer, result.target_layer
+(10, 2, 2)
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def run(
 ) -> PatchscopeResult:
     """Run one Patchscope.
 
-    >>> result = run(scope, lm)   # doctest: +SKIP
-    >>> result.text               # doctest: +SKIP
+    >>> from patchscopes.presets import TOKEN_IDENTITY
+    >>> result = run(TOKEN_IDENTITY.scope("Diana", layer=1), lm)
+    >>> isinstance(result.text, str), len(result.top_tokens) == len(result.top_probs)
+    (True, True)
     """
     return run_many([scope], model, target_model, executor=executor)[0]
 

@@ -2,7 +2,10 @@
 
 One row per prompt × ℓ × ℓ*, in the schema of :mod:`patchscopes.rows`, plus whatever ``extra`` adds.
 
-    >>> df = sweep(lm, ["Diana, Princess of Wales"], TOKEN_IDENTITY)   # doctest: +SKIP
+    >>> from patchscopes.presets import TOKEN_IDENTITY
+    >>> df = sweep(lm, ["Diana, Princess of Wales"], TOKEN_IDENTITY, progress=False)
+    >>> len(df) == lm.n_layers, bool((df.source_layer == df.target_layer).all())   # every ℓ, with ℓ* = ℓ
+    (True, True)
 """
 
 from __future__ import annotations
@@ -128,8 +131,13 @@ def iter_sweep(
 ) -> Iterator[pd.DataFrame]:
     """Like :func:`sweep`, but yield the rows chunk by chunk as they are computed (memory stays bounded).
 
-    >>> for frame in iter_sweep(lm, texts, TOKEN_IDENTITY):     # doctest: +SKIP
+    >>> from patchscopes.presets import TOKEN_IDENTITY
+    >>> from patchscopes.results import ResultStore
+    >>> store = ResultStore("runs/demo", {"preset": "token-identity"})
+    >>> for frame in iter_sweep(lm, texts[:2], TOKEN_IDENTITY, source_layers=[1], progress=False):
     ...     store.append("rows", int(frame.example.iloc[0]), frame.to_dict("records"))
+    >>> len(store.frame("rows"))
+    2
     """
     if isinstance(prompts, str):
         prompts = [prompts]

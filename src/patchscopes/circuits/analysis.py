@@ -8,8 +8,14 @@ normalization modules" (Ge et al. 2024) can mean more than one thing:
   weight, the share of this type — a norm vector with one kept entry counts as much as a full matrix;
 - ``type_density``: kept weights of this type / all weights of this type (how much of the norms is kept).
 
->>> rows = composition(circuit)                          # doctest: +SKIP
->>> overlap({"a": c1, "b": c2})                         # doctest: +SKIP
+>>> from patchscopes.circuits.masking import MaskConfig, WeightMask
+>>> mask = WeightMask(lm, MaskConfig(layers=(2, 3)))
+>>> c1, c2 = mask.circuit(0.2), mask.circuit(0.05)      # the top 20 % and the top 5 % of one mask
+>>> rows = composition(c1)
+>>> rows.columns.tolist()[:3]
+['module_type', 'n_params', 'kept_params']
+>>> round(float(overlap({"a": c1, "b": c2}).loc["a", "b"]), 2)   # Jaccard: nested, so 0.05 / 0.2
+0.25
 """
 
 from __future__ import annotations

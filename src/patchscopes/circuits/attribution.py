@@ -12,8 +12,11 @@ corrupt and the clean embeddings. :func:`evaluate_edges` runs the clean input wi
 the circuit fed the sender's corrupt activation instead, so with all edges it is the clean model and with
 none the corrupt one (both exact); faithfulness = (m_circuit − m_corrupt) / (m_clean − m_corrupt).
 
->>> scores = attribute(lm, data, method="eap-ig", steps=5)        # doctest: +SKIP
->>> scores.top_edges(20)                                          # doctest: +SKIP
+>>> from patchscopes.circuits.tasks import encode, make_task
+>>> data = encode(lm, make_task("subj_verb", n=16, seed=0).examples, same_length=True)
+>>> scores = attribute(lm, data, method="eap-ig", steps=5)
+>>> int(scores.top_edges(20).sum()), scores.frame().columns.tolist()
+(20, ['sender', 'receiver', 'score', 'abs_score', 'rank'])
 """
 
 from __future__ import annotations

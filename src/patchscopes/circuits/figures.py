@@ -1,6 +1,10 @@
 """Figures of a circuits run: composition (two measures), Jaccard overlap, faithfulness, EAP curves, edits.
 
->>> write_all(report("runs/circuits/smol"), Path("docs/figures/circuits"))   # doctest: +SKIP
+>>> from patchscopes.circuits.pipeline import RunConfig, discover, report
+>>> _ = discover(lm, RunConfig.quick_profile(), "runs/circuits/quick", log=lambda line: None)
+>>> paths = write_all(report("runs/circuits/quick"), Path("figures"))
+>>> sorted(p.name for p in paths)
+['composition.png', 'eap_faithfulness.png', 'faithfulness.png', 'overlap.png']
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ With ``MaskConfig(hard=True)`` the forward pass uses a hard 0/1 sample (straight
 soft one), and the circuit at each stage is the weights whose logit is above 0, the reference practice.
 
 >>> from patchscopes.circuits.masking import MaskConfig, WeightMask
->>> mask = WeightMask(lm, MaskConfig(layers=(28, 29)))            # doctest: +SKIP
->>> result = train_mask(lm, train, MaskConfig(layers=(28, 29)), densities=(0.5, 0.05), steps_per_stage=40)  # doctest: +SKIP
->>> result.circuits[0.05].density                                  # doctest: +SKIP
+>>> from patchscopes.circuits.tasks import encode, make_task
+>>> train = encode(lm, make_task("subj_verb", n=16, seed=0).examples)
+>>> mask = WeightMask(lm, MaskConfig(layers=(2, 3)))              # the last two blocks (of lm's 4)
+>>> result = train_mask(lm, train, MaskConfig(layers=(2, 3)), densities=(0.5, 0.05), steps_per_stage=10)
+>>> round(result.circuits[0.05].density, 3)
 0.05
 """
 

@@ -4,8 +4,10 @@ one unit of work per (task, method) or (task, density), results in a :class:`Res
 Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, eap, eap_edges, edits),
 ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits), ``figures/``.
 
->>> cfg = RunConfig(model="SmolLM2-135M", tasks=("subj_verb",), quick=True)   # doctest: +SKIP
->>> discover(lm, cfg, "runs/circuits/quick")                                  # doctest: +SKIP
+>>> cfg = RunConfig.quick_profile(model="SmolLM2-135M", tasks=("subj_verb",))
+>>> store = discover(lm, cfg, "runs/circuits/quick", log=lambda line: None)
+>>> sorted(p.name for p in Path("runs/circuits/quick").glob("*.jsonl"))
+['eap.jsonl', 'eap_edges.jsonl', 'faithfulness.jsonl', 'history.jsonl']
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ foil (used by edge attribution patching). Four tasks:
 
 >>> from patchscopes.circuits.tasks import make_task
 >>> task = make_task("subj_verb", n=8, seed=0)
->>> task.examples[0].target in (" is", " are")
-True
+>>> task.examples[0].prompt, task.examples[0].target, task.examples[0].foil
+('The mice near the door', ' were', ' was')
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def aligned_positions(
     Models sharing a tokenizer pair every position; others pair by end offset. ``skip_first`` drops
     that many leading pairs (the first token is an attention sink in many models, with outlying norms).
 
-    >>> ids_a, ids_b, pos_a, pos_b = aligned_positions("Hello world", lm_a, lm_b)   # doctest: +SKIP
+    >>> ids_a, ids_b, pos_a, pos_b = aligned_positions("Hello world", lm, lm_b)   # one tokenizer: every position
+    >>> pos_a == pos_b == list(range(len(ids_a)))
+    True
     """
     tok_a, tok_b = source.tokenize(text), target.tokenize(text)
     if source.tokenizer is target.tokenizer or (tok_a.ids == tok_b.ids and tok_a.offsets == tok_b.offsets):

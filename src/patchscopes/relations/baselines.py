@@ -4,7 +4,9 @@
   class weight vectors (two classes: ``±w``).
 - ``averaging_concepts``: "input averaging", the normalised mean subject state per object value.
 
-    >>> concepts = averaging_concepts(states, labels)     # doctest: +SKIP
+    >>> concepts = averaging_concepts(torch.randn(4, 8), ["a", "b", "a", "b"])
+    >>> concepts
+    ConceptSet(averaging, 2 concepts, layer None)
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ cache; the rest runs as a function of ``s`` (block ``ℓ_s`` output at the subje
 at once) give the Jacobian in one vectorised call, with eager attention (the fused CPU kernel has no
 batching rule).
 
-    >>> jac = prompt_jacobian(lm, located, subject_layer=12, object_layers=[16])   # doctest: +SKIP
-    >>> jac.weight.shape                                                           # doctest: +SKIP
-    torch.Size([1, 576, 576])
+    >>> located = prompts[0].locate(lm)
+    >>> jac = prompt_jacobian(lm, located, subject_layer=1, object_layers=[3])
+    >>> jac.weight.shape == (1, lm.hidden_size, lm.hidden_size)
+    True
 """
 
 from __future__ import annotations

@@ -5,8 +5,12 @@ Keyed by model weights, prompt ids, subject position, layers and aggregation; ea
 lock per entry (released by the operating system if its holder dies), and wait for an entry another process
 is computing instead of duplicating it.
 
-    >>> cache = JacobianCache("runs/lrc/jacobians")                                  # doctest: +SKIP
-    >>> jac = cache(lm, located, subject_layer=16, object_layers=[20], aggregation="mean")   # doctest: +SKIP
+    >>> cache = JacobianCache("runs/lrc/jacobians")
+    >>> located = prompts[0].locate(lm)
+    >>> jac = cache(lm, located, subject_layer=1, object_layers=[3], aggregation="mean")
+    >>> again = cache(lm, located, subject_layer=1, object_layers=[3], aggregation="mean")   # read back, not recomputed
+    >>> bool(torch.equal(jac.weight, again.weight))
+    True
 """
 
 from __future__ import annotations

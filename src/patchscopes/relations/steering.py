@@ -5,9 +5,12 @@ At every hooked block output the last subject token's state ``h`` becomes ``h + 
 answer probability of the new object exceeds the old one's; a multi-token answer counts with its least
 likely token (teacher-forced). With ``β = 0`` nothing changes.
 
-    >>> edit = ConceptEdit(prompt, old="negative", new="positive")          # doctest: +SKIP
-    >>> causality(lm, concepts, [edit], beta=0.1)                           # doctest: +SKIP
-    [True]
+    >>> from patchscopes.relations.lrc import lrc_concepts
+    >>> from patchscopes.relations.lre import estimate_lre
+    >>> concepts = lrc_concepts(lm, estimate_lre(lm, prompts, subject_layer=1, object_layer=3), prompts, rank=8)
+    >>> edit = ConceptEdit(prompts[1], old="Tokyo", new="Paris")
+    >>> causality(lm, concepts, [edit], beta=0.1)                  # a random model's answer does not follow
+    [False]
 """
 
 from __future__ import annotations
