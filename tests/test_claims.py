@@ -65,6 +65,22 @@ def test_paired_difference_is_the_mean_of_per_pair_differences() -> None:
     assert got.low < got.value < got.high
 
 
+def test_group_difference_of_two_independent_groups_matches_welchs_interval() -> None:
+    rng = np.random.default_rng(2)
+    rows = [("p", f"p{k}", layer, rng.normal(0.3, 0.1)) for k in range(120) for layer in (3, 6)]
+    rows += [("r", f"r{k}", layer, rng.normal(0.1, 0.2)) for k in range(80) for layer in (3, 6)]
+    frame = pd.DataFrame(rows, columns=["group", "entity", "layer", "score"])
+    got = estimate(frame, {"kind": "group_difference", "column": "score", "by": "group", "a": "p", "b": "r", "cluster": "entity"})
+    per = frame.groupby(["group", "entity"]).score.mean()
+    a, b = per["p"].to_numpy(), per["r"].to_numpy()
+    assert got.value == pytest.approx(a.mean() - b.mean()) and got.n == 200
+    se = np.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))  # the unpaired normal interval
+    assert got.low == pytest.approx(got.value - 1.96 * se, abs=0.01)
+    assert got.high == pytest.approx(got.value + 1.96 * se, abs=0.01)
+    with pytest.raises(ClaimsError, match="no rows equal to 'x'"):
+        estimate(frame, {"kind": "group_difference", "column": "score", "by": "group", "a": "p", "b": "x"})
+
+
 def test_crossover_finds_the_layer_from_which_a_stays_above_b() -> None:
     frame = _scores(seed=2, n=2000)
     got = estimate(frame, {"kind": "crossover", "column": "hit", "by": "method", "a": "a", "b": "b", "unit": "example"})

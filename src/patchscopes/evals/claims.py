@@ -111,6 +111,27 @@ def _paired(frame: pd.DataFrame, stat: Mapping[str, Any]) -> pd.DataFrame:
     return pd.DataFrame({"difference": wide[stat["a"]] - wide[stat["b"]]}).reset_index()
 
 
+def _group_difference(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int) -> Estimate:
+    """Mean of ``column`` in group ``a`` of ``by`` minus its mean in group ``b``, for two independent groups
+    (no pairing): each unit (``cluster``, default a row) is first averaged, then the units of each group are
+    resampled separately (a stratified bootstrap)."""
+    column, by = stat["column"], stat["by"]
+    cluster = stat.get("cluster")
+    _need(frame, column, by, *([cluster] if cluster else []))
+    groups = []
+    for level in (stat["a"], stat["b"]):
+        part = frame[frame[by] == level]
+        if part.empty:
+            raise ClaimsError(f"column {by!r} has no rows equal to {level!r}")
+        values = part[column].astype(float)
+        groups.append((values.groupby(part[cluster]).mean() if cluster else values).to_numpy())
+    a, b = groups
+    rng = np.random.default_rng(seed)
+    draws = a[rng.integers(0, len(a), size=(RESAMPLES, len(a)))].mean(1) - b[rng.integers(0, len(b), size=(RESAMPLES, len(b)))].mean(1)
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return Estimate(float(a.mean() - b.mean()), float(low), float(high), len(a) + len(b))
+
+
 def _crossover_layer(curves: np.ndarray, layers: np.ndarray) -> float:
     """The first layer from which curve a stays above curve b at every later layer (the last excluded); inf if never."""
     above = curves[0, :-1] > curves[1, :-1]
@@ -144,7 +165,9 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
 
     Kinds: ``mean`` of ``column`` (units: ``cluster``, default every row); ``paired_difference`` of
     ``column`` between levels ``a`` and ``b`` of ``by``, paired on the columns ``pair`` (units: ``cluster``,
-    default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``crossover``: the
+    default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``group_difference``:
+    mean of ``column`` in level ``a`` of ``by`` minus level ``b``, two independent groups of units
+    (``cluster``), bootstrapped within each group; ``crossover``: the
     first ``x`` (layer) from which ``a``'s mean stays above ``b``'s, divided by ``per_depth`` (units: ``unit``).
     ``where`` keeps the rows whose columns hold the given values.
     """
@@ -156,9 +179,11 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
     if kind == "paired_difference":
         pairs = _paired(frame, stat)
         return _mean(pairs, "difference", stat.get("cluster"), seed)
+    if kind == "group_difference":
+        return _group_difference(frame, stat, seed)
     if kind == "crossover":
         return _crossover(frame, stat, seed)
-    raise ClaimsError(f"unknown statistic kind {kind!r}; use mean, paired_difference or crossover")
+    raise ClaimsError(f"unknown statistic kind {kind!r}; use mean, paired_difference, group_difference or crossover")
 
 
 def verdict(value: Estimate, expect: Mapping[str, Any]) -> str:
