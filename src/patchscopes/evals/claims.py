@@ -127,7 +127,9 @@ def _group_difference(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int) -
         groups.append((values.groupby(part[cluster]).mean() if cluster else values).to_numpy())
     a, b = groups
     rng = np.random.default_rng(seed)
-    draws = a[rng.integers(0, len(a), size=(RESAMPLES, len(a)))].mean(1) - b[rng.integers(0, len(b), size=(RESAMPLES, len(b)))].mean(1)
+    draws = a[rng.integers(0, len(a), size=(RESAMPLES, len(a)))].mean(1) - b[
+        rng.integers(0, len(b), size=(RESAMPLES, len(b)))
+    ].mean(1)
     low, high = np.quantile(draws, [0.025, 0.975])
     return Estimate(float(a.mean() - b.mean()), float(low), float(high), len(a) + len(b))
 
