@@ -55,7 +55,7 @@ keep "$runs/multihop-gemma" multihop-gemma
 
 for model in SmolLM2-135M Qwen2.5-Coder-0.5B; do
   step "attributes-$model" patchscopes eval attributes --model "$model" --screen 1000000 --grid-samples 1000000 \
-    --layer-step 2 --target-layer-step 2 --no-progress --device "$device" --out "$runs/attributes-$model" "${quick[@]}"
+    --layer-step 2 --target-layer-step 2 --snippets 5 --no-progress --device "$device" --out "$runs/attributes-$model" "${quick[@]}"
   keep "$runs/attributes-$model" "attributes-$model"
 done
 cat "$out/steps.txt"

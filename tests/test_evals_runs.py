@@ -139,3 +139,166 @@ def test_attributes_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
     )
     result = run_attributes(lm, tmp_path / "full", config, progress=False)
     assert len(result.grid) == 3 * 2 * 2 and result.screen.source_position.tolist() != []
+
+
+SNIPPET_TASK = (
+    "sample_id\tprompt_target\tsubject\tobject\tprompt_source\n"
+    "0\tThe capital of x\tFrance\te\tThe capital of France is Paris.\n"
+    "0\tThe capital of x\tFrance\te\tIn France, the capital is Paris.\n"
+    "0\tThe capital of x\tFrance\te\tThe capital of France is Paris.\n"  # a repeated text counts once
+    "0\tThe capital of x\tFrance\te\tapples from france are red or green.\n"
+    "0\tThe capital of x\tFrance\te\tDiana of Wales was in France.\n"
+    "1\tThe capital of x\tJapan\ta\tThe capital of Japan is Tokyo.\n"
+    "1\tThe capital of x\tJapan\ta\tJapan: Country in the East\n"
+    "1\tThe capital of x\tJapan\ta\tThe official currency of Japan.\n"
+    "2\tThe capital of x\tWales\te\tDiana, Princess of Wales, was royal.\n"
+    "3\tThe capital of x\tTokyo\ta\tThe capital of Japan is Tokyo.\n"
+    "3\tThe capital of x\tTokyo\ta\tTokyo is a city. Tokyo is big.\n"
+    "3\tThe capital of x\tTokyo\ta\tIn 1969 Tokyo grew.\n"
+    "4\tThe capital of x\tParis\te\tParis is red or green.\n"
+    "4\tThe capital of x\tParis\te\tThe capital of France is Paris.\n"
+)
+
+
+def _snippet_config(task, snippets: int) -> AttributesConfig:  # noqa: ANN001
+    return AttributesConfig(
+        task_files=(str(task),),
+        screen=None,
+        grid_samples=None,
+        source_layers=(0, 2),
+        target_layers=(1, 3),
+        max_new_tokens=4,
+        require_answer=False,
+        snippets=snippets,
+    )
+
+
+def test_attributes_with_several_snippets_per_sample(tmp_path) -> None:  # noqa: ANN001
+    from patchscopes.evals.attribute_data import load_attribute_task
+    from patchscopes.evals.attributes import sample_snippets
+    from tiny import tiny_model
+
+    task = tmp_path / "capitals.tsv"
+    task.write_text(SNIPPET_TASK)
+    lm = tiny_model("llama")
+    result = run_attributes(lm, tmp_path / "three", _snippet_config(task, 3), progress=False)
+    grid = result.grid
+    # every sample has min(3, its distinct snippets) snippets, each on the whole 2 × 2 grid
+    available = {"0": 4, "1": 3, "2": 1, "3": 3, "4": 2}
+    for sid, part in grid.groupby("sample_id"):
+        n = min(3, available[str(sid)])
+        assert sorted(set(part.snippet)) == list(range(n))
+        assert part.groupby(["source_layer", "target_layer"]).size().tolist() == [n] * 4
+        texts = part.drop_duplicates("snippet").source_prompt.tolist()
+        assert len(set(texts)) == n  # distinct source texts
+        expected = [s.prompt_source for s in sample_snippets(load_attribute_task(task).samples, 3)[str(sid)]]
+        assert texts == expected
+    # the source position is the subject's last token in each snippet (its last occurrence)
+    for row in grid.drop_duplicates(["sample_id", "snippet"]).to_dict("records"):
+        subject = {"0": "France", "1": "Japan", "2": "Wales", "3": "Tokyo", "4": "Paris"}[str(row["sample_id"])]
+        text = row["source_prompt"]
+        end = text.lower().rfind(subject.lower()) + len(subject)
+        start, stop = lm.tokenize(text).offsets[row["source_position"]]
+        assert start < end <= stop, (text, row["source_position"])
+    # the rows are not all alike, so the aggregation below is not checked on a constant
+    assert 0 < grid.correct.mean() < 1
+    # the per-sample rule recomputed from the rows: a snippet counts at ℓ if correct for some ℓ*, a sample
+    # scores the share of its snippets that count, a task's accuracy is the mean over samples
+    per_layer: dict[int, list[float]] = {}
+    for (_sid, layer), part in grid.groupby(["sample_id", "source_layer"]):
+        counts = [bool(p.correct.any()) for _, p in part.groupby("snippet")]
+        per_layer.setdefault(int(layer), []).append(sum(counts) / len(counts))
+    accuracy = [100 * sum(v) / len(v) for v in per_layer.values()]
+    [row] = result.summary.to_dict("records")
+    assert row["patchscope_mean"] == pytest.approx(sum(accuracy) / len(accuracy))
+    assert row["grid_snippets"] == sum(min(3, n) for n in available.values())
+    any_snippet = [100 * grid[grid.source_layer == layer].groupby("sample_id").correct.any().mean() for layer in per_layer]
+    assert row["patchscope_any_snippet_mean"] == pytest.approx(sum(any_snippet) / len(any_snippet))
+    # the probe: one input per snippet, each sample scored by its share of snippets, the accuracy their mean
+    for probe_row in result.probe.to_dict("records"):
+        scores = probe_row["scores"]
+        assert set(scores) == set(available) and probe_row["n"] == 5
+        assert probe_row["probe_accuracy"] == pytest.approx(sum(scores.values()) / 5)
+        assert all(round(s * min(3, available[sid])) == s * min(3, available[sid]) for sid, s in scores.items())
+        assert sorted(probe_row["correct_ids"]) == sorted(sid for sid, s in scores.items() if s > 0)
+    probe_layers = result.probe.set_index("layer").probe_accuracy.reindex(sorted(per_layer))
+    assert row["probe_mean"] == pytest.approx(100 * probe_layers.mean())
+    # the subject-level comparison uses the same per-sample scores on both sides
+    table = pd.read_csv(tmp_path / "three" / "subjects.csv", dtype={"sample_id": str}).set_index("sample_id")
+    probe_scores = {int(r["layer"]): r["scores"] for r in result.probe.to_dict("records")}
+    for sid in available:
+        ours = [
+            grid[(grid.sample_id == sid) & (grid.source_layer == layer)].groupby("snippet").correct.any().mean()
+            for layer in per_layer
+        ]
+        theirs = [probe_scores[layer][sid] for layer in per_layer]
+        assert table.loc[sid, "patchscope"] == pytest.approx(sum(ours) / len(ours))
+        assert table.loc[sid, "probe"] == pytest.approx(sum(theirs) / len(theirs))
+
+
+def test_one_snippet_reproduces_the_first_snippet_rows_and_the_old_config(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    import numpy as np
+
+    from patchscopes.capture import capture
+    from patchscopes.evals.attribute_data import load_attribute_task
+    from patchscopes.evals.attributes import first_snippets, source_position
+    from patchscopes.evals.common import EvalError, seeded_sample
+    from patchscopes.evals.probing import probe_predictions
+    from tiny import tiny_model
+
+    task = tmp_path / "capitals.tsv"
+    task.write_text(SNIPPET_TASK)
+    lm = tiny_model("llama")
+    one = run_attributes(lm, tmp_path / "one", _snippet_config(task, 1), progress=False)
+    three = run_attributes(lm, tmp_path / "three", _snippet_config(task, 3), progress=False)
+    assert set(one.grid.snippet) == {0}
+    first = three.grid[three.grid.snippet == 0].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one.grid.reset_index(drop=True), first)
+    pd.testing.assert_frame_equal(one.screen, three.screen)
+    # one snippet: the probe is the plain per-sample probe of the first snippets (ungrouped folds), 0/1 scores
+    firsts = seeded_sample(first_snippets(load_attribute_task(task).samples), None, 0)  # the run's order
+    states = capture(lm, [lm.tokenize(s.prompt_source).ids for s in firsts], [[source_position(lm, s)] for s in firsts], [2])
+    hits = probe_predictions(np.stack([st[0, 0].float().numpy() for st in states]), [s.object for s in firsts])
+    [layer2] = one.probe[one.probe.layer == 2].to_dict("records")
+    assert layer2["correct_ids"] == [s.sample_id for s, hit in zip(firsts, hits) if hit]
+    assert layer2["probe_accuracy"] == hits.mean()
+    assert all(set(r.values()) <= {0.0, 1.0} for r in one.probe.scores)
+    # the default is not recorded, so directories of runs made before the option resume unchanged;
+    # another value is recorded and refused in a directory of the other configuration
+    params = json.loads((tmp_path / "one" / "config.json").read_text())["config"]["params"]
+    assert "snippets" not in params
+    assert json.loads((tmp_path / "three" / "config.json").read_text())["config"]["params"]["snippets"] == 3
+    with pytest.raises(ConfigMismatchError):
+        run_attributes(lm, tmp_path / "one", _snippet_config(task, 3), progress=False)
+    with pytest.raises(EvalError, match="between 1 and 5"):
+        run_attributes(lm, tmp_path / "six", _snippet_config(task, 6), progress=False)
+
+
+def test_quick_attributes_cli_with_three_snippets(smol, data_root, tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from patchscopes.cli import app
+    from patchscopes.evals.attribute_data import load_attribute_task
+    from patchscopes.evals.attributes import sample_snippets
+
+    runner = CliRunner()
+    out = tmp_path / "attributes"
+    result = runner.invoke(app, ["eval", "attributes", "--quick", "--snippets", "3", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "config.json").read_text())["config"]["params"]["snippets"] == 3
+    grid = pd.read_csv(out / "grid.csv", dtype={"sample_id": str})
+    snippets = sample_snippets(load_attribute_task(data_root / "patchscopes/factual/country_currency.tsv").samples, 3)
+    assert sorted(set(grid.snippet)) == [0, 1, 2]  # the quick profile's grid sample has three snippets or more
+    for sid, part in grid.groupby("sample_id"):
+        chosen = snippets[sid]
+        assert part.drop_duplicates("snippet").source_prompt.tolist() == [s.prompt_source for s in chosen]
+        assert len(part) == len(chosen) * part.source_layer.nunique() * part.target_layer.nunique()
+        for row in part.drop_duplicates("snippet").to_dict("records"):
+            sample = chosen[row["snippet"]]
+            end = sample.prompt_source.lower().rfind(sample.subject.lower()) + len(sample.subject)
+            start, stop = smol.tokenize(sample.prompt_source).offsets[row["source_position"]]
+            assert start < end <= stop
+    bad = runner.invoke(app, ["eval", "attributes", "--quick", "--snippets", "6", "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 2

@@ -266,3 +266,68 @@ def test_probe_predictions_are_the_per_sample_form_of_the_accuracy() -> None:
     x = rng.normal(size=(24, 5)) + (np.array(labels) == "v")[:, None] * 0.8
     hits = probe_predictions(x, labels, folds=3, seed=7)
     assert hits.shape == (24,) and hits.mean() == pytest.approx(probe_accuracy(x, labels, folds=3, seed=7))
+
+
+def test_grouped_probe_folds_keep_a_subjects_snippets_together() -> None:
+    from patchscopes.evals.probing import probe_predictions
+
+    rng = np.random.default_rng(2)
+    labels = ["u", "v", "w"] * 8
+    x = rng.normal(size=(24, 5)) + np.array([{"u": 0, "v": 1, "w": 2}[y] for y in labels])[:, None]
+    plain = probe_predictions(x, labels, folds=3, seed=4)
+    assert (probe_predictions(x, labels, folds=3, seed=4, groups=[f"s{i}" for i in range(24)]) == plain).all()
+    # every subject has its own object and two identical snippets: ungrouped, the twin in the training
+    # folds gives the answer away; grouped, the object is never seen in training, so never predicted
+    twins = np.repeat(rng.normal(size=(12, 5)), 2, axis=0)
+    objects = np.repeat([f"o{i}" for i in range(12)], 2).tolist()
+    subjects = np.repeat([f"s{i}" for i in range(12)], 2).tolist()
+    assert probe_predictions(twins, objects, folds=3, seed=0).mean() > 0.3
+    assert not probe_predictions(twins, objects, folds=3, seed=0, groups=subjects).any()
+
+
+def test_sample_snippets_distinct_in_file_order(data_root) -> None:  # noqa: ANN001
+    from patchscopes.evals.attributes import sample_snippets
+
+    task = load_attribute_task(data_root / "patchscopes/factual/company_ceo.tsv")
+    five, one = sample_snippets(task.samples, 5), sample_snippets(task.samples, 1)
+    assert [s[0] for s in one.values()] == [s[0] for s in five.values()] == first_snippets(task.samples)
+    assert all(len(s) == 1 for s in one.values())
+    assert all(1 <= len(s) <= 5 and len({x.prompt_source for x in s}) == len(s) for s in five.values())
+    assert all([x.line for x in s] == sorted(x.line for x in s) for s in five.values())
+    assert any(len(s) == 5 for s in five.values()) and any(len(s) < 5 for s in five.values())
+
+
+def test_summary_with_several_snippets_scores_each_sample_by_its_share_of_snippets() -> None:
+    import pandas as pd
+
+    from patchscopes.evals.attributes import subject_table
+
+    # sample 1: two snippets, one correct at ℓ=0 (via ℓ*=5); sample 2: one snippet, correct at both layers
+    correct = {("1", 0, 0, 5), ("2", 0, 0, 0), ("2", 0, 5, 5)}
+    grid = pd.DataFrame(
+        [
+            {"task": "t", "sample_id": sid, "snippet": k, "source_layer": layer, "target_layer": t}
+            | {"correct": (sid, k, layer, t) in correct, "correct_first_line": False}
+            for sid, snippets in (("1", 2), ("2", 1))
+            for k in range(snippets)
+            for layer in (0, 5)
+            for t in (0, 5)
+        ]
+    )
+    probe = pd.DataFrame(
+        [
+            {"task": "t", "layer": 0, "probe_accuracy": 0.25, "n": 2, "correct_ids": ["1"], "scores": {"1": 0.5, "2": 0.0}},
+            {"task": "t", "layer": 5, "probe_accuracy": 0.5, "n": 2, "correct_ids": ["2"], "scores": {"1": 0.0, "2": 1.0}},
+        ]
+    )
+    [row] = summarize(grid, probe, n_tasks=1).to_dict("records")
+    assert row["patchscope_mean"] == pytest.approx(62.5)  # ℓ=0: (1/2 + 1)/2, ℓ=5: (0 + 1)/2
+    assert row["patchscope_any_snippet_mean"] == pytest.approx(75.0)  # ℓ=0: 2/2, ℓ=5: 1/2
+    assert row["probe_mean"] == pytest.approx(37.5) and row["probe_any_snippet_mean"] == pytest.approx(50.0)
+    assert row["grid_snippets"] == 3
+    table = subject_table(grid, probe).set_index("sample_id")
+    assert table.patchscope.to_dict() == {"1": 0.25, "2": 1.0}
+    assert table.probe.to_dict() == {"1": 0.25, "2": 0.5}
+    # a grid of runs made before the snippet column reads as one snippet per sample
+    single = grid[grid.snippet == 0].drop(columns="snippet")
+    assert summarize(single, probe, n_tasks=1).iloc[0].patchscope_mean == pytest.approx(75.0)

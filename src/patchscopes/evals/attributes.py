@@ -6,9 +6,15 @@ Per task (a TSV in the format of the paper's preprocessed data):
    the subject, the object appears in its 20 greedy tokens (the paper's filter);
 2. patchscope: the hidden state of the last subject token in a WikiText snippet (position recomputed
    for this model's tokenizer from the subject string) is patched at ``x`` of ``prompt_target``, over a
-   grid of (ℓ, ℓ*); a sample is correct at ℓ if the object appears in the 20 greedy tokens for SOME ℓ*;
+   grid of (ℓ, ℓ*); a snippet is correct at ℓ if the object appears in the 20 greedy tokens for SOME ℓ*;
 3. probe: a per-layer logistic regression from the same hidden states to the object, 3-fold CV;
 4. accuracy per layer, mean ± std over ℓ, paired t-test over ℓ with a Bonferroni correction over tasks.
+
+``snippets`` (1–5) sets how many of a sample's distinct source snippets are used. Every snippet is a
+data point, as in the paper's released code: a sample's score at ℓ is the share of its snippets that are
+correct (for SOME ℓ*), and a task's accuracy at ℓ is the mean of its samples' scores; the probe scores each
+snippet's hidden state and is aggregated the same way (its folds keep a sample's snippets together).
+With one snippet this is the plain per-sample rule.
 
 Correctness rule (:func:`is_correct`): all whitespace removed from both strings, compared
 case-insensitively by default (the models capitalise objects inconsistently: "dollar" vs "Dollar").
@@ -26,8 +32,8 @@ to liquid…" counts for "solid"), so a stricter variant on the first generated 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +80,7 @@ class AttributesConfig:
     model answers; the (ℓ, ℓ*) grid uses at most ``grid_samples`` of those. Source layers are every
     ``layer_step``-th block from 0 and target layers every ``target_layer_step``-th, unless
     ``source_layers`` / ``target_layers`` are given. ``require_answer=False`` drops the paper's filter.
+    ``snippets``: how many distinct source snippets of each sample (1–5, file order) are patched and probed.
     """
 
     tasks: tuple[str, ...] = TABLE2_TASKS
@@ -91,7 +98,14 @@ class AttributesConfig:
     min_samples: int = 15  # the paper drops tasks with fewer data points from its table
     batch_size: int = 32
     seed: int = 0
+    snippets: int = 1
 
+
+#: The task files hold at most this many source snippets per sample.
+MAX_SNIPPETS = 5
+#: Parameters added after the run format was fixed, with the value earlier runs used: recorded in
+#: ``config.json`` only when they differ, so the directories of those runs stay resumable.
+LATER_PARAMS = {"snippets": 1}
 
 DEFAULT_ATTRIBUTES = AttributesConfig()
 QUICK_ATTRIBUTES = AttributesConfig(
@@ -142,6 +156,28 @@ def first_snippets(samples: Sequence[AttributeSample]) -> list[AttributeSample]:
     return list(seen.values())
 
 
+def sample_snippets(samples: Sequence[AttributeSample], n: int) -> dict[str, list[AttributeSample]]:
+    """Per sample id: its first ``n`` distinct source snippets, in file order (a repeated text counts once).
+
+    The first entry is the row :func:`first_snippets` keeps, so ``n=1`` is the one-snippet evaluation."""
+    out: dict[str, list[AttributeSample]] = {}
+    for s in samples:
+        chosen = out.setdefault(s.sample_id, [])
+        if len(chosen) < n and all(c.prompt_source != s.prompt_source for c in chosen):
+            chosen.append(s)
+    return out
+
+
+def recorded_params(config: AttributesConfig) -> dict[str, Any]:
+    """The parameters ``config.json`` records: every field, less those of :data:`LATER_PARAMS` at their
+    earlier value (so a run of the earlier format resumes, and any other value is a config mismatch)."""
+    params = asdict(config)
+    for name, earlier in LATER_PARAMS.items():
+        if params[name] == earlier:
+            del params[name]
+    return params
+
+
 def source_position(lm: ModelHandle, sample: AttributeSample) -> int:
     """The last token of the subject in the snippet, for this model's tokenizer."""
     tok = lm.tokenize(sample.prompt_source)
@@ -175,45 +211,59 @@ def _screen_rows(lm: ModelHandle, samples: Sequence[AttributeSample], config: At
 
 
 def _probe_rows(
-    lm: ModelHandle, samples: Sequence[AttributeSample], layers: list[int], config: AttributesConfig
+    lm: ModelHandle,
+    samples: Sequence[AttributeSample],
+    snippets: Mapping[str, Sequence[AttributeSample]],
+    layers: list[int],
+    config: AttributesConfig,
 ) -> list[dict[str, Any]]:
+    """Per layer: the probe cross-validated on every snippet of ``samples`` (a sample's snippets share a
+    fold), each sample scored by the share of its snippets predicted right, the accuracy their mean."""
     if not samples:
         return []
-    ids = [lm.tokenize(s.prompt_source).ids for s in samples]
-    pos = [[source_position(lm, s)] for s in samples]
+    inputs = [snippet for s in samples for snippet in snippets.get(s.sample_id, [s])]
+    ids = [lm.tokenize(s.prompt_source).ids for s in inputs]
+    pos = [[source_position(lm, s)] for s in inputs]
     states = capture(lm, ids, pos, layers, config.batch_size)
-    x = np.stack([st[:, 0].float().cpu().numpy() for st in states])  # [n, layers, d]
-    labels = [s.object for s in samples]
+    x = np.stack([st[:, 0].float().cpu().numpy() for st in states])  # [inputs, layers, d]
+    labels = [s.object for s in inputs]
+    groups = [s.sample_id for s in inputs]
     rows = []
     for i, layer in enumerate(layers):
-        hits = probe_predictions(x[:, i], labels, config.folds, config.seed)
+        hits = probe_predictions(x[:, i], labels, config.folds, config.seed, groups=groups)
+        scores = pd.Series(hits.astype(float)).groupby(groups, sort=False).mean()
         rows.append(
             {
                 "task": samples[0].task,
                 "layer": layer,
-                "probe_accuracy": accuracy_of(hits),
+                "probe_accuracy": accuracy_of(scores.to_numpy()),
                 "n": len(samples),
                 "n_classes": len(set(labels)),
-                # per sample, so the Patchscope and the probe can be compared on the same samples
-                "correct_ids": [s.sample_id for s, hit in zip(samples, hits) if hit],
+                # per sample, so the Patchscope and the probe can be compared on the same samples:
+                # the ids right on at least one snippet, and each sample's share of snippets right
+                "correct_ids": [str(sid) for sid, score in scores.items() if score > 0],
+                "scores": {str(sid): float(score) for sid, score in scores.items()},
             }
         )
     return rows
 
 
 def _grid_rows(
-    lm: ModelHandle, sample: AttributeSample, sources: list[int], targets: list[int], config: AttributesConfig
+    lm: ModelHandle, snippets: Sequence[AttributeSample], sources: list[int], targets: list[int], config: AttributesConfig
 ) -> list[dict[str, Any]]:
+    """The (ℓ, ℓ*) grid of one sample, for each of its ``snippets`` as source (``snippet`` numbers them)."""
+    sample = snippets[0]
     df = sweep(
         lm,
-        [sample.prompt_source],
+        [s.prompt_source for s in snippets],
         attribute(sample.prompt_target, max_new_tokens=config.max_new_tokens),
         source_layers=sources,
         target_layers=targets,
-        positions=[sample.source_position],
+        positions=[s.source_position for s in snippets],
         batch_size=config.batch_size,
         progress=False,
     )
+    columns = ("example", "source_prompt", "source_position", "source_layer", "target_layer", "text")
     return [
         {
             "task": sample.task,
@@ -224,8 +274,11 @@ def _grid_rows(
             "text": str(text),
             "correct": is_correct(str(text), sample.object, config.case_sensitive),
             "correct_first_line": is_correct(first_line(str(text)), sample.object, config.case_sensitive),
+            "snippet": int(example),
+            "source_prompt": str(prompt),
+            "source_position": int(position),
         }
-        for source, target, text in zip(df["source_layer"].tolist(), df["target_layer"].tolist(), df["text"].tolist())
+        for example, prompt, position, source, target, text in zip(*(df[c].tolist() for c in columns))
     ]
 
 
@@ -236,17 +289,47 @@ SCHEMAS = {  # per table, what the summary and the next stages read
 }
 
 
+def with_snippets(grid: pd.DataFrame) -> pd.DataFrame:
+    """``grid`` with its ``snippet`` column (0 for rows of runs made before it existed: their one snippet)."""
+    if "snippet" not in grid.columns:
+        return grid.assign(snippet=0)
+    return grid.assign(snippet=grid["snippet"].fillna(0).astype(int))
+
+
+def sample_scores(grid: pd.DataFrame, column: str = "correct", over_snippets: str = "mean") -> pd.Series:
+    """Per (task, sample, source layer): the sample's score from its grid rows.
+
+    A snippet counts at ℓ when ``column`` holds for SOME ℓ*; ``over_snippets="mean"`` (the evaluation's rule:
+    every snippet is a data point) gives the share of the sample's snippets that count, ``"any"`` gives 1.0
+    when at least one does. With one snippet per sample both are the plain 0/1 rule.
+    """
+    if over_snippets not in ("mean", "any"):
+        raise ValueError(f"over_snippets must be 'mean' or 'any', got {over_snippets!r}")
+    per_snippet = with_snippets(grid).groupby(["task", "sample_id", "snippet", "source_layer"])[column].any()
+    by_sample = per_snippet.groupby(["task", "sample_id", "source_layer"])
+    return by_sample.mean() if over_snippets == "mean" else by_sample.any().astype(float)
+
+
+def _probe_scores(record: Mapping[Any, Any]) -> dict[str, float]:
+    """A probe row's per-sample scores (runs made before ``scores`` existed: 1.0 for each correct id)."""
+    scores = record.get("scores")
+    if isinstance(scores, Mapping):
+        return {str(k): float(v) for k, v in scores.items()}
+    return {str(i): 1.0 for i in record["correct_ids"]}
+
+
 def subject_table(grid: pd.DataFrame, probe: pd.DataFrame) -> pd.DataFrame:
     """One row per grid sample (subject): the Patchscope's and the probe's accuracy over the grid's source
-    layers (0–1) and their difference, on the same samples and the same layers (the unit of a paired test)."""
+    layers (0–1) and their difference, on the same samples and the same layers (the unit of a paired test).
+    With several snippets per sample, each side scores a sample by the share of its snippets it gets right."""
     if grid.empty or probe.empty or "correct_ids" not in probe.columns:
         return pd.DataFrame(columns=["task", "sample_id", "patchscope", "probe", "difference"])
-    ours = grid.groupby(["task", "sample_id", "source_layer"])["correct"].any().reset_index()
-    right: dict[tuple[str, int], set[str]] = {
-        (str(r["task"]), int(r["layer"])): {str(i) for i in r["correct_ids"]} for r in probe.to_dict("records")
+    ours = sample_scores(grid).rename("correct").reset_index()
+    right: dict[tuple[str, int], dict[str, float]] = {
+        (str(r["task"]), int(r["layer"])): _probe_scores(r) for r in probe.to_dict("records")
     }
     ours["probe"] = [
-        str(s) in right.get((str(t), int(layer)), set()) for t, s, layer in zip(ours.task, ours.sample_id, ours.source_layer)
+        right.get((str(t), int(layer)), {}).get(str(s), 0.0) for t, s, layer in zip(ours.task, ours.sample_id, ours.source_layer)
     ]
     table = ours.groupby(["task", "sample_id"], sort=False).agg(patchscope=("correct", "mean"), probe=("probe", "mean"))
     table = table.reset_index()
@@ -290,6 +373,17 @@ def summarize(
                 "better": {"a": "patchscope", "b": "probe", None: ""}[test.winner],
             }
         )
+        snippets = with_snippets(part).groupby("sample_id")["snippet"].nunique()
+        if (snippets > 1).any():  # the sensitivity of the snippet rule: correct on at least one snippet
+            probe_rows = probe[probe.task == task] if len(probe) else probe
+            probe_any = [len(r["correct_ids"]) / r["n"] * 100 for r in probe_rows.to_dict("records") if r["layer"] in layers]
+            rows[-1].update(
+                {
+                    "grid_snippets": int(snippets.sum()),
+                    "patchscope_any_snippet_mean": float(_per_layer(part, "correct", "any").mean()),
+                    "probe_any_snippet_mean": float(np.mean(probe_any)) if probe_any else float("nan"),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -301,9 +395,10 @@ def _subject_difference(subjects: pd.DataFrame) -> dict[str, float]:
     return dict(zip(keys, (100 * est.value, 100 * est.low, 100 * est.high)))
 
 
-def _per_layer(grid: pd.DataFrame, column: str) -> pd.Series:
-    """Accuracy (%) per source layer: a sample counts at ℓ when ``column`` holds for some ℓ*."""
-    return grid.groupby(["source_layer", "sample_id"])[column].any().groupby("source_layer").mean() * 100
+def _per_layer(grid: pd.DataFrame, column: str, over_snippets: str = "mean") -> pd.Series:
+    """Accuracy (%) per source layer: the mean over samples of :func:`sample_scores` (a snippet counts at ℓ
+    when ``column`` holds for some ℓ*)."""
+    return sample_scores(grid, column, over_snippets).groupby("source_layer").mean() * 100
 
 
 @dataclass
@@ -324,16 +419,19 @@ def run_attributes(
 ) -> AttributesResult:
     """Run (or resume) attribute extraction vs probing into ``out``.
 
-    Units: one screening unit and one probe unit per task, one grid unit per (task, sample). Writes
-    ``summary.csv``, ``grid.csv`` and ``heatmaps.png`` (one panel per task).
+    Units: one screening unit and one probe unit per task, one grid unit per (task, sample) holding the
+    rows of all its snippets. Writes ``summary.csv``, ``grid.csv`` and ``heatmaps.png`` (one panel per task).
     """
+    if not 1 <= config.snippets <= MAX_SNIPPETS:
+        raise EvalError(f"snippets must be between 1 and {MAX_SNIPPETS} (the files hold up to five), got {config.snippets}")
     out = Path(out)
     sources = _layers(lm, config.source_layers, config.layer_step)
     targets = _layers(lm, config.target_layers, config.target_layer_step)
     config = replace(config, source_layers=tuple(sources), target_layers=tuple(targets))
-    store = open_store(out, run_config("attributes", lm, config.seed, config), SCHEMAS)
+    store = open_store(out, run_config("attributes", lm, config.seed, recorded_params(config)), SCHEMAS)
     counter = UnitCounter(stop_after)
     tasks = [load_attribute_task(p) for p in task_paths(config)]
+    snippets = {task.name: sample_snippets(task.samples, config.snippets) for task in tasks}
     with progress_bar(len(tasks), "screen + probe tasks", enabled=progress) as advance:
         for task in tasks:
             samples = seeded_sample(first_snippets(task.samples), config.screen, config.seed)
@@ -343,7 +441,7 @@ def run_attributes(
             answered = _answered(store.frame("screen"), task.name, config.require_answer)
             kept = [s for s in samples if s.sample_id in answered]
             if not store.done("probe", task.name):
-                store.append("probe", task.name, _probe_rows(lm, kept, list(range(lm.n_layers)), config))
+                store.append("probe", task.name, _probe_rows(lm, kept, snippets[task.name], list(range(lm.n_layers)), config))
                 counter.tick()
             advance(1)
     screen = store.frame("screen")
@@ -359,7 +457,7 @@ def run_attributes(
         for sample in grid_units:
             key = [sample.task, sample.sample_id]
             if not store.done("grid", key):
-                store.append("grid", key, _grid_rows(lm, sample, sources, targets, config))
+                store.append("grid", key, _grid_rows(lm, snippets[sample.task][sample.sample_id], sources, targets, config))
                 counter.tick()
             advance(1)
     return finish(lm.name, store, len(tasks))

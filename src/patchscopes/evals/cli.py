@@ -94,6 +94,9 @@ def attributes(
     grid_samples: Annotated[Optional[int], typer.Option(min=1, help="Answered samples per task in the (ℓ, ℓ*) grid.")] = None,
     layer_step: Annotated[Optional[int], typer.Option(min=1, help="Grid source layers: every n-th block from 0.")] = None,
     target_layer_step: Annotated[Optional[int], typer.Option(min=1, help="Grid target layers: every n-th block from 0.")] = None,
+    snippets: Annotated[
+        Optional[int], typer.Option(min=1, max=5, help="Source snippets per sample (1-5; the paper uses up to 5).")
+    ] = None,
     case_sensitive: Annotated[bool, typer.Option(help="Compare object and generation case-sensitively.")] = False,
     progress: Progress = True,
     device: Device = DEFAULT_DEVICE,
@@ -104,7 +107,13 @@ def attributes(
     from patchscopes.evals.attributes import DEFAULT_ATTRIBUTES, QUICK_ATTRIBUTES, run_attributes
 
     config = replace(QUICK_ATTRIBUTES if quick else DEFAULT_ATTRIBUTES, seed=seed, case_sensitive=case_sensitive)
-    options = {"screen": screen, "grid_samples": grid_samples, "layer_step": layer_step, "target_layer_step": target_layer_step}
+    options = {
+        "screen": screen,
+        "grid_samples": grid_samples,
+        "layer_step": layer_step,
+        "target_layer_step": target_layer_step,
+        "snippets": snippets,
+    }
     for name, value in options.items():
         if value is not None:
             config = replace(config, **{name: value})  # type: ignore[arg-type]

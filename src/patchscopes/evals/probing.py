@@ -31,13 +31,23 @@ def accuracy_of(hits: np.ndarray) -> float:
 
 
 def probe_predictions(
-    features: np.ndarray, labels: Sequence[str], folds: int = 3, seed: int = 0, max_iter: int = 1000
+    features: np.ndarray,
+    labels: Sequence[str],
+    folds: int = 3,
+    seed: int = 0,
+    max_iter: int = 1000,
+    groups: Sequence[str] | None = None,
 ) -> np.ndarray:
     """Per sample: whether the probe trained on the other folds predicts its label (shuffled, seeded folds).
 
     Every sample is predicted once; a training fold that holds a single class predicts that class. Classes
     unseen in training can never be predicted, as in the paper's setting where many objects are unique.
-    Fewer than two samples: all False (nothing to train on).
+    Fewer than two samples (or groups): all False (nothing to train on).
+
+    ``groups``: one key per row; rows with the same key (e.g. several source snippets of one subject) are
+    kept in the same fold, so the probe is never tested on a subject it was trained on. The folds are then
+    drawn over the distinct keys in order of first appearance; with all keys distinct this is exactly the
+    split without ``groups``.
     """
     require("sklearn")
     from sklearn.linear_model import LogisticRegression
@@ -48,10 +58,16 @@ def probe_predictions(
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     hits = np.zeros(len(y), dtype=bool)
-    if len(y) < 2:
+    keys: list[object] = list(range(len(y))) if groups is None else list(groups)
+    if len(keys) != len(y):
+        raise ValueError(f"{len(keys)} group keys for {len(y)} samples")
+    number = {key: i for i, key in enumerate(dict.fromkeys(keys))}  # each distinct key → its fold unit
+    member = np.array([number[key] for key in keys], dtype=int)
+    if len(number) < 2:
         return hits
-    k = min(folds, len(y))
-    for train, test in KFold(n_splits=k, shuffle=True, random_state=seed).split(x):
+    k = min(folds, len(number))
+    for train_groups, test_groups in KFold(n_splits=k, shuffle=True, random_state=seed).split(np.arange(len(number))):
+        train, test = np.flatnonzero(np.isin(member, train_groups)), np.flatnonzero(np.isin(member, test_groups))
         classes = np.unique(y[train])
         if len(classes) == 1:
             predicted = np.full(len(test), classes[0])
