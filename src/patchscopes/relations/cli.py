@@ -2,6 +2,10 @@
 
 patchscopes eval lrc --profile quick --out runs/lrc-quick
 patchscopes eval lrc --profile default --out runs/lrc
+
+``patchscopes eval lre``: Hernandez et al.'s LRE faithfulness and causality, β chosen on the training prompts.
+
+patchscopes eval lre --quick --out runs/lre-quick
 """
 
 from __future__ import annotations
@@ -80,6 +84,54 @@ def lrc_command(
     console.print(f"{chosen}; written to {out}")
 
 
+def lre_command(
+    quick: Annotated[
+        bool, typer.Option("--quick", help="One relation, 3 training prompts, top layers (about a minute).")
+    ] = False,
+    model: Annotated[Optional[str], typer.Option(help="Registry name or path (default: the profile's model).")] = None,
+    out: Annotated[Path, OutDir("Run directory (resumable; another configuration is refused).")] = Path("runs/lre"),
+    relations: Annotated[Optional[str], typer.Option(help="Comma-separated relation names (the files' 'name').")] = None,
+    relations_dir: Annotated[Optional[Path], typer.Option(help="Read relation JSON files from here instead.")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, e.g. 0,1.")] = None,
+    subject_layer: Annotated[Optional[int], typer.Option(help="Subject layer (the object layer is the last block).")] = None,
+    n_train: Annotated[Optional[int], typer.Option(min=2, help="Training samples per LRE (the paper: 8).")] = None,
+    rank: Annotated[Optional[int], typer.Option(min=1, help="Rank of the inverse used for causality.")] = None,
+    max_test: Annotated[Optional[int], typer.Option(min=1, help="Test prompts per relation and seed.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
+) -> None:
+    """LRE faithfulness and causality per relation (Hernandez et al. 2023), β chosen on the training prompts."""
+    from patchscopes.relations.lre_eval import PROFILES as LRE_PROFILES
+    from patchscopes.relations.lre_eval import run_lre_eval
+
+    cfg = LRE_PROFILES["quick" if quick else "default"]
+    overrides: dict[str, Any] = {
+        "model": model,
+        "relations": tuple(r.strip() for r in relations.split(",")) if relations else None,
+        "relations_dir": str(relations_dir) if relations_dir else None,
+        "seeds": _ints(seeds, "--seeds"),
+        "subject_layer": subject_layer,
+        "n_train": n_train,
+        "rank": rank,
+        "max_test": max_test,
+    }
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    lm = load(cfg.model, device, dtype, device_map)
+    summary = run_lre_eval(cfg, out, lm=lm, progress=progress)
+    lines = ["| relation | n | faithfulness [95% CI] | β | n edits | causality [95% CI] |", "|---|---|---|---|---|---|"]
+    for r in summary["per_relation"]:
+        lines.append(
+            f"| {r['relation']} | {r['n_faithfulness']} | {r['faithfulness']:.2f} [{r['faithfulness_low']:.2f}, "
+            f"{r['faithfulness_high']:.2f}] | {r['beta_faithfulness']:g} | {r['n_causality']} | "
+            + (f"{r['causality']:.2f} [{r['causality_low']:.2f}, {r['causality_high']:.2f}] |" if r["n_causality"] else "– |")
+        )
+    console.print("\n".join(lines))
+    console.print(f"written to {out} (summary.json, relations.csv, beta.csv)")
+
+
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Add ``patchscopes eval lrc``."""
+    """Add ``patchscopes eval lrc`` and ``patchscopes eval lre``."""
     eval_app.command("lrc")(lrc_command)
+    eval_app.command("lre")(lre_command)

@@ -59,14 +59,28 @@ def lre_faithfulness(
     lm: ModelHandle, lre: LinearRelationalEmbedding, prompts: Sequence[RelationPrompt], beta: float = 1.0
 ) -> LreMeasure:
     """Share of prompts whose ``β W s + b``, decoded by the attribute lens, gives the model's own first answer token."""
+    return lre_faithfulness_grid(lm, lre, prompts, [beta])[float(beta)]
+
+
+@torch.no_grad()
+def lre_faithfulness_grid(
+    lm: ModelHandle, lre: LinearRelationalEmbedding, prompts: Sequence[RelationPrompt], betas: Sequence[float]
+) -> dict[float, LreMeasure]:
+    """:func:`lre_faithfulness` at every β of ``betas``, running the model once (states and answers are shared)."""
     if not prompts:
         raise LreError("no prompts to measure faithfulness on")
+    if not betas:
+        raise LreError("no β to measure faithfulness at; give at least one, e.g. betas=[1.0]")
     lre.check_model(lm)
     located = [p.locate(lm) for p in prompts]
     own = [int(out.logits.argmax()) for out in run_patched(lm, [PatchedRun(loc.prompt_ids) for loc in located])]
-    hidden = _scaled(lre, _subject_states(lm, lre, prompts), beta).to(device=lm.device, dtype=lm.dtype)
-    predicted = lm.adapter.decode(hidden).float().argmax(-1).tolist()
-    return LreMeasure([p == o for p, o in zip(predicted, own)], predicted, own)
+    states = _subject_states(lm, lre, prompts)
+    out: dict[float, LreMeasure] = {}
+    for beta in betas:
+        hidden = _scaled(lre, states, float(beta)).to(device=lm.device, dtype=lm.dtype)
+        predicted = lm.adapter.decode(hidden).float().argmax(-1).tolist()
+        out[float(beta)] = LreMeasure([p == o for p, o in zip(predicted, own)], predicted, own)
+    return out
 
 
 @torch.no_grad()
@@ -83,20 +97,43 @@ def lre_causality(
 
     ``targets[i]`` is another prompt of the relation whose object differs; its subject supplies ``s'``.
     """
+    return lre_causality_grid(lm, lre, prompts, targets, [beta], rank, batch_size)[float(beta)]
+
+
+@torch.no_grad()
+def lre_causality_grid(
+    lm: ModelHandle,
+    lre: LinearRelationalEmbedding,
+    prompts: Sequence[RelationPrompt],
+    targets: Sequence[RelationPrompt],
+    betas: Sequence[float],
+    rank: int | None = None,
+    batch_size: int = 16,
+) -> dict[float, LreMeasure]:
+    """:func:`lre_causality` at every β of ``betas`` (the subject states are captured once).
+
+    With an exact inverse β cancels: ``(βW)†·β W (s' − s) = W†W (s' − s)``, so the rates differ between β only
+    by rounding; the grid makes that visible instead of assuming it.
+    """
     if len(prompts) != len(targets) or not prompts:
         raise LreError(f"causality needs one target prompt per prompt; got {len(prompts)} prompts, {len(targets)} targets")
+    if not betas:
+        raise LreError("no β to measure causality at; give at least one, e.g. betas=[1.0]")
     same = [i for i, (p, t) in enumerate(zip(prompts, targets)) if p.object == t.object]
     if same:
         raise LreError(f"edit {same[0]} asks for the object the prompt already has ({prompts[same[0]].object!r})")
     lre.check_model(lm)
-    inverse = lre.pinv(rank) / beta
+    pinv = lre.pinv(rank)
     s, s_new = _subject_states(lm, lre, prompts), _subject_states(lm, lre, targets)
-    deltas = (_scaled(lre, s_new, beta) - _scaled(lre, s, beta)) @ inverse.T
-    runs, wanted = [], []
-    for prompt, target, delta in zip(prompts, targets, deltas):
-        loc = prompt.locate(lm)
-        edit = Patch(lre.subject_layer, [loc.subject], delta[None].to(device=lm.device, dtype=lm.dtype), mode="add")
-        runs.append(PatchedRun(loc.prompt_ids, [edit]))
-        wanted.append(RelationPrompt(prompt.relation, prompt.subject, target.object, prompt.text).locate(lm).answer_ids[0])
-    predicted = [int(out.logits.argmax()) for out in run_patched(lm, runs, 0, batch_size)]
-    return LreMeasure([p == w for p, w in zip(predicted, wanted)], predicted, wanted)
+    located = [p.locate(lm) for p in prompts]
+    wanted = [RelationPrompt(p.relation, p.subject, t.object, p.text).locate(lm).answer_ids[0] for p, t in zip(prompts, targets)]
+    out: dict[float, LreMeasure] = {}
+    for beta in betas:
+        deltas = (_scaled(lre, s_new, float(beta)) - _scaled(lre, s, float(beta))) @ (pinv / float(beta)).T
+        runs = []
+        for loc, delta in zip(located, deltas):
+            edit = Patch(lre.subject_layer, [loc.subject], delta[None].to(device=lm.device, dtype=lm.dtype), mode="add")
+            runs.append(PatchedRun(loc.prompt_ids, [edit]))
+        predicted = [int(o.logits.argmax()) for o in run_patched(lm, runs, 0, batch_size)]
+        out[float(beta)] = LreMeasure([p == w for p, w in zip(predicted, wanted)], predicted, wanted)
+    return out
