@@ -28,10 +28,12 @@ def _ints(text: str | None, option: str) -> tuple[int, ...] | None:
 
 
 def lrc_command(
-    profile: Annotated[str, typer.Option(help="quick (CI, ~1 relation, 1 seed) or default (the documented run).")] = "default",
+    profile: Annotated[str, typer.Option(help="quick (CI), default (the pilot) or paper (fixed layers).")] = "default",
     model: Annotated[Optional[str], typer.Option(help="Registry name or path (default: the profile's model).")] = None,
     out: Annotated[Path, OutDir("Run directory (resumable; another configuration is refused).")] = Path("runs/lrc"),
-    sweep: Annotated[bool, typer.Option(help="Choose layers, rank and beta on a validation split first.")] = True,
+    sweep: Annotated[
+        Optional[bool], typer.Option(help="Choose layers, rank and beta on a validation split first (default: not for paper).")
+    ] = None,
     relations: Annotated[Optional[str], typer.Option(help="Comma-separated relation names (the files' 'name').")] = None,
     relations_dir: Annotated[Optional[Path], typer.Option(help="Read relation JSON files from here instead.")] = None,
     seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds, e.g. 42,43,44.")] = None,
@@ -49,7 +51,14 @@ def lrc_command(
 ) -> None:
     """Accuracy and causality of LRC, LRC (first token, final layer), SVM and input averaging (Table 5)."""
     from patchscopes.relations.evaluate import PROFILES, run_lrc_eval
-    from patchscopes.relations.report import markdown_table, paper_table5, per_relation_table, plot_sweep
+    from patchscopes.relations.report import (
+        markdown_table,
+        paper_table5,
+        per_relation_table,
+        plot_sweep,
+        significance_table,
+        single_sample_table,
+    )
     from patchscopes.relations.sweep import SWEEP_PROFILES, SweepConfig, apply_choice, run_lrc_sweep, sweep_frame
 
     if profile not in PROFILES:
@@ -68,7 +77,7 @@ def lrc_command(
     }
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     lm = load(cfg.model, device, dtype, device_map)
-    if sweep:
+    if sweep if sweep is not None else profile != "paper":
         sweep_cfg = SweepConfig(base=cfg, **SWEEP_PROFILES.get(profile, {}))
         choice = run_lrc_sweep(lm, sweep_cfg, out / "sweep", progress=progress)
         console.print(f"sweep choice (validation): {choice}")
@@ -78,6 +87,11 @@ def lrc_command(
     summary = run_lrc_eval(lm, cfg, out / "eval", progress=progress, only_seeds=_ints(run_seeds, "--run-seeds"))
     table = markdown_table(summary, paper_table5(), model=lm.name)
     report = f"{table}\n\nPer relation:\n\n{per_relation_table(summary)}\n"
+    if cfg.single_sample:
+        report += f"\nTable 6 (one LRE training prompt):\n\n{single_sample_table(summary, lm.name)}\n"
+    if summary.get("betas"):
+        report += f"\nβ per method (validation): {summary['betas']}\n"
+        report += f"\nLRC against SVM per seed (Tables 7-8):\n\n{significance_table(summary)}\n"
     atomic_write_text(out / "table.md", report)
     console.print(report)
     chosen = f"layers {cfg.subject_layer}→{cfg.object_layer}, rank {cfg.rank}, beta {cfg.beta} ({cfg.chosen_by})"

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -34,12 +35,20 @@ from patchscopes.relations.data import Relation, RelationSample, load_relations
 from patchscopes.relations.jcache import JacobianCache
 from patchscopes.relations.lrc import ConceptSet, lrc_concepts, subject_states
 from patchscopes.relations.lre import estimate_lre
-from patchscopes.relations.prompts import RelationPrompt, few_shot_prompt, filter_correct, zero_shot_prompts
-from patchscopes.relations.splits import hash_rank, split_by_object
+from patchscopes.relations.prompts import (
+    RelationPrompt,
+    answers_correctly,
+    few_shot_prompt,
+    filter_correct,
+    zero_shot_prompts,
+)
+from patchscopes.relations.splits import balanced_choice, fold_split, hash_rank, split_by_object
 from patchscopes.relations.steering import ConceptEdit, causality, new_and_old_probs
 from patchscopes.results import ResultStore
 
 METHODS = ("LRC", "LRC (first token, final layer)", "SVM", "input averaging")
+SINGLE_SAMPLE_METHODS = ("LRC (n_lre = 1, same object)", "LRC (n_lre = 1, different object)")
+SPLITS = ("half", "folds")
 
 
 class LrcEvalError(PatchscopeError, ValueError):
@@ -64,6 +73,15 @@ class LrcConfig:
     relations_dir: str | None = None
     batch_size: int = 16
     chosen_by: str = "fixed"
+    # The paper's protocol in full (profile "paper"); the defaults keep the pilot's runs and configurations.
+    split: str = "half"  # "half": each seed re-splits 50/50 per object; "folds": the seeds index disjoint test folds
+    fold_seed: int = 42  # the seed that deals the folds (split = "folds")
+    balanced_lre: bool = False  # LRE prompts spread evenly over the objects (the paper) instead of the hash order
+    filter_test: bool = False  # keep only the zero-shot test prompts the model answers (the official code)
+    min_test: int = 0  # drop a (relation, seed) with fewer test prompts (the paper: 5)
+    betas: tuple[float, ...] = ()  # causality at each β; one β per method chosen on training subjects' prompts
+    max_val_edits: int = 24  # validation edits per (relation, seed) for choosing β
+    single_sample: bool = False  # Table 6: LRCs from an LRE of one training prompt, of the same or another object
 
 
 PROFILES: dict[str, LrcConfig] = {
@@ -73,6 +91,38 @@ PROFILES: dict[str, LrcConfig] = {
     ),
     # The documented run: two relations with few values, three seeds (CPU-bound by the Jacobians; see docs/lrc.md).
     "default": LrcConfig(relations=("word sentiment", "substance phase of matter"), seeds=(42, 43, 44), max_samples=60),
+    # The paper's protocol (Tables 5-8, Table 6) at the size two CPU cores allow: ten many-to-one relations (factual,
+    # commonsense, bias; SmolLM2-135M answers no linguistic one zero-shot), at most 200 samples each, 20 LRE prompts
+    # balanced over objects, 4 few-shot examples, answered test prompts only, relations with fewer than 5 test
+    # prompts (over the folds) dropped, 5 disjoint test folds, β swept per method.
+    "paper": LrcConfig(
+        relations=(
+            "person native language",
+            "landmark in country",
+            "product by company",
+            "person plays instrument",
+            "plays pro sport",
+            "landmark on continent",
+            "object superclass",
+            "substance phase of matter",
+            "occupation gender",
+            "occupation age",
+        ),
+        seeds=(0, 1, 2, 3, 4),
+        subject_layer=16,
+        object_layer=24,
+        rank=192,
+        n_lre=20,
+        n_examples=4,
+        max_samples=200,
+        chosen_by="fixed: layers and rank from the pilot's validation sweep",
+        split="folds",
+        balanced_lre=True,
+        filter_test=True,
+        min_test=5,
+        betas=(0.05, 0.1, 0.2, 0.4),
+        single_sample=True,
+    ),
 }
 
 
@@ -118,16 +168,55 @@ def make_split(
     relation: Relation, samples: Sequence[RelationSample], seed: int, cfg: LrcConfig, prefer: set[str] | None = None
 ) -> SplitData:
     """The split of ``seed``; LRE prompts are the first ``n_lre`` training samples in a fixed random order,
-    those in ``prefer`` (subjects in the training split of every seed) first, so seeds share Jacobians."""
-    train, test = split_by_object(samples, seed)
+    those in ``prefer`` (subjects in the training split of every seed) first, so seeds share Jacobians
+    (``balanced_lre``: spread evenly over the objects in that order instead)."""
+    if cfg.split not in SPLITS:
+        raise LrcEvalError(f"split {cfg.split!r} is not one of {', '.join(SPLITS)}")
+    if cfg.split == "folds":
+        train, test = fold_split(samples, cfg.seeds.index(seed), len(cfg.seeds), cfg.fold_seed, relation.name)
+    else:
+        train, test = split_by_object(samples, seed)
     data = SplitData(relation, train, test)
     data.train_prompts = [few_shot_prompt(relation, s, cfg.n_examples) for s in train]
-    ranked = hash_rank(relation.name, train)
-    ranked = sorted(ranked, key=lambda s: s.subject not in (prefer or set()))  # stable: keeps the random order
-    chosen = {s.subject for s in ranked[: cfg.n_lre]}
+    if cfg.balanced_lre:
+        chosen = {s.subject for s in balanced_choice(relation.name, train, cfg.n_lre)}
+    else:
+        ranked = hash_rank(relation.name, train)
+        ranked = sorted(ranked, key=lambda s: s.subject not in (prefer or set()))  # stable: keeps the random order
+        chosen = {s.subject for s in ranked[: cfg.n_lre]}
     data.lre_prompts = [p for p in data.train_prompts if p.subject in chosen]
     data.test_prompts = [p for s in test for p in zero_shot_prompts(relation, s)]
     return data
+
+
+def answered(lm: ModelHandle, prompts: Sequence[RelationPrompt], batch_size: int = 16) -> list[RelationPrompt]:
+    """The prompts the model answers correctly (greedy, every object token)."""
+    return [p for p, ok in zip(prompts, answers_correctly(lm, prompts, batch_size)) if ok] if prompts else []
+
+
+def single_sample_concepts(
+    lm: ModelHandle, data: SplitData, cfg: LrcConfig, jacobians: Callable[..., Any], same_object: bool
+) -> ConceptSet:
+    """Table 6: each object's LRC from an LRE of one training prompt, of that object or of another one.
+
+    The one prompt is the first in the fixed random order (:func:`hash_rank`) among the training prompts of
+    the object (``same_object``) or of the other objects; the concept is the normalised mean of
+    W†(o − b) over the object's training prompts, as for the LRC.
+    """
+    s_layer = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
+    rank = min(cfg.rank, lm.hidden_size)
+    order = {s.subject: i for i, s in enumerate(hash_rank(data.relation.name, data.train))}
+    prompts = sorted(data.train_prompts, key=lambda p: order[p.subject])
+    names, vectors = [], []
+    for name in sorted({p.object for p in prompts}):
+        own = [p for p in prompts if p.object == name]
+        source = own[0] if same_object else next(p for p in prompts if p.object != name)
+        lre = estimate_lre(lm, [source], s_layer, cfg.object_layer, "mean", jacobian_fn=jacobians)
+        concept = lrc_concepts(lm, lre, own, rank, cfg.batch_size)
+        names.append(name)
+        vectors.append(concept.vector(name))
+    meta = {"model": lm.name, "relation": data.relation.name, "subject_layer": s_layer, "method": "lrc", "n_lre": 1}
+    return ConceptSet(names, torch.stack(vectors), {**meta, "same_object": same_object})
 
 
 def concept_sets(
@@ -148,6 +237,9 @@ def concept_sets(
         "SVM": svm_concepts(states, labels, **meta),
         "input averaging": averaging_concepts(states, labels, **meta),
     }
+    if cfg.single_sample:
+        for method, same in zip(SINGLE_SAMPLE_METHODS, (True, False)):
+            sets[method] = single_sample_concepts(lm, data, cfg, jacobians, same_object=same)
     for concepts in sets.values():
         concepts.metadata["subject_norm"] = float(states.norm(dim=-1).mean())
     if artifacts is not None:
@@ -187,24 +279,116 @@ def evaluate_concepts(
     return accuracy, success
 
 
+def validation_edits(lm: ModelHandle, data: SplitData, cfg: LrcConfig, seed: int) -> list[ConceptEdit]:
+    """Edits on the training subjects' zero-shot prompts (at most ``max_val_edits``), for choosing β."""
+    prompts = [p for s in data.train for p in zero_shot_prompts(data.relation, s)]
+    prompts = random.Random(seed).sample(prompts, min(len(prompts), 4 * cfg.max_val_edits))
+    if cfg.filter_test:
+        prompts = answered(lm, prompts, cfg.batch_size)
+    objects = sorted({s.object for s in data.train})
+    return causal_edits(lm, prompts, objects, seed, cfg.batch_size)[: cfg.max_val_edits]
+
+
 def evaluate_split(
     lm: ModelHandle, data: SplitData, cfg: LrcConfig, seed: int, jacobians: Callable[..., Any], artifacts: Path | None = None
 ) -> list[dict]:
-    """All rows (one per test prompt or edit and method) of one (relation, seed)."""
+    """All rows (one per test prompt or edit and method) of one (relation, seed).
+
+    With a β grid (``cfg.betas``) every edit is tried at every β, on the test prompts (``split`` "test")
+    and on validation edits of training subjects (``split`` "val"), and each causality row names its β.
+    """
     s_layer = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
     sets = concept_sets(lm, data, cfg, jacobians, artifacts)
     states = subject_states(lm, data.test_prompts, s_layer, cfg.batch_size)
     objects = sorted({s.object for s in data.train})
     edits = causal_edits(lm, data.test_prompts, objects, seed, cfg.batch_size)
     rows: list[dict] = []
+    if not cfg.betas:
+        for method, concepts in sets.items():
+            accuracy, success = evaluate_concepts(lm, concepts, data.test_prompts, states, edits, cfg.beta, cfg.batch_size)
+            base = {"relation": data.relation.name, "seed": seed, "method": method}
+            for p, ok in zip(data.test_prompts, accuracy):
+                rows.append({**base, "kind": "accuracy", "subject": p.subject, "object": p.object, "ok": ok})
+            for e, ok in zip(edits, success):
+                rows.append({**base, "kind": "causality", "subject": e.prompt.subject, "object": e.new, "ok": ok})
+        return rows
+    val = validation_edits(lm, data, cfg, seed)
     for method, concepts in sets.items():
-        accuracy, success = evaluate_concepts(lm, concepts, data.test_prompts, states, edits, cfg.beta, cfg.batch_size)
         base = {"relation": data.relation.name, "seed": seed, "method": method}
-        for p, ok in zip(data.test_prompts, accuracy):
-            rows.append({**base, "kind": "accuracy", "subject": p.subject, "object": p.object, "ok": ok})
-        for e, ok in zip(edits, success):
-            rows.append({**base, "kind": "causality", "subject": e.prompt.subject, "object": e.new, "ok": ok})
+        for p, pred in zip(data.test_prompts, concepts.classify(states)):
+            row: dict[str, Any] = {"kind": "accuracy", "split": "test", "subject": p.subject, "object": p.object}
+            rows.append({**base, **row, "ok": pred == p.object})
+        for split, group in (("test", edits), ("val", val)):
+            for beta in cfg.betas:
+                for e, ok in zip(group, causality(lm, concepts, group, beta, batch_size=cfg.batch_size) if group else []):
+                    row = {"kind": "causality", "split": split, "beta": beta, "subject": e.prompt.subject, "object": e.new}
+                    rows.append({**base, **row, "ok": ok})
     return rows
+
+
+def choose_betas(rows: pd.DataFrame) -> dict[str, float]:
+    """Per method, the β with the best validation causality (mean over (relation, seed) units; ties: the smaller β).
+
+    >>> frame = pd.DataFrame({"method": ["m"] * 4, "kind": ["causality"] * 4, "split": ["val"] * 4,
+    ...                       "beta": [0.1, 0.1, 0.2, 0.2], "relation": ["r"] * 4, "seed": [0] * 4,
+    ...                       "ok": [True, False, True, True]})
+    >>> choose_betas(frame)
+    {'m': 0.2}
+    """
+    val = rows[(rows["kind"] == "causality") & (rows.get("split") == "val")]
+    if val.empty:
+        return {}
+    per_unit = val.groupby(["method", "beta", "relation", "seed"])["ok"].mean().reset_index()
+    per_beta = per_unit.groupby(["method", "beta"])["ok"].mean().reset_index()
+    chosen: dict[str, float] = {}
+    for method, group in per_beta.groupby("method"):
+        best = group[group["ok"] == group["ok"].max()]
+        chosen[str(method)] = float(best["beta"].min())
+    return chosen
+
+
+def at_chosen_beta(rows: pd.DataFrame, betas: dict[str, float]) -> pd.DataFrame:
+    """The test rows, causality at each method's chosen β (rows without a ``split`` column pass unchanged)."""
+    if "split" not in rows.columns:
+        return rows
+    test = rows[rows["split"] == "test"]
+    keep = (test["kind"] != "causality") | (test["beta"] == test["method"].map(betas))
+    return test[keep].reset_index(drop=True)
+
+
+def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
+    """Exact McNemar test of paired binary outcomes: the two-sided binomial p of the discordant pairs.
+
+    >>> mcnemar([True] * 10, [False] * 10)["p"] < 0.01
+    True
+    """
+    from scipy.stats import binomtest
+
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {
+        "n": len(a),
+        "a": float(np.mean(a)) if len(a) else float("nan"),
+        "b": float(np.mean(b)) if len(b) else float("nan"),
+        "only_a": only_a,
+        "only_b": only_b,
+        "p": float(p),
+    }
+
+
+def significance(rows: pd.DataFrame, a: str = "LRC", b: str = "SVM") -> list[dict[str, Any]]:
+    """The paper's Tables 7-8: per seed and metric, ``a`` against ``b`` on the same test prompts and edits,
+    pooled over relations (unweighted), with the exact McNemar p."""
+    out = []
+    for (kind, seed), group in rows.groupby(["kind", "seed"]):
+        keys = [c for c in ("relation", "subject", "object") if c in group.columns]
+        left = group[group["method"] == a].reset_index(drop=True)
+        right = group[group["method"] == b].reset_index(drop=True)
+        if len(left) != len(right) or not (left[keys].values == right[keys].values).all():
+            raise LrcEvalError(f"methods {a!r} and {b!r} were not scored on the same prompts (seed {seed}, {kind})")
+        out.append({"kind": kind, "seed": seed, "methods": [a, b], **mcnemar(left["ok"].tolist(), right["ok"].tolist())})
+    return out
 
 
 def summarise(rows: pd.DataFrame) -> dict[str, Any]:
@@ -225,6 +409,21 @@ def summarise(rows: pd.DataFrame) -> dict[str, Any]:
         "per_relation": per_relation.groupby(["method", "kind", "relation"])["ok"].mean().reset_index().to_dict("records"),
         "counts": {f"{k[0]}/seed {k[1]}": int(v) for k, v in counts.items()},
     }
+
+
+def pooled_test_prompts(
+    lm: ModelHandle, relation: Relation, samples: Sequence[RelationSample], cfg: LrcConfig, store: ResultStore
+) -> int:
+    """The test prompts of a relation over all folds (answered ones with ``filter_test``), cached in the store."""
+    if not store.done("test-counts", relation.name):
+        counts = []
+        for seed in cfg.seeds:
+            prompts = make_split(relation, samples, seed, cfg).test_prompts
+            counts.append(len(answered(lm, prompts, cfg.batch_size) if cfg.filter_test else prompts))
+        rows = [{"relation": relation.name, "seed": seed, "test_prompts": n} for seed, n in zip(cfg.seeds, counts)]
+        store.append("test-counts", relation.name, rows)
+    frame = store.frame("test-counts")
+    return int(frame[frame["relation"] == relation.name]["test_prompts"].sum())
 
 
 def run_lrc_eval(
@@ -250,6 +449,7 @@ def run_lrc_eval(
         name: set.intersection(*({s.subject for s in split_by_object(kept, seed)[0]} for seed in cfg.seeds))
         for name, kept in samples.items()
     }
+    pooled = {r.name: pooled_test_prompts(lm, r, samples[r.name], cfg, store) for r in relations} if cfg.split == "folds" else {}
     with progress_bar(len(relations) * len(cfg.seeds), "LRC evaluation", progress) as advance:
         for seed in cfg.seeds:  # seeds outside: an interrupted run has whole seeds
             if only_seeds is not None and seed not in only_seeds:
@@ -258,8 +458,18 @@ def run_lrc_eval(
                 key = [relation.name, seed]
                 if not store.done(f"rows-{seed}", key):
                     data = make_split(relation, samples[relation.name], seed, cfg, prefer[relation.name])
-                    if not data.test or len({s.object for s in data.train}) < 2:
-                        why = {"relation": relation.name, "seed": seed, "correct": len(data.train) + len(data.test)}
+                    if cfg.filter_test:
+                        data.test_prompts = answered(lm, data.test_prompts, cfg.batch_size)
+                    # the paper drops relations with fewer than min_test test prompts; disjoint folds count them together
+                    n_test = pooled[relation.name] if cfg.split == "folds" else len(data.test_prompts)
+                    few = not data.test_prompts or n_test < cfg.min_test
+                    if not data.test or few or len({s.object for s in data.train}) < 2:
+                        why = {
+                            "relation": relation.name,
+                            "seed": seed,
+                            "correct": len(data.train) + len(data.test),
+                            "test_prompts": len(data.test_prompts),
+                        }
                         store.append(f"dropped-{seed}", key, [why])
                         store.append(f"rows-{seed}", key, [])
                     else:
@@ -267,8 +477,13 @@ def run_lrc_eval(
                         artifacts = out / "artifacts" / slug / f"seed-{seed}"
                         store.append(f"rows-{seed}", key, evaluate_split(lm, data, cfg, seed, jacobians, artifacts))
                 advance(1)
+    rows = pd.concat([store.frame(f"rows-{seed}") for seed in cfg.seeds], ignore_index=True)
+    betas = choose_betas(rows) if cfg.betas and not rows.empty else {}
+    scored = at_chosen_beta(rows, betas) if betas else rows
     summary = {
-        **summarise(pd.concat([store.frame(f"rows-{seed}") for seed in cfg.seeds], ignore_index=True)),
+        **summarise(scored),
+        "betas": betas,
+        "significance": significance(scored) if not scored.empty and cfg.betas else [],
         "dropped": pd.concat([store.frame(f"dropped-{seed}") for seed in cfg.seeds], ignore_index=True).to_dict("records"),
         "correct_samples": {
             r: int(sum(1 for s in correct_samples(lm, rel, cfg, store))) for r, rel in zip(cfg.relations, relations)
@@ -277,4 +492,15 @@ def run_lrc_eval(
         "jacobians": {"computed": jacobians.misses, "cached": jacobians.hits},
     }
     store.write_json("summary.json", summary)
+    if not scored.empty:
+        per_relation_frame(scored).to_csv(out / "relations.csv", index=False)
     return summary
+
+
+def per_relation_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per (relation, method, kind): the mean over seeds of the per-seed score, the seeds and prompts."""
+    per_seed = rows.groupby(["relation", "method", "kind", "seed"])["ok"].agg(["mean", "size"]).reset_index()
+    frame = per_seed.groupby(["relation", "method", "kind"]).agg(
+        score=("mean", "mean"), seeds=("seed", "nunique"), n=("size", "sum")
+    )
+    return frame.reset_index()

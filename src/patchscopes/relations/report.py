@@ -19,13 +19,43 @@ PAPER_KEYS = {"LRC": "LRC", "LRC (first token, final layer)": "LRC_ft_lfinal", "
 METHOD_ORDER = list(PAPER_KEYS)
 
 
-def paper_table5() -> dict[str, Any] | None:
-    """The LRC paper's Table 5 (``paper_tables/lrc_tables.json``), or None when the data is absent."""
+SINGLE_SAMPLE_KEYS = {"LRC (n_lre = 1, same object)": "same_object", "LRC (n_lre = 1, different object)": "different_object"}
+
+
+def paper_tables() -> dict[str, Any]:
+    """The LRC paper's transcribed tables (``paper_tables/lrc_tables.json``), or ``{}`` when the data is absent."""
     try:
         path = data_file("paper_tables/lrc_tables.json")
     except DataNotFoundError:
-        return None
-    return json.loads(Path(path).read_text()).get("table5_main")
+        return {}
+    return dict(json.loads(Path(path).read_text()))
+
+
+def paper_table5() -> dict[str, Any] | None:
+    """The LRC paper's Table 5 (``paper_tables/lrc_tables.json``), or None when the data is absent."""
+    return paper_tables().get("table5_main")
+
+
+def single_sample_table(summary: dict[str, Any], model: str = "this model") -> str:
+    """Table 6: LRCs from a one-prompt LRE of the same or of another object, beside the paper (Llama2-7b)."""
+    paper = paper_tables().get("table6_single_training_sample_llama2", {})
+    lines = [f"| LRE training prompt | {model} accuracy | {model} causality | Llama2-7b acc / causality (paper) |"]
+    lines.append("|---|---|---|---|")
+    for method, key in SINGLE_SAMPLE_KEYS.items():
+        got = summary.get("table", {}).get(method, {})
+        ref = paper.get(key, {})
+        cell = f"{ref['acc'][0]:.2f} / {ref['causality'][0]:.2f}" if ref else "–"
+        lines.append(f"| {key.replace('_', ' ')} | {_cell(got.get('accuracy'))} | {_cell(got.get('causality'))} | {cell} |")
+    return "\n".join(lines)
+
+
+def significance_table(summary: dict[str, Any]) -> str:
+    """Tables 7-8: per seed and metric, LRC against SVM on the same prompts, exact McNemar p."""
+    lines = ["| metric | seed | n | LRC | SVM | only LRC right | only SVM right | p |", "|---|---|---|---|---|---|---|---|"]
+    for r in summary.get("significance", []):
+        cells = [r["kind"], r["seed"], r["n"], f"{r['a']:.3f}", f"{r['b']:.3f}", r["only_a"], r["only_b"], f"{r['p']:.2g}"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines)
 
 
 def _cell(entry: dict[str, Any] | None) -> str:
