@@ -125,15 +125,7 @@ def test_attributes_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
         "2\tThe capital of x\tWales\tCardiff\tDiana, Princess of Wales, was royal.\n"
     )
     lm = tiny_model("llama")
-    config = AttributesConfig(
-        task_files=(str(task),),
-        screen=None,
-        grid_samples=None,
-        source_layers=(0, 2),
-        target_layers=(1, 3),
-        max_new_tokens=4,
-        require_answer=False,
-    )
+    config = _tiny_grid_config(task, snippets=1)
     _resume_equals_uninterrupted(
         lambda out, stop: run_attributes(lm, out, config, progress=False, stop_after=stop), tmp_path, ["screen", "probe", "grid"]
     )
@@ -160,7 +152,8 @@ SNIPPET_TASK = (
 )
 
 
-def _snippet_config(task, snippets: int) -> AttributesConfig:  # noqa: ANN001
+def _tiny_grid_config(task, snippets: int) -> AttributesConfig:  # noqa: ANN001
+    """Every sample of ``task`` on a 2 × 2 grid of a tiny model, 4 new tokens, no answer filter."""
     return AttributesConfig(
         task_files=(str(task),),
         screen=None,
@@ -181,7 +174,7 @@ def test_attributes_with_several_snippets_per_sample(tmp_path) -> None:  # noqa:
     task = tmp_path / "capitals.tsv"
     task.write_text(SNIPPET_TASK)
     lm = tiny_model("llama")
-    result = run_attributes(lm, tmp_path / "three", _snippet_config(task, 3), progress=False)
+    result = run_attributes(lm, tmp_path / "three", _tiny_grid_config(task, 3), progress=False)
     grid = result.grid
     # every sample has min(3, its distinct snippets) snippets, each on the whole 2 × 2 grid
     available = {"0": 4, "1": 3, "2": 1, "3": 3, "4": 2}
@@ -251,8 +244,8 @@ def test_one_snippet_reproduces_the_first_snippet_rows_and_the_old_config(tmp_pa
     task = tmp_path / "capitals.tsv"
     task.write_text(SNIPPET_TASK)
     lm = tiny_model("llama")
-    one = run_attributes(lm, tmp_path / "one", _snippet_config(task, 1), progress=False)
-    three = run_attributes(lm, tmp_path / "three", _snippet_config(task, 3), progress=False)
+    one = run_attributes(lm, tmp_path / "one", _tiny_grid_config(task, 1), progress=False)
+    three = run_attributes(lm, tmp_path / "three", _tiny_grid_config(task, 3), progress=False)
     assert set(one.grid.snippet) == {0}
     first = three.grid[three.grid.snippet == 0].reset_index(drop=True)
     pd.testing.assert_frame_equal(one.grid.reset_index(drop=True), first)
@@ -271,9 +264,9 @@ def test_one_snippet_reproduces_the_first_snippet_rows_and_the_old_config(tmp_pa
     assert "snippets" not in params
     assert json.loads((tmp_path / "three" / "config.json").read_text())["config"]["params"]["snippets"] == 3
     with pytest.raises(ConfigMismatchError):
-        run_attributes(lm, tmp_path / "one", _snippet_config(task, 3), progress=False)
+        run_attributes(lm, tmp_path / "one", _tiny_grid_config(task, 3), progress=False)
     with pytest.raises(EvalError, match="between 1 and 5"):
-        run_attributes(lm, tmp_path / "six", _snippet_config(task, 6), progress=False)
+        run_attributes(lm, tmp_path / "six", _tiny_grid_config(task, 6), progress=False)
 
 
 def test_quick_attributes_cli_with_three_snippets(smol, data_root, tmp_path) -> None:  # noqa: ANN001
