@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from patchscopes.relations.evaluate import (
     mcnemar,
     run_lrc_eval,
     select_relations,
+    two_proportion_z,
 )
 from patchscopes.relations.prompts import answers_correctly
 from patchscopes.relations.splits import balanced_choice, fold_split
@@ -64,6 +66,10 @@ def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_pairs() -> None:
     assert (result["only_a"], result["only_b"], result["n"]) == (8, 1, 14)
     assert result["p"] == pytest.approx(2 * (1 + 9) / 2**9)  # two-sided P(X <= 1), X ~ Bin(9, 1/2)
     assert mcnemar([True, False], [True, False])["p"] == 1.0
+    # the paper's unpaired two-proportion z-test: 13/14 against 6/14, pooled proportion 19/28
+    pooled = 19 / 28
+    z = (13 / 14 - 6 / 14) / math.sqrt(pooled * (1 - pooled) * (2 / 14))
+    assert two_proportion_z(a, b) == pytest.approx(math.erfc(z / math.sqrt(2)))
 
 
 def test_beta_is_chosen_on_validation_rows_and_only_test_rows_are_scored() -> None:
@@ -129,7 +135,7 @@ def test_paper_protocol_on_smollm2(smol, data_root: Path, tmp_path: Path) -> Non
     assert set(zip(sig.kind, sig.seed)) == {(k, s) for k in ("accuracy", "causality") for s in cfg.seeds}
     for _, r in sig[sig.kind == "accuracy"].iterrows():
         assert r.n == len(accuracy[accuracy.seed == r.seed])
-        assert 0.0 <= r.p <= 1.0
+        assert 0.0 <= r.p <= 1.0 and 0.0 <= r.p_z <= 1.0
 
     # Table 6: the one-prompt concepts are unit vectors over the training objects
     from patchscopes.relations.lrc import ConceptSet

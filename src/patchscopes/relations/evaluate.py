@@ -15,6 +15,7 @@ a :class:`~patchscopes.results.ResultStore`, and Jacobians are cached, so an int
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -80,7 +81,7 @@ class LrcConfig:
     filter_test: bool = False  # keep only the zero-shot test prompts the model answers (the official code)
     min_test: int = 0  # drop a (relation, seed) with fewer test prompts (the paper: 5)
     betas: tuple[float, ...] = ()  # causality at each β; one β per method chosen on training subjects' prompts
-    max_val_edits: int = 24  # validation edits per (relation, seed) for choosing β
+    max_val_edits: int = 8  # validation edits per (relation, seed) for choosing β (pooled over units)
     single_sample: bool = False  # Table 6: LRCs from an LRE of one training prompt, of the same or another object
 
 
@@ -377,9 +378,25 @@ def mcnemar(a: Sequence[bool], b: Sequence[bool]) -> dict[str, float]:
     }
 
 
+def two_proportion_z(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """The two-sided p of the pooled two-proportion z-test, the test of the paper's Tables 7-8 (it ignores the pairing).
+
+    >>> round(two_proportion_z([True] * 60 + [False] * 40, [True] * 40 + [False] * 60), 4)
+    0.0047
+    """
+    from scipy.stats import norm
+
+    n_a, n_b = len(a), len(b)
+    pooled = (sum(a) + sum(b)) / (n_a + n_b) if n_a + n_b else float("nan")
+    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b)) if n_a and n_b else 0.0
+    if not se:
+        return 1.0
+    return float(2 * norm.cdf(-abs(sum(a) / n_a - sum(b) / n_b) / se))
+
+
 def significance(rows: pd.DataFrame, a: str = "LRC", b: str = "SVM") -> list[dict[str, Any]]:
     """The paper's Tables 7-8: per seed and metric, ``a`` against ``b`` on the same test prompts and edits,
-    pooled over relations (unweighted), with the exact McNemar p."""
+    pooled over relations (unweighted), with the exact McNemar p (paired) and the paper's two-proportion z-test p."""
     out = []
     for (kind, seed), group in rows.groupby(["kind", "seed"]):
         keys = [c for c in ("relation", "subject", "object") if c in group.columns]
@@ -387,7 +404,8 @@ def significance(rows: pd.DataFrame, a: str = "LRC", b: str = "SVM") -> list[dic
         right = group[group["method"] == b].reset_index(drop=True)
         if len(left) != len(right) or not (left[keys].values == right[keys].values).all():
             raise LrcEvalError(f"methods {a!r} and {b!r} were not scored on the same prompts (seed {seed}, {kind})")
-        out.append({"kind": kind, "seed": seed, "methods": [a, b], **mcnemar(left["ok"].tolist(), right["ok"].tolist())})
+        x, y = left["ok"].astype(bool).tolist(), right["ok"].astype(bool).tolist()
+        out.append({"kind": kind, "seed": seed, "methods": [a, b], **mcnemar(x, y), "p_z": two_proportion_z(x, y)})
     return out
 
 

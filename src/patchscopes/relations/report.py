@@ -50,10 +50,12 @@ def single_sample_table(summary: dict[str, Any], model: str = "this model") -> s
 
 
 def significance_table(summary: dict[str, Any]) -> str:
-    """Tables 7-8: per seed and metric, LRC against SVM on the same prompts, exact McNemar p."""
-    lines = ["| metric | seed | n | LRC | SVM | only LRC right | only SVM right | p |", "|---|---|---|---|---|---|---|---|"]
+    """Tables 7-8: per seed and metric, LRC against SVM on the same prompts: exact McNemar p and the paper's z-test p."""
+    lines = ["| metric | seed | n | LRC | SVM | only LRC right | only SVM right | McNemar p | z-test p (the paper's) |"]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for r in summary.get("significance", []):
         cells = [r["kind"], r["seed"], r["n"], f"{r['a']:.3f}", f"{r['b']:.3f}", r["only_a"], r["only_b"], f"{r['p']:.2g}"]
+        cells.append(f"{r['p_z']:.2g}" if "p_z" in r else "–")
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
