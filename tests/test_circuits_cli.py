@@ -42,3 +42,19 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     assert result.exit_code == 2 and "unknown task" in result.output
     result = runner.invoke(app, ["circuits", "report", "--out", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "not a circuits run directory" in result.output
+
+
+def test_run_profile_dry_run_shows_the_full_experiment_without_a_model(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(app, ["circuits", "run", "--profile", "paper", "--dry-run", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.output)
+    run, edit = profile["run"], profile["edit"]
+    assert run["layers"] is None and run["hard_mask"] and run["densities"] == [0.5, 0.35, 0.15, 0.05]
+    assert run["tasks"] == ["subj_verb", "sentiment", "hierarchy"] and edit["max_norm"] > 0
+    assert profile["plan"]["seeds"] == [0, 1, 2] and profile["plan"]["facts"] >= 100 and profile["plan"]["edits"] == 108
+    assert not (tmp_path / "p").exists()  # nothing ran
+    seeds = runner.invoke(app, ["circuits", "run", "--profile", "paper", "--dry-run", "--seeds", "5,6"])
+    assert seeds.exit_code == 0 and json.loads(seeds.output)["plan"]["seeds"] == [5, 6]
+    bad = runner.invoke(app, ["circuits", "run", "--profile", "gpt-4", "--dry-run", "--out", str(tmp_path / "q")])
+    assert bad.exit_code == 2 and "unknown profile" in bad.output

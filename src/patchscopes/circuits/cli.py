@@ -104,38 +104,91 @@ def discover_cmd(
     console.print(f"done: {out}")
 
 
+EditTask = Annotated[
+    Optional[list[str]], typer.Option(help="Whose circuits take the edit (repeatable; default: every task with circuits in OUT).")
+]
+EditMaxNorm = Annotated[
+    Optional[float],
+    typer.Option(help="Matched update budget: δ is projected onto ‖δ‖₂ ≤ this after every step, for every weight set."),
+]
+NFacts = Annotated[
+    Optional[int], typer.Option(min=1, help="Insert the first N held-out facts (default: all 150; 16 with --quick).")
+]
+Seeds = Annotated[Optional[str], typer.Option(help="Seeds, one run directory OUT/seed-<k> each (default: the profile's).")]
+LocalityTask = Annotated[
+    Optional[list[str]],
+    typer.Option(help="Tasks whose known, unedited examples test locality (repeatable; default hierarchy and subj_verb)."),
+]
+
+
 @circuits_app.command("edit")
 def edit_cmd(
     model: Model = "SmolLM2-135M", out: Out = Path("runs/circuits/smol"), task: Task = None, method: Method = None,
     densities: Densities = "0.5,0.35,0.15,0.05", layers: Layers = "all", steps: Steps = 25, n: N = 200, n_train: NTrain = 120,
     batch_size: Batch = 8, lr: Lr = 0.6, penalty: Penalty = 10000.0, ig_steps: IgSteps = 5, n_attr: NAttr = 32,
-    seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0,
-    circuit_task: Annotated[str, typer.Option(help="Whose circuits take the edit.")] = "hierarchy",
+    seed: Seed = 0, quick: Quick = False, init_logit: InitLogit = 6.0, hard_mask: HardMask = False,
+    circuit_task: EditTask = None,
     edit_steps: Annotated[int, typer.Option(min=1, help="Fine-tuning steps of each edit.")] = 20,
     edit_lr: Annotated[float, typer.Option(help="Adam learning rate of the edit.")] = 1e-3,
+    edit_max_norm: EditMaxNorm = None, n_facts: NFacts = None,
+    n_locality: Annotated[int, typer.Option(min=1, help="Known examples per locality task.")] = 40,
+    locality_task: LocalityTask = None,
+    paraphrases: Annotated[bool, typer.Option(help="Also evaluate each fact in the paraphrase wordings.")] = True,
     edit_densities: Annotated[Optional[str], typer.Option(help="Edit only these densities' circuits (default: all).")] = None,
     device: Device = DEFAULT_DEVICE,
     dtype: Dtype = DEFAULT_DTYPE,
     device_map: DeviceMap = None,
 ) -> None:  # fmt: skip
-    """Insert held-out 'X is a kind of Y' facts through each circuit, its complement and a random set of its size."""
-    from patchscopes.circuits.pipeline import edit
+    """Insert held-out 'X is a kind of Y' facts through each task's circuits, their complements and random sets of their size."""
+    from patchscopes.circuits.pipeline import EditConfig, edit
 
     cfg = _config(
         model, task, method, densities, layers, steps, n, n_train, batch_size, lr, penalty, ig_steps, n_attr, seed, quick,
-        init_logit,
+        init_logit, hard_mask,
     )  # fmt: skip
-    lm = load(model, device, dtype, device_map)
-    edit(
-        lm,
-        cfg,
-        out,
-        task=circuit_task,
-        steps=edit_steps,
-        lr=edit_lr,
-        log=lambda m: console.print(m, markup=False, highlight=False),
+    edit_cfg = EditConfig(
+        steps=edit_steps, lr=edit_lr, max_norm=edit_max_norm, n_facts=n_facts if n_facts or not quick else 16,
+        paraphrases=paraphrases, n_locality=n_locality,
+        locality_tasks=tuple(locality_task or ("hierarchy", "subj_verb")),
         densities=_floats(edit_densities, "--edit-densities") if edit_densities else None,
-    )
+    )  # fmt: skip
+    edit_cfg.check()  # before the model loads
+    lm = load(model, device, dtype, device_map)
+    edit(lm, cfg, out, edit_cfg, tasks=circuit_task, log=lambda m: console.print(m, markup=False, highlight=False))
+
+
+@circuits_app.command("run")
+def run_cmd(
+    profile: Annotated[str, typer.Option(help="paper: the full knowledge-edit experiment; quick: a CI-sized version.")] = "paper",
+    model: Model = "SmolLM2-135M",
+    out: Out = Path("runs/circuits/paper"),
+    seeds: Seeds = None,
+    task: Annotated[
+        Optional[list[str]], typer.Option(help="Run only these of the profile's tasks (repeatable), e.g. to share the run.")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the profile and its amount of work; load no model, run nothing.")] = False,
+    device: Device = DEFAULT_DEVICE,
+    dtype: Dtype = DEFAULT_DTYPE,
+    device_map: DeviceMap = None,
+) -> None:
+    """Discover and edit for every seed of a profile (resumable), then aggregate with `patchscopes circuits report`."""
+    import json
+
+    from patchscopes.circuits.pipeline import get_profile, plan, profile_tasks, run_profile
+
+    chosen = get_profile(profile, model, int_list(seeds, "--seeds") if seeds else None)
+    profile_tasks(chosen, task)  # a task outside the profile fails before the model loads
+    if dry_run:
+        console.print_json(json.dumps({**chosen.to_dict(), "plan": plan(chosen)}, default=str))
+        return
+    lm = load(model, device, dtype, device_map)
+    run_profile(lm, chosen, out, log=lambda m: console.print(m, markup=False, highlight=False), tasks=task)
+    console.print(f"done: {out}; aggregate with `patchscopes circuits report --out {out}`")
+
+
+#: Columns left out of the printed tables (they are in the CSV files).
+HIDDEN = {"n_params", "n_modules", "lr", "n_facts", "final_loss", "total_abs_change", "max_norm", "n_projected", "seconds"}
+HIDDEN |= {f"{p}{m}" for p in ("", "paraphrase_") for m in ("nll_new_pre", "nll_old_pre", "nll_new_post", "nll_old_post")}
 
 
 @circuits_app.command("report")
@@ -143,16 +196,17 @@ def report_cmd(
     out: Out = Path("runs/circuits/smol"),
     figures: Annotated[Optional[Path], typer.Option(help="Write the figures here (default: OUT/figures).")] = None,
 ) -> None:
-    """Tables (composition both ways, overlap, faithfulness, EAP curves, edits) and figures of a run."""
+    """Tables (composition both ways, overlap, faithfulness, EAP curves, edits and their summary over seeds and
+    facts) and figures of a run, or of a profile run's seed directories."""
     from patchscopes.circuits.pipeline import report
 
     tables = report(out, figures if figures is not None else out / "figures")
     for name, df in tables.items():
-        if name in ("history", "eap_edges"):
+        if name in ("history", "eap_edges", "edit_items"):
             continue
         table = Table(title=name)
         frame = df.reset_index() if name == "overlap" else df
-        cols = [c for c in frame.columns if c not in ("n_params", "n_modules", "lr", "n_facts", "final_loss", "total_abs_change")]
+        cols = [c for c in frame.columns if c not in HIDDEN]
         for c in cols:
             table.add_column(str(c))
         for _, row in frame[cols].iterrows():

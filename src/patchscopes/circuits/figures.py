@@ -94,21 +94,35 @@ def eap_figure(df: pd.DataFrame) -> Figure:
 
 
 def edits_figure(df: pd.DataFrame) -> Figure:
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    """Edit success (trained prompts, paraphrases), ΔNLL of the new target and locality, by circuit density and
+    selection; one row of panels per edited task, each bar the mean over seeds."""
     selections = ["circuit", "complement", "random"]
-    densities = sorted(df.density.round(4).unique())
+    columns = [c for c in ("success", "paraphrase_success", "delta_nll_new", "locality_unchanged") if c in df]
+    titles = {
+        "success": "edit success (p(new) > p(old))",
+        "paraphrase_success": "success on paraphrases",
+        "delta_nll_new": "Δ NLL of the new target",
+        "locality_unchanged": "locality (choice unchanged)",
+    }
+    density = df["target_density"] if "target_density" in df else df["density"]
+    df = df.assign(d=density.astype(float).round(4), task=df["task"] if "task" in df else "hierarchy")
+    tasks = list(dict.fromkeys(df["task"]))
+    fig, axes = plt.subplots(len(tasks), len(columns), figsize=(3.6 * len(columns), 3.0 * len(tasks)), squeeze=False)
     width = 0.8 / len(selections)
-    columns = ["success", "delta_nll_new", "locality_unchanged"]
-    titles = ["edit success (p(new) > p(old))", "Δ NLL of the new target", "locality (choice unchanged)"]
-    for ax, col, title in zip(axes, columns, titles):
-        for k, sel in enumerate(selections):
-            part = df[df.selection == sel].assign(d=lambda x: x.density.round(4)).set_index("d").reindex(densities)
-            ax.bar(np.arange(len(densities)) + k * width, part[col].to_numpy(), width, label=sel)
-        ax.set_xticks(np.arange(len(densities)) + width, [f"{d:.0%}" for d in densities])
-        ax.set_xlabel("circuit density")
-        ax.set_title(title, fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    for i, task in enumerate(tasks):
+        means = df[df.task == task].groupby(["selection", "d"])[columns].mean()
+        densities = sorted({d for _, d in means.index})
+        for j, col in enumerate(columns):
+            ax = axes[i][j]
+            for k, sel in enumerate(selections):
+                if sel in means.index.get_level_values(0):
+                    values = means.loc[sel][col].reindex(densities).to_numpy()
+                    ax.bar(np.arange(len(densities)) + k * width, values, width, label=sel)
+            ax.set_xticks(np.arange(len(densities)) + width, [f"{d:.0%}" for d in densities])
+            ax.set_xlabel(f"{task} circuit density")
+            ax.set_title(titles[col], fontsize=9)
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     return fig
 

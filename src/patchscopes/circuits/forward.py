@@ -21,14 +21,30 @@ from patchscopes.batching import left_pad
 
 
 def last_logits(lm, ids: Sequence[Sequence[int]], overrides: dict[str, torch.Tensor] | None = None) -> torch.Tensor:  # noqa: ANN001
-    """Next-token logits ``[len(ids), V]`` after each prompt, with parameters in ``overrides`` replaced."""
+    """Next-token logits ``[len(ids), V]`` after each prompt, with parameters in ``overrides`` replaced.
+
+    Only the last position's logits are computed (prompts are left-padded, so that is every prompt's last
+    token), which skips the output projection at every other position. The position is given as an index
+    tensor, so the hidden states the projection reads are a contiguous copy: on a strided view PyTorch's
+    linear picks another kernel depending on whether the weight requires grad, and an all-ones mask would
+    no longer give back the model's logits bit for bit. A model whose forward does not take
+    ``logits_to_keep`` computes them all."""
     batch = left_pad(ids, lm.pad_id, lm.device)
     kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
-    if overrides:
-        out = functional_call(lm.model, overrides, args=(), kwargs=kwargs, strict=False)
-    else:
-        out = lm.model(**kwargs)
-    return out.logits[:, -1].float()
+
+    def run(extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        if overrides:
+            return functional_call(lm.model, overrides, args=(), kwargs={**kwargs, **extra}, strict=False).logits
+        return lm.model(**kwargs, **extra).logits
+
+    last = torch.tensor([batch.input_ids.shape[1] - 1], device=batch.input_ids.device)
+    try:
+        logits = run({"logits_to_keep": last})
+    except TypeError as exc:
+        if "logits_to_keep" not in str(exc):
+            raise
+        logits = run({})
+    return logits[:, -1].float()
 
 
 def choice_logits(

@@ -1,8 +1,11 @@
-"""Resumable runs behind ``patchscopes circuits discover | edit | report``: one run directory per model,
-one unit of work per (task, method) or (task, density), results in a :class:`ResultStore`.
+"""Resumable runs behind ``patchscopes circuits discover | edit | run | report``: one run directory per
+model and seed, one unit of work per (task, method) or (task, density, edit setting), results in a
+:class:`ResultStore`.
 
-Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, eap, eap_edges, edits),
-``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits), ``figures/``.
+Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, eap, eap_edges, edits,
+edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits),
+``figures/``. A profile run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
+``profile.json`` and one such directory per seed, ``seed-<k>/``; :func:`report` aggregates them.
 
 >>> cfg = RunConfig.quick_profile(model="SmolLM2-135M", tasks=("subj_verb",))
 >>> store = discover(lm, cfg, "runs/circuits/quick", log=lambda line: None)
@@ -12,20 +15,24 @@ Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, 
 
 from __future__ import annotations
 
+import json
+import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from patchscopes.circuits import analysis
 from patchscopes.circuits.attribution import attribute, faithfulness_curve
 from patchscopes.circuits.circuit import Circuit, CircuitError
-from patchscopes.circuits.editing import compare_edits
+from patchscopes.circuits.editing import SELECTIONS, compare_edits
 from patchscopes.circuits.masking import MaskConfig, faithfulness, train_mask
-from patchscopes.circuits.tasks import TASKS, encode, make_task, new_facts
+from patchscopes.circuits.tasks import PARAPHRASE_TEMPLATES, TASKS, Encoded, encode, make_task, new_facts, paraphrases
+from patchscopes.files import atomic_write_text
 from patchscopes.results import ResultStore
 
 Log = Callable[[str], None]
@@ -145,42 +152,286 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
     return store
 
 
+@dataclass(frozen=True)
+class EditConfig:
+    """How the knowledge edit is run and judged; part of each edit unit's key, not of ``config.json``.
+
+    ``steps`` / ``lr``: Adam on δ; ``max_norm``: the matched update budget, ‖δ‖₂ ≤ max_norm after every step
+    (None: unbounded); ``n_facts``: the first n of :func:`tasks.new_facts` (None: all 150); ``paraphrases``:
+    evaluate on :data:`tasks.PARAPHRASE_TEMPLATES` too; ``n_locality``: known examples per locality task
+    (held-out part of each task's split); ``densities``: the circuits to edit (None: every density of the run).
+    """
+
+    steps: int = 20
+    lr: float = 1e-3
+    max_norm: float | None = None
+    n_facts: int | None = None
+    paraphrases: bool = True
+    n_locality: int = 40
+    locality_tasks: tuple[str, ...] = ("hierarchy", "subj_verb")
+    densities: tuple[float, ...] | None = None
+
+    def check(self) -> None:
+        """Raise :class:`CircuitError` for a setting no edit can run with."""
+        if self.steps < 1:
+            raise CircuitError(f"an edit needs at least one step, got steps={self.steps}")
+        if not self.lr > 0:
+            raise CircuitError(f"the edit learning rate must be positive, got {self.lr}")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise CircuitError(f"the update bound max_norm must be positive (or None), got {self.max_norm}")
+        available = len(new_facts())
+        if self.n_facts is not None and not 1 <= self.n_facts <= available:
+            raise CircuitError(f"n_facts must be between 1 and {available} (the held-out facts), got {self.n_facts}")
+        if self.n_locality < 1:
+            raise CircuitError(f"n_locality must be at least 1, got {self.n_locality}")
+        unknown = [t for t in self.locality_tasks if t not in TASKS]
+        if unknown or not self.locality_tasks:
+            raise CircuitError(f"locality tasks must be some of {', '.join(TASKS)}, got {list(self.locality_tasks)}")
+
+    @property
+    def facts_count(self) -> int:
+        return self.n_facts if self.n_facts is not None else len(new_facts())
+
+    def key(self, task: str, density: float) -> dict[str, Any]:
+        """The unit key of one edit (task's circuit at one density; all three selections together)."""
+        return {
+            "task": task, "density": density, "steps": self.steps, "lr": self.lr, "max_norm": self.max_norm,
+            "n_facts": self.facts_count, "paraphrases": len(PARAPHRASE_TEMPLATES) if self.paraphrases else 0,
+            "n_locality": self.n_locality, "locality": list(self.locality_tasks),
+        }  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def discovered_tasks(out: str | Path) -> list[str]:
+    """The tasks with at least one saved circuit in a run directory, in :data:`tasks.TASKS` order."""
+    root = Path(out) / "circuits"
+    found = {p.name.split("@")[0] for p in root.iterdir() if (p / "circuit.json").is_file()} if root.is_dir() else set()
+    return [t for t in TASKS if t in found]
+
+
+@dataclass
+class EditData:
+    """Everything an edit is trained and judged on, encoded for one model."""
+
+    facts: Encoded
+    paraphrases: Encoded | None
+    locality: dict[str, Encoded]
+
+
+def edit_data(lm, cfg: RunConfig, config: EditConfig) -> EditData:  # noqa: ANN001
+    """The facts to insert (``new_facts(cfg.seed)``), their paraphrases and the locality sets."""
+    facts_ex = new_facts(cfg.seed, n=config.facts_count)
+    facts = encode(lm, facts_ex)
+    para = None
+    if config.paraphrases:  # paraphrases of the facts that survived encoding (same target and foil tokens)
+        para = encode(lm, [p for ex in facts.examples for p in paraphrases(ex)])
+    locality = {}
+    for t in config.locality_tasks:
+        _, held = _split(lm, cfg, t)  # examples the mask was not trained on, never edited
+        locality[t] = held.subset(list(range(min(config.n_locality, len(held)))))
+    return EditData(facts, para, locality)
+
+
 def edit(
     lm,  # noqa: ANN001
     cfg: RunConfig,
     out: str | Path,
-    task: str = "hierarchy",
-    steps: int = 20,
-    lr: float = 1e-3,
+    config: EditConfig | None = None,
+    tasks: Sequence[str] | None = None,
     log: Log = print,
-    densities: tuple[float, ...] | None = None,
 ) -> ResultStore:
-    """Insert held-out facts through each density's circuit (or those in ``densities``), its complement and a
-    random set of its size; resumable."""
+    """Insert held-out hierarchy facts through each task's circuit at each density, its complement and a
+    random set of its size, under the same steps, learning rate and update bound; resumable.
+
+    ``tasks``: whose circuits take the edit (default: every task with circuits in ``out``). The same facts
+    are inserted into every task's circuits. Tables: ``edits`` (one row per selection) and ``edit_items``
+    (one row per fact, paraphrase and locality example)."""
+    config = config or EditConfig()
+    config.check()
     out = Path(out)
     store = ResultStore(out, cfg.store_config())
-    facts = encode(lm, new_facts(cfg.seed))
-    _, held = _split(lm, cfg, "hierarchy")  # known facts never edited: the locality set
-    locality = held.subset(list(range(min(40, len(held)))))
-    for d in densities or cfg.densities:
-        key = {"task": task, "density": d, "steps": steps, "lr": lr}
-        if store.done("edits", key):
-            continue
-        path = circuit_dir(out, task, d)
-        if not (path / "circuit.json").is_file():
-            raise CircuitError(
-                f"no circuit for task {task!r} at density {d:g} in {out}; run `patchscopes circuits discover` first"
-            )
-        circuit = Circuit.load(path)
-        circuit.check_model(lm.model)
-        log(f"[{task}@{d:g}] editing {len(facts)} facts (locality on {len(locality)} known facts)")
-        rows = compare_edits(lm, circuit, facts, locality, steps=steps, lr=lr, seed=cfg.seed)
-        for r in rows:
-            r["task"] = task
-            log(f"  {r['selection']:>10}: success {r['success']:.2f}, ΔNLL new {r['delta_nll_new']:+.2f}, "
-                f"ΔNLL old {r['delta_nll_old']:+.2f}, locality {r['locality_unchanged']:.2f}")  # fmt: skip
-        store.append("edits", key, rows)
+    chosen = list(tasks) if tasks else discovered_tasks(out)
+    unknown = [t for t in chosen if t not in TASKS]
+    if unknown:
+        raise CircuitError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    if not chosen:
+        raise CircuitError(f"no circuits in {out}; run `patchscopes circuits discover --out {out}` first")
+    densities = config.densities or cfg.densities
+    missing = [f"{t}@{d:g}" for t in chosen for d in densities if not (circuit_dir(out, t, d) / "circuit.json").is_file()]
+    if missing:
+        raise CircuitError(f"no circuit {', '.join(missing)} in {out}; run `patchscopes circuits discover` for those first")
+    data: EditData | None = None
+    for task in chosen:
+        for d in densities:
+            key = config.key(task, d)
+            if store.done("edits", key) and store.done("edit_items", key):
+                continue
+            circuit = Circuit.load(circuit_dir(out, task, d))
+            circuit.check_model(lm.model)
+            if data is None:  # only when some unit is left to do
+                data = edit_data(lm, cfg, config)
+            n_para = len(data.paraphrases) if data.paraphrases is not None else 0
+            sizes = ", ".join(f"{k} {len(v)}" for k, v in data.locality.items())
+            log(f"[{task}@{d:g}] editing {len(data.facts)} facts ({n_para} paraphrases; locality: {sizes})")
+            rows = compare_edits(
+                lm, circuit, data.facts, data.locality, steps=config.steps, lr=config.lr, seed=cfg.seed,
+                paraphrases=data.paraphrases, max_norm=config.max_norm, per_item=True,
+            )  # fmt: skip
+            items = []
+            for r in rows:
+                r["task"], r["seed"], r["target_density"] = task, cfg.seed, d
+                unit = {"seed": cfg.seed, "task": task, "density": d, "selection": r["selection"]}
+                items += [{**unit, **item} for item in r.pop("items")]
+                para = f", paraphrases {r['paraphrase_success']:.2f}" if "paraphrase_success" in r else ""
+                log(f"  {r['selection']:>10}: success {r['success']:.2f}{para}, ΔNLL new {r['delta_nll_new']:+.2f}, "
+                    f"ΔNLL old {r['delta_nll_old']:+.2f}, locality {r['locality_unchanged']:.2f}, "
+                    f"‖δ‖ {r['delta_norm']:.4g}")  # fmt: skip
+            store.append("edit_items", key, items)  # items first: a unit counts as done once its rows are written
+            store.append("edits", key, rows)
     return store
+
+
+#: The paper profile's edit: 10 Adam steps at lr 1e-3 with ‖δ‖₂ ≤ 3. One unbounded step moves each selected
+#: weight by about lr, so ‖δ‖ ≈ 1e-3 × √N: 2.3 for a 5 % set of SmolLM2's blocks, more for every larger set,
+#: so the bound binds from the second step on for all of them. In a pilot (30 facts, a random 5 % set) a bound
+#: of 1 left the loss at 5.8 nats after 6 steps, and 3 brought it to 3.1 after 10: 3 leaves room to learn.
+PAPER_EDIT_STEPS = 10
+PAPER_EDIT_LR = 1e-3
+PAPER_EDIT_MAX_NORM = 3.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A whole experiment: discovery settings, edit settings and seeds, one run directory ``seed-<k>`` per seed."""
+
+    name: str
+    run: RunConfig
+    edit: EditConfig
+    seeds: tuple[int, ...]
+
+    def seed_config(self, seed: int) -> RunConfig:
+        return replace(self.run, seed=seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a profile directory is bound to (``profile.json``): everything but the seeds, which can be added."""
+        return {"name": self.name, "run": self.run.store_config() | {"tasks": list(self.run.tasks),
+                "methods": list(self.run.methods)}, "edit": self.edit.to_dict()}  # fmt: skip
+
+
+def paper_profile(model: str = "SmolLM2-135M", seeds: tuple[int, ...] = (0, 1, 2)) -> Profile:
+    """The knowledge-edit experiment of Ge et al. (2024) at full scale: a hard mask over every block and the
+    final norm at densities 50 / 35 / 15 / 5 %, circuits of subj_verb, sentiment and hierarchy, each edited
+    with all 150 held-out facts (paraphrases; locality on all three tasks) under a matched budget, 3 seeds."""
+    run = RunConfig(
+        model=model, tasks=("subj_verb", "sentiment", "hierarchy"), methods=("mask",), densities=(0.5, 0.35, 0.15, 0.05),
+        layers=None, n_examples=200, n_train=120, steps_per_stage=100, batch_size=8, lr=0.1, penalty=10000.0,
+        init_logit=6.0, hard_mask=True,
+    )  # fmt: skip
+    edit_cfg = EditConfig(
+        steps=PAPER_EDIT_STEPS, lr=PAPER_EDIT_LR, max_norm=PAPER_EDIT_MAX_NORM, n_facts=None, paraphrases=True,
+        n_locality=40, locality_tasks=("hierarchy", "subj_verb", "sentiment"),
+    )  # fmt: skip
+    return Profile("paper", run, edit_cfg, tuple(seeds))
+
+
+def quick_run_profile(model: str = "SmolLM2-135M", seeds: tuple[int, ...] = (0, 1)) -> Profile:
+    """A CI-sized version of the paper profile: the last block, two steps per stage, 16 facts, two seeds. The
+    mask is soft (circuits are the top-k logits): two steps of a hard mask would keep nearly every weight."""
+    run = replace(RunConfig.quick_profile(model, ("subj_verb", "hierarchy")), methods=("mask",))
+    edit_cfg = EditConfig(steps=2, lr=1e-3, max_norm=0.05, n_facts=16, n_locality=8, locality_tasks=("hierarchy", "subj_verb"))
+    return Profile("quick", run, edit_cfg, tuple(seeds))
+
+
+PROFILES: dict[str, Callable[..., Profile]] = {"paper": paper_profile, "quick": quick_run_profile}
+
+
+def get_profile(name: str, model: str = "SmolLM2-135M", seeds: Sequence[int] | None = None) -> Profile:
+    """A named profile (:data:`PROFILES`), optionally with other seeds."""
+    if name not in PROFILES:
+        raise CircuitError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
+    profile = PROFILES[name](model)
+    if seeds is not None:
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise CircuitError(f"seeds must be distinct and at least one, got {list(seeds)}")
+        profile = replace(profile, seeds=tuple(seeds))
+    return profile
+
+
+def seed_dir(out: str | Path, seed: int) -> Path:
+    return Path(out) / f"seed-{seed}"
+
+
+def seed_dirs(out: str | Path) -> list[Path]:
+    """The per-seed run directories of a profile run, by seed."""
+    root = Path(out)
+    found = [p for p in root.glob("seed-*") if (p / "config.json").is_file() and p.name[5:].lstrip("-").isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def bind_profile(profile: Profile, out: str | Path) -> Path:
+    """Write ``profile.json`` in ``out``, or check that the one there is the same profile (seeds may differ)."""
+    path = Path(out) / "profile.json"
+    wanted = json.loads(json.dumps(profile.to_dict(), default=str))
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != wanted:
+            changed = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+            raise CircuitError(f"{out} holds a run of another profile (differs in: {', '.join(changed)}); use a new --out")
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(wanted, indent=2))
+    return path
+
+
+def profile_tasks(profile: Profile, tasks: Sequence[str] | None = None) -> tuple[str, ...]:
+    """``tasks`` (default: all of the profile's), checked to be the profile's own."""
+    chosen = tuple(tasks) if tasks else profile.run.tasks
+    outside = [t for t in chosen if t not in profile.run.tasks]
+    if outside:
+        raise CircuitError(f"task(s) {outside} are not in profile {profile.name!r} ({', '.join(profile.run.tasks)})")
+    return chosen
+
+
+def run_profile(
+    lm,  # noqa: ANN001
+    profile: Profile,
+    out: str | Path,
+    log: Log = print,
+    tasks: Sequence[str] | None = None,
+) -> list[Path]:
+    """Discover and edit for every seed of ``profile``, each in ``out/seed-<k>``; resumable unit by unit.
+
+    ``tasks``: only these of the profile's tasks in this call (so two processes can share one profile run,
+    each with one thread: the units are independent, and each writes only its own)."""
+    profile.edit.check()
+    _check(profile.run)
+    chosen = profile_tasks(profile, tasks)
+    bind_profile(profile, out)
+    dirs = []
+    for seed in profile.seeds:
+        cfg, directory = profile.seed_config(seed), seed_dir(out, seed)
+        log(f"== seed {seed}: {directory}")
+        discover(lm, replace(cfg, tasks=chosen), directory, log=log)
+        edit(lm, cfg, directory, profile.edit, tasks=chosen, log=log)
+        dirs.append(directory)
+    return dirs
+
+
+def plan(profile: Profile) -> dict[str, Any]:
+    """How many units of work a profile has: mask trainings, mask steps, edits and edit steps (for estimates)."""
+    n_tasks, n_seeds, n_dens = len(profile.run.tasks), len(profile.seeds), len(profile.edit.densities or profile.run.densities)
+    masks = n_tasks * n_seeds if "mask" in profile.run.methods else 0
+    edits = n_tasks * n_seeds * n_dens * len(SELECTIONS)
+    return {
+        "seeds": list(profile.seeds),
+        "mask_trainings": masks,
+        "mask_steps": masks * profile.run.steps_per_stage * len(profile.run.densities),
+        "edits": edits,
+        "edit_steps": edits * profile.edit.steps,
+        "facts": profile.edit.facts_count,
+    }
 
 
 def load_circuits(out: str | Path) -> dict[str, Circuit]:
@@ -189,15 +440,85 @@ def load_circuits(out: str | Path) -> dict[str, Circuit]:
     return {p.name: Circuit.load(p) for p in sorted(root.iterdir()) if (p / "circuit.json").is_file()} if root.is_dir() else {}
 
 
-def report(out: str | Path, figures: str | Path | None = None) -> dict[str, pd.DataFrame]:
-    """Composition (three measures), overlaps, faithfulness, EAP curves and edits as tables, plus figures."""
-    from patchscopes.circuits import figures as figs
+FACT_METRICS = ("success", "delta_nll_new", "delta_nll_old")
+LOCALITY_METRICS = ("unchanged", "kl", "delta_nll")
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)  # Student t, 97.5 %, df 1..10
 
-    out = Path(out)
-    if not (out / "config.json").is_file():
-        raise CircuitError(
-            f"{out} is not a circuits run directory (no config.json); run `patchscopes circuits discover --out {out}`"
-        )
+
+def _t_interval(values: Sequence[float]) -> tuple[float, float]:
+    """A 95 % t-interval of the mean of ``values`` (e.g. one mean per seed); NaNs with fewer than 2 values."""
+    x = np.asarray(values, dtype=float)
+    if len(x) < 2:
+        return math.nan, math.nan
+    t = T_975[len(x) - 2] if len(x) - 1 <= len(T_975) else 1.96
+    half = t * float(x.std(ddof=1)) / math.sqrt(len(x))
+    return float(x.mean()) - half, float(x.mean()) + half
+
+
+def _with_units(items: pd.DataFrame) -> pd.DataFrame:
+    """Add ``unit``, the independent unit of the fact-level interval: the hyponym (a fact's rows from every
+    seed and paraphrase together), else the example of that seed."""
+    fallback = items["seed"].astype(str) + ":" + items["item"].astype(str)
+    unit = items["hyponym"].where(items["hyponym"].notna(), fallback) if "hyponym" in items else fallback
+    return items.assign(unit=unit.astype(str))
+
+
+def _metrics(part: pd.DataFrame) -> list[str]:
+    return [m for m in (*FACT_METRICS, *LOCALITY_METRICS) if m in part and part[m].notna().any()]
+
+
+def summarize_edits(items: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, density, selection, set, metric): the mean over facts and seeds with a 95 % bootstrap
+    interval over facts (``ci_low`` / ``ci_high``; a fact's rows from every seed are resampled together),
+    and the mean of the per-seed means with a 95 % t-interval over seeds (``seed_ci_low`` / ``seed_ci_high``)."""
+    from patchscopes.evals.claims import estimate
+
+    if items.empty:
+        return pd.DataFrame()
+    items = _with_units(items)
+    rows = []
+    for (task, density, selection, kind), part in items.groupby(["task", "density", "selection", "set"], sort=False):
+        for metric in _metrics(part):
+            values = part.dropna(subset=[metric])
+            est = estimate(values, {"kind": "mean", "column": metric, "cluster": "unit"})
+            per_seed = values.groupby("seed")[metric].mean()
+            low, high = _t_interval(per_seed.to_list())
+            rows.append({
+                "task": task, "density": density, "selection": selection, "set": kind, "metric": metric,
+                "mean": est.value, "ci_low": est.low, "ci_high": est.high, "n_units": est.n, "n_rows": len(values),
+                "n_seeds": len(per_seed), "seed_mean": float(per_seed.mean()), "seed_ci_low": low, "seed_ci_high": high,
+            })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def contrast_edits(items: pd.DataFrame, against: Sequence[str] = ("complement", "random")) -> pd.DataFrame:
+    """Circuit minus each of ``against``, paired on the same (seed, item): the mean difference with a 95 %
+    bootstrap interval over facts and a t-interval over the per-seed mean differences."""
+    from patchscopes.evals.claims import estimate
+
+    if items.empty or "circuit" not in set(items["selection"]):
+        return pd.DataFrame()
+    items = _with_units(items)
+    rows = []
+    for (task, density, kind), part in items.groupby(["task", "density", "set"], sort=False):
+        for other in [b for b in against if b in set(part["selection"])]:
+            for metric in _metrics(part):
+                values = part.dropna(subset=[metric])
+                stat = {"kind": "paired_difference", "column": metric, "by": "selection", "a": "circuit", "b": other,
+                        "pair": ["seed", "unit", "item"], "cluster": "unit"}  # fmt: skip
+                est = estimate(values, stat)
+                wide = values.pivot_table(index=["seed", "item"], columns="selection", values=metric)[["circuit", other]]
+                per_seed = (wide["circuit"] - wide[other]).groupby("seed").mean()
+                low, high = _t_interval(per_seed.to_list())
+                rows.append({
+                    "task": task, "density": density, "set": kind, "metric": metric, "contrast": f"circuit - {other}",
+                    "mean": est.value, "ci_low": est.low, "ci_high": est.high, "n_units": est.n, "n_seeds": len(per_seed),
+                    "seed_ci_low": low, "seed_ci_high": high,
+                })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _single_report(out: Path) -> dict[str, pd.DataFrame]:
     store = ResultStore.reopen(out)
     circuits = load_circuits(out)
     tables: dict[str, pd.DataFrame] = {}
@@ -210,10 +531,53 @@ def report(out: str | Path, figures: str | Path | None = None) -> dict[str, pd.D
     if comp:
         tables["composition"] = pd.concat(comp, ignore_index=True)
         tables["overlap"] = analysis.overlap(circuits)
-    for name in ("faithfulness", "eap", "edits", "history", "eap_edges"):
+    for name in ("faithfulness", "eap", "edits", "history", "eap_edges", "edit_items"):
         df = store.frame(name)
         if len(df):
             tables[name] = df
-    if figures is not None:
-        figs.write_all(tables, Path(figures))
+    return tables
+
+
+def _add_summaries(tables: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    items = tables.get("edit_items")
+    if items is not None and len(items):
+        tables["edit_summary"] = summarize_edits(items)
+        contrasts = contrast_edits(items)
+        if len(contrasts):
+            tables["edit_contrasts"] = contrasts
+    return tables
+
+
+def report(out: str | Path, figures: str | Path | None = None) -> dict[str, pd.DataFrame]:
+    """Composition (three measures), overlaps, faithfulness, EAP curves and edits as tables, plus figures.
+
+    ``out`` is one run directory, or a profile run (``seed-<k>`` run directories, see :func:`run_profile`):
+    then every table is concatenated over seeds with a ``seed`` column, and ``edit_summary`` /
+    ``edit_contrasts`` aggregate the edits over seeds and facts (means and 95 % intervals)."""
+    from patchscopes.circuits import figures as figs
+
+    out = Path(out)
+    seeds = seed_dirs(out)
+    if (out / "config.json").is_file():
+        tables = _add_summaries(_single_report(out))
+        if figures is not None:
+            figs.write_all(tables, Path(figures))
+    elif seeds:
+        parts: dict[str, list[pd.DataFrame]] = {}
+        for directory in seeds:
+            own = _single_report(directory)
+            if figures is not None:  # circuits, faithfulness and EAP per seed; the edits over all seeds below
+                figs.write_all({k: v for k, v in own.items() if k != "edits"}, Path(figures) / directory.name)
+            for name, df in own.items():
+                df = df.reset_index(names="circuit") if name == "overlap" else df.copy()
+                if "seed" not in df:
+                    df.insert(0, "seed", int(directory.name[5:]))
+                parts.setdefault(name, []).append(df)
+        tables = _add_summaries({name: pd.concat(dfs, ignore_index=True) for name, dfs in parts.items()})
+        if figures is not None and "edits" in tables:
+            figs.write_all({"edits": tables["edits"]}, Path(figures))
+    else:
+        raise CircuitError(
+            f"{out} is not a circuits run directory (no config.json); run `patchscopes circuits discover --out {out}`"
+        )
     return tables

@@ -7,8 +7,9 @@ foil (used by edge attribution patching). Four tasks:
 - ``det_noun``: determiner–noun number agreement ("She looked at these" → " cars" / " car");
 - ``subj_verb``: subject–verb agreement across a prepositional phrase ("The keys to the door" → " are" / " is");
 - ``sentiment``: sentiment of a short review phrase (" positive" / " negative");
-- ``hierarchy``: "A robin is a kind of" → " bird" (foil: another category), with :func:`new_facts` giving
-  held-out hyponyms for the knowledge-edit view.
+- ``hierarchy``: "A robin is a kind of" → " bird" (foil: another category), over the first ``N_KNOWN``
+  hyponyms of each category. :func:`new_facts` gives the 150 held-out hyponyms a false category for the
+  knowledge-edit view, and :func:`paraphrases` rewords each fact (evaluation only).
 
 >>> from patchscopes.circuits.tasks import make_task
 >>> task = make_task("subj_verb", n=8, seed=0)
@@ -123,20 +124,69 @@ NEGATIVE = ["terrible", "awful", "boring", "dreadful", "horrible", "dull", "poor
 THINGS = ["movie", "book", "meal", "hotel", "concert", "game", "show", "trip", "album", "play", "service", "class"]
 SENTIMENT_SHOTS = "Review: a wonderful film. Sentiment: positive\nReview: an awful meal. Sentiment: negative\n"
 
-HIERARCHY = {  # category → hyponyms written for this project; the last ones per category are held out for edits
-    "bird": ["robin", "sparrow", "eagle", "parrot", "owl", "crow", "pigeon", "swan", "falcon", "penguin"],
-    "fish": ["salmon", "trout", "tuna", "cod", "shark", "carp", "herring", "sardine", "eel", "goldfish"],
-    "tree": ["oak", "pine", "maple", "birch", "willow", "elm", "cedar", "palm", "spruce", "beech"],
-    "fruit": ["apple", "banana", "cherry", "mango", "peach", "pear", "plum", "grape", "lemon", "orange"],
-    "vehicle": ["car", "truck", "bus", "bicycle", "motorcycle", "van", "tractor", "taxi", "scooter", "tram"],
-    "instrument": ["guitar", "piano", "violin", "drum", "flute", "trumpet", "cello", "harp", "saxophone", "clarinet"],
-    "tool": ["hammer", "saw", "wrench", "drill", "screwdriver", "chisel", "shovel", "axe", "rake", "pliers"],
-    "flower": ["rose", "tulip", "daisy", "lily", "orchid", "sunflower", "daffodil", "violet", "poppy", "lavender"],
-    "dog": ["poodle", "beagle", "bulldog", "terrier", "labrador", "collie", "dalmatian", "greyhound", "husky", "pug"],
-    "metal": ["iron", "copper", "gold", "silver", "tin", "zinc", "lead", "nickel", "aluminium", "platinum"],
-}
+HIERARCHY = {  # category → hyponyms written for this project: the first N_KNOWN are known facts, the rest held out for edits
+    "bird": [
+        "robin", "sparrow", "eagle", "parrot", "owl", "crow", "pigeon",
+        "swan", "falcon", "penguin", "hawk", "heron", "stork", "flamingo", "pelican", "ostrich", "vulture", "woodpecker",
+        "seagull", "magpie", "wren", "finch",
+    ],
+    "fish": [
+        "salmon", "trout", "tuna", "cod", "shark", "carp", "herring",
+        "sardine", "eel", "goldfish", "mackerel", "haddock", "halibut", "perch", "pike", "catfish", "anchovy", "swordfish",
+        "tilapia", "flounder", "sturgeon", "minnow",
+    ],
+    "tree": [
+        "oak", "pine", "maple", "birch", "willow", "elm", "cedar",
+        "palm", "spruce", "beech", "fir", "poplar", "sycamore", "redwood", "cypress", "larch", "alder", "sequoia", "hickory",
+        "aspen", "yew", "baobab",
+    ],
+    "fruit": [
+        "apple", "banana", "cherry", "mango", "peach", "pear", "plum",
+        "grape", "lemon", "orange", "apricot", "papaya", "pineapple", "strawberry", "watermelon", "fig", "coconut",
+        "raspberry", "blueberry", "pomegranate", "nectarine", "guava",
+    ],
+    "vehicle": [
+        "car", "truck", "bus", "bicycle", "motorcycle", "van", "tractor",
+        "taxi", "scooter", "tram", "ambulance", "jeep", "limousine", "lorry", "wagon", "sedan", "minivan", "bulldozer",
+        "forklift", "hearse", "locomotive", "snowmobile",
+    ],
+    "instrument": [
+        "guitar", "piano", "violin", "drum", "flute", "trumpet", "cello",
+        "harp", "saxophone", "clarinet", "trombone", "tuba", "banjo", "accordion", "oboe", "bassoon", "harmonica",
+        "mandolin", "xylophone", "tambourine", "viola", "sitar",
+    ],
+    "tool": [
+        "hammer", "saw", "wrench", "drill", "screwdriver", "chisel", "shovel",
+        "axe", "rake", "pliers", "mallet", "crowbar", "trowel", "hatchet", "pickaxe", "sledgehammer", "spanner", "hacksaw",
+        "spade", "pitchfork", "awl", "clamp",
+    ],
+    "flower": [
+        "rose", "tulip", "daisy", "lily", "orchid", "sunflower", "daffodil",
+        "violet", "poppy", "lavender", "carnation", "marigold", "jasmine", "lilac", "peony", "hyacinth", "dahlia", "begonia",
+        "geranium", "petunia", "azalea", "crocus",
+    ],
+    "dog": [
+        "poodle", "beagle", "bulldog", "terrier", "labrador", "collie", "dalmatian",
+        "greyhound", "husky", "pug", "spaniel", "retriever", "chihuahua", "dachshund", "rottweiler", "mastiff", "corgi",
+        "bloodhound", "whippet", "schnauzer", "doberman", "pomeranian",
+    ],
+    "metal": [
+        "iron", "copper", "gold", "silver", "tin", "zinc", "lead",
+        "nickel", "aluminium", "platinum", "titanium", "cobalt", "chromium", "magnesium", "tungsten", "lithium", "sodium",
+        "potassium", "calcium", "palladium", "manganese", "bismuth",
+    ],
+}  # fmt: skip
+N_KNOWN = 7  # hyponyms per category in the circuit task (known facts); the rest of each list is held out for edits
+N_HELD_OUT = len(HIERARCHY["bird"]) - N_KNOWN  # held-out hyponyms per category (15): new_facts() has 10 × 15 = 150
+N_LEGACY_HELD_OUT = 3  # the held-out hyponyms of earlier versions: new_facts()[:30] are the 30 facts they inserted
+FACT_TEMPLATE = "{article} {hyponym} is a kind of"  # the prompt the edit trains on
+PARAPHRASE_TEMPLATES = (  # other wordings of the same fact: used only to evaluate an edit, never to train it
+    "{article} {hyponym} is a type of",
+    "{article} {hyponym} is a sort of",
+    "{article} {hyponym} belongs to the category of",
+)
+SHOT_FACTS = (("cow", "animal"), ("shirt", "clothing"))  # the two-shot prefix, in each template's own wording
 HIERARCHY_SHOTS = "A cow is a kind of animal. A shirt is a kind of clothing. "
-N_HELD_OUT = 3  # hyponyms per category kept out of the circuit task, for knowledge edits
 
 
 def _article(word: str) -> str:
@@ -186,16 +236,39 @@ def sentiment(n: int, rng: random.Random) -> list[Example]:
     return out
 
 
+def _statement(template: str, hyponym: str) -> str:
+    """One fact's prompt in ``template``'s wording, without the category: "A robin is a kind of"."""
+    return template.format(article=_article(hyponym), hyponym=hyponym)
+
+
+def fact_prompt(hyponym: str, template: str = FACT_TEMPLATE) -> str:
+    """The two-shot prompt of ``hyponym`` in ``template``'s wording; the shots use the same wording, so a
+    paraphrase changes the whole prompt's relation phrase and not only the last sentence."""
+    if "{hyponym}" not in template or "{article}" not in template:
+        raise TaskError(f"a fact template needs {{article}} and {{hyponym}} fields, got {template!r}")
+    shots = "".join(f"{_statement(template, h)} {c}. " for h, c in SHOT_FACTS)
+    return shots + _statement(template, hyponym)
+
+
 def _fact(hyponym: str, category: str, foil: str, corrupt_hyponym: str) -> Example:
-    prompt = f"{HIERARCHY_SHOTS}{_article(hyponym)} {hyponym} is a kind of"
-    corrupt = f"{HIERARCHY_SHOTS}{_article(corrupt_hyponym)} {corrupt_hyponym} is a kind of"
+    prompt, corrupt = fact_prompt(hyponym), fact_prompt(corrupt_hyponym)
     categories = sorted(HIERARCHY)
     return Example(prompt, " " + category, " " + foil, corrupt, categories.index(category), {"hyponym": hyponym})
 
 
+def known_hyponyms() -> dict[str, list[str]]:
+    """Category → the hyponyms of the circuit task (the known facts)."""
+    return {c: hs[:N_KNOWN] for c, hs in HIERARCHY.items()}
+
+
+def held_out_hyponyms() -> dict[str, list[str]]:
+    """Category → the held-out hyponyms: never in the circuit task, inserted with a false category by edits."""
+    return {c: hs[N_KNOWN:] for c, hs in HIERARCHY.items()}
+
+
 def hierarchy(n: int, rng: random.Random) -> list[Example]:
-    """Known facts (all but the held-out hyponyms, at most 70); the foil is the category of the corrupt hyponym."""
-    pairs = [(h, c) for c, hs in HIERARCHY.items() for h in hs[:-N_HELD_OUT]]
+    """Known facts (the first N_KNOWN hyponyms per category, at most 70); the foil is the category of the corrupt hyponym."""
+    pairs = [(h, c) for c, hs in known_hyponyms().items() for h in hs]
     rng.shuffle(pairs)
     out = []
     for hyponym, category in pairs[:n]:  # each fact once: at most len(pairs) examples, so no prompt is in two splits
@@ -204,19 +277,41 @@ def hierarchy(n: int, rng: random.Random) -> list[Example]:
     return out
 
 
-def new_facts(seed: int = 0) -> list[Example]:
+def new_facts(seed: int = 0, n: int | None = None) -> list[Example]:
     """Held-out hyponyms with a *new* (false) category to insert: ``target`` is the new category, ``foil``
-    the true one. They were never part of the circuit task."""
+    the true one. They were never part of the circuit task. 150 facts (15 per category); ``n`` keeps the
+    first ``n``. The first three held-out hyponyms of every category come first, with the same new
+    categories as in earlier versions (``new_facts(seed)[:30]``); then the others, category by category."""
+    held = held_out_hyponyms()
+    total = sum(len(hs) for hs in held.values())
+    if n is not None and not 1 <= n <= total:
+        raise TaskError(f"new_facts has {total} held-out facts; n must be between 1 and {total}, got n={n}")
     rng = random.Random(seed)
     categories = sorted(HIERARCHY)
     out = []
-    for category, hyponyms in HIERARCHY.items():
-        for hyponym in hyponyms[-N_HELD_OUT:]:
-            new = rng.choice([c for c in categories if c != category])
-            prompt = f"{HIERARCHY_SHOTS}{_article(hyponym)} {hyponym} is a kind of"
-            out.append(
-                Example(prompt, " " + new, " " + category, prompt, categories.index(new), {"hyponym": hyponym, "true": category})
-            )
+    for part in (slice(0, N_LEGACY_HELD_OUT), slice(N_LEGACY_HELD_OUT, None)):
+        for category, hyponyms in held.items():
+            for hyponym in hyponyms[part]:
+                new = rng.choice([c for c in categories if c != category])
+                prompt = fact_prompt(hyponym)
+                meta = {"hyponym": hyponym, "true": category, "template": FACT_TEMPLATE}
+                out.append(Example(prompt, " " + new, " " + category, prompt, categories.index(new), meta))
+    return out[:n]
+
+
+def paraphrases(fact: Example, templates: tuple[str, ...] = PARAPHRASE_TEMPLATES) -> list[Example]:
+    """The same fact (same new ``target`` and true ``foil``) in other wordings, for evaluating an edit only.
+
+    ``fact`` is one of :func:`new_facts`; each paraphrase keeps its ``meta`` plus the ``template`` used."""
+    hyponym = fact.meta.get("hyponym")
+    if not hyponym:
+        raise TaskError("paraphrases need a fact from new_facts() (its meta names the hyponym)")
+    out = []
+    for template in templates:
+        prompt = fact_prompt(hyponym, template)
+        if prompt == fact.prompt:
+            raise TaskError(f"paraphrase template {template!r} gives the training prompt itself")
+        out.append(Example(prompt, fact.target, fact.foil, prompt, fact.label, {**fact.meta, "template": template}))
     return out
 
 
@@ -225,7 +320,7 @@ DESCRIPTIONS = {
     "det_noun": "determiner–noun number agreement (this/that vs these/those → singular vs plural noun)",
     "subj_verb": "subject–verb number agreement across a prepositional phrase (is/are, was/were, has/have)",
     "sentiment": "sentiment of a short two-shot review phrase (positive vs negative)",
-    "hierarchy": "'X is a kind of Y' facts over 10 categories (foil: another category)",
+    "hierarchy": "'X is a kind of Y' facts over 10 categories, 7 known hyponyms each (foil: another category)",
 }
 TASKS = tuple(GENERATORS)
 
