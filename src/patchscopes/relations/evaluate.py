@@ -295,32 +295,23 @@ def evaluate_split(
 ) -> list[dict]:
     """All rows (one per test prompt or edit and method) of one (relation, seed).
 
-    With a β grid (``cfg.betas``) every edit is tried at every β, on the test prompts (``split`` "test")
-    and on validation edits of training subjects (``split`` "val"), and each causality row names its β.
+    Causality rows name their ``split`` and ``beta``: the test edits at every β of ``cfg.betas`` (or at the
+    one ``cfg.beta``), and with a β grid also validation edits of training subjects (``split`` "val").
     """
     s_layer = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
     sets = concept_sets(lm, data, cfg, jacobians, artifacts)
     states = subject_states(lm, data.test_prompts, s_layer, cfg.batch_size)
     objects = sorted({s.object for s in data.train})
     edits = causal_edits(lm, data.test_prompts, objects, seed, cfg.batch_size)
+    val = validation_edits(lm, data, cfg, seed) if cfg.betas else []
     rows: list[dict] = []
-    if not cfg.betas:
-        for method, concepts in sets.items():
-            accuracy, success = evaluate_concepts(lm, concepts, data.test_prompts, states, edits, cfg.beta, cfg.batch_size)
-            base = {"relation": data.relation.name, "seed": seed, "method": method}
-            for p, ok in zip(data.test_prompts, accuracy):
-                rows.append({**base, "kind": "accuracy", "subject": p.subject, "object": p.object, "ok": ok})
-            for e, ok in zip(edits, success):
-                rows.append({**base, "kind": "causality", "subject": e.prompt.subject, "object": e.new, "ok": ok})
-        return rows
-    val = validation_edits(lm, data, cfg, seed)
     for method, concepts in sets.items():
         base = {"relation": data.relation.name, "seed": seed, "method": method}
         for p, pred in zip(data.test_prompts, concepts.classify(states)):
             row: dict[str, Any] = {"kind": "accuracy", "split": "test", "subject": p.subject, "object": p.object}
             rows.append({**base, **row, "ok": pred == p.object})
         for split, group in (("test", edits), ("val", val)):
-            for beta in cfg.betas:
+            for beta in cfg.betas or (cfg.beta,):
                 for e, ok in zip(group, causality(lm, concepts, group, beta, batch_size=cfg.batch_size) if group else []):
                     row = {"kind": "causality", "split": split, "beta": beta, "subject": e.prompt.subject, "object": e.new}
                     rows.append({**base, **row, "ok": ok})

@@ -15,13 +15,19 @@ from collections.abc import Sequence
 from patchscopes.relations.data import RelationSample
 
 
+def group_by_object(samples: Sequence[RelationSample]) -> dict[str, list[RelationSample]]:
+    """The samples of each object, in their order."""
+    groups: dict[str, list[RelationSample]] = {}
+    for s in samples:
+        groups.setdefault(s.object, []).append(s)
+    return groups
+
+
 def split_by_object(
     samples: Sequence[RelationSample], seed: int, train_fraction: float = 0.5
 ) -> tuple[list[RelationSample], list[RelationSample]]:
     """Shuffle each object's samples (seeded) and put ``ceil(n·fraction)`` (≥ 1) in train, the rest in test."""
-    by_object: dict[str, list[RelationSample]] = {}
-    for s in samples:
-        by_object.setdefault(s.object, []).append(s)
+    by_object = group_by_object(samples)
     rng = random.Random(seed)
     train: list[RelationSample] = []
     test: list[RelationSample] = []
@@ -65,9 +71,7 @@ def fold_split(
     """
     if not 0 <= fold < n_folds:
         raise ValueError(f"fold {fold} is not in 0..{n_folds - 1}")
-    by_object: dict[str, list[RelationSample]] = {}
-    for s in samples:
-        by_object.setdefault(s.object, []).append(s)
+    by_object = group_by_object(samples)
     rng = random.Random(seed)
     train: list[RelationSample] = []
     test: list[RelationSample] = []
@@ -96,9 +100,7 @@ def balanced_choice(relation: str, samples: Sequence[RelationSample], n: int) ->
     >>> sorted(s.object for s in chosen)
     ['x', 'y']
     """
-    queues: dict[str, list[RelationSample]] = {}
-    for s in hash_rank(relation, samples):
-        queues.setdefault(s.object, []).append(s)
+    queues = group_by_object(hash_rank(relation, samples))
     chosen: list[RelationSample] = []
     while len(chosen) < n and any(queues.values()):
         for queue in queues.values():
