@@ -471,7 +471,7 @@ def summarize_edits(items: pd.DataFrame) -> pd.DataFrame:
     """Per (task, density, selection, set, metric): the mean over facts and seeds with a 95 % bootstrap
     interval over facts (``ci_low`` / ``ci_high``; a fact's rows from every seed are resampled together),
     and the mean of the per-seed means with a 95 % t-interval over seeds (``seed_ci_low`` / ``seed_ci_high``)."""
-    from patchscopes.evals.claims import estimate
+    from patchscopes.statistics import estimate
 
     if items.empty:
         return pd.DataFrame()
@@ -494,7 +494,7 @@ def summarize_edits(items: pd.DataFrame) -> pd.DataFrame:
 def contrast_edits(items: pd.DataFrame, against: Sequence[str] = ("complement", "random")) -> pd.DataFrame:
     """Circuit minus each of ``against``, paired on the same (seed, item): the mean difference with a 95 %
     bootstrap interval over facts and a t-interval over the per-seed mean differences."""
-    from patchscopes.evals.claims import estimate
+    from patchscopes.statistics import estimate
 
     if items.empty or "circuit" not in set(items["selection"]):
         return pd.DataFrame()

@@ -44,7 +44,6 @@ from patchscopes import plots
 from patchscopes.capture import capture
 from patchscopes.datasets import data_dir
 from patchscopes.evals.attribute_data import AttributeSample, load_attribute_task
-from patchscopes.evals.claims import estimate
 from patchscopes.evals.common import EvalError, UnitCounter, open_store, run_config, seeded_sample
 from patchscopes.evals.probing import accuracy_of, paired_test, probe_predictions
 from patchscopes.models.loading import ModelHandle
@@ -53,6 +52,7 @@ from patchscopes.positions import find_spans, resolve_positions
 from patchscopes.presets import attribute
 from patchscopes.progress import progress_bar
 from patchscopes.results import ResultStore
+from patchscopes.statistics import estimate
 from patchscopes.sweep import sweep
 
 #: The twelve tasks of the paper's Table 2.

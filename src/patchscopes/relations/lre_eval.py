@@ -31,7 +31,6 @@ from typing import Any
 import pandas as pd
 
 from patchscopes.errors import PatchscopeError
-from patchscopes.evals.claims import estimate
 from patchscopes.layers import resolve_block
 from patchscopes.models.loading import ModelHandle
 from patchscopes.progress import progress_bar
@@ -41,6 +40,7 @@ from patchscopes.relations.lre import LinearRelationalEmbedding, estimate_lre, f
 from patchscopes.relations.lre_measures import LreMeasure, lre_causality_grid, lre_faithfulness_grid
 from patchscopes.relations.prompts import RelationPrompt, answers_correctly, few_shot_prompt, filter_correct
 from patchscopes.results import ResultStore
+from patchscopes.statistics import estimate
 
 KINDS = ("faithfulness", "causality")
 ROW_COLUMNS = ("relation", "seed", "split", "kind", "beta", "subject", "target", "hit")

@@ -1,0 +1,168 @@
+"""Bootstrap statistics over result tables, with 95% intervals over independent units: the numbers behind
+the claim tables (:mod:`patchscopes.evals.claims`) and the evaluations' own summaries.
+
+>>> import pandas as pd
+>>> scores = pd.DataFrame({"example": [0, 0, 1, 1], "method": ["a", "b"] * 2, "hit": [1, 0, 1, 1]})
+>>> estimate(scores, {"kind": "mean", "column": "hit"}).value
+0.75
+>>> estimate(scores, {"kind": "paired_difference", "column": "hit", "by": "method", "a": "a", "b": "b",
+...                   "pair": ["example"]}).value
+0.5
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from patchscopes.errors import PatchscopeError
+
+RESAMPLES = 2000
+
+
+class ClaimsError(PatchscopeError, ValueError):
+    """A claim specification or a result file it names cannot be read as the claim says."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic with its 95% bootstrap interval over ``n`` independent units."""
+
+    value: float
+    low: float
+    high: float
+    n: int
+
+
+def _select(frame: pd.DataFrame, where: Mapping[str, Any] | None) -> pd.DataFrame:
+    for column, wanted in (where or {}).items():
+        if column not in frame.columns:
+            raise ClaimsError(f"'where' names column {column!r}, which the result file lacks (have: {list(frame.columns)})")
+        frame = frame[frame[column].isin(wanted if isinstance(wanted, list) else [wanted])]
+    return frame
+
+
+def _need(frame: pd.DataFrame, *columns: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ClaimsError(f"the result file lacks column(s) {missing} (have: {list(frame.columns)})")
+
+
+def _bootstrap_means(sums: np.ndarray, counts: np.ndarray, seed: int) -> tuple[float, float]:
+    """Percentile interval of the pooled mean sum/count when the units (rows of sums, counts) are resampled."""
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(sums), size=(RESAMPLES, len(sums)))
+    means = sums[picks].sum(1) / counts[picks].sum(1)
+    low, high = np.quantile(means, [0.025, 0.975])
+    return float(low), float(high)
+
+
+def _mean(frame: pd.DataFrame, column: str, cluster: str | None, seed: int) -> Estimate:
+    if frame.empty:
+        raise ClaimsError(f"no rows are left to average {column!r} over; check the claim's 'where'")
+    values = frame[column].astype(float)
+    if cluster is None:
+        sums, counts = values.to_numpy(), np.ones(len(values))
+    else:
+        grouped = values.groupby(frame[cluster])
+        sums, counts = grouped.sum().to_numpy(), grouped.count().to_numpy().astype(float)
+    low, high = _bootstrap_means(sums, counts, seed)
+    return Estimate(float(sums.sum() / counts.sum()), low, high, len(sums))
+
+
+def _paired(frame: pd.DataFrame, stat: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per pair: the difference a − b of ``column`` between the two levels of ``by`` (long files), or
+    of the columns ``a`` and ``b`` of each row (wide files, without ``by``)."""
+    if "by" not in stat:
+        _need(frame, stat["a"], stat["b"], *([stat["cluster"]] if stat.get("cluster") else []))
+        both = frame.dropna(subset=[stat["a"], stat["b"]])
+        return both.assign(difference=both[stat["a"]].astype(float) - both[stat["b"]].astype(float))
+    column, by, pair = stat["column"], stat["by"], list(stat["pair"])
+    _need(frame, column, by, *pair)
+    wide = frame[frame[by].isin([stat["a"], stat["b"]])].pivot_table(index=pair, columns=by, values=column, aggfunc="mean")
+    for level in (stat["a"], stat["b"]):
+        if level not in wide.columns:
+            raise ClaimsError(f"column {by!r} has no rows equal to {level!r}")
+    wide = wide.dropna()
+    return pd.DataFrame({"difference": wide[stat["a"]] - wide[stat["b"]]}).reset_index()
+
+
+def _group_difference(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int) -> Estimate:
+    """Mean of ``column`` in group ``a`` of ``by`` minus its mean in group ``b``, for two independent groups
+    (no pairing): each unit (``cluster``, default a row) is first averaged, then the units of each group are
+    resampled separately (a stratified bootstrap)."""
+    column, by = stat["column"], stat["by"]
+    cluster = stat.get("cluster")
+    _need(frame, column, by, *([cluster] if cluster else []))
+    groups = []
+    for level in (stat["a"], stat["b"]):
+        part = frame[frame[by] == level]
+        if part.empty:
+            raise ClaimsError(f"column {by!r} has no rows equal to {level!r}")
+        values = part[column].astype(float)
+        groups.append((values.groupby(part[cluster]).mean() if cluster else values).to_numpy())
+    a, b = groups
+    rng = np.random.default_rng(seed)
+    draws = a[rng.integers(0, len(a), size=(RESAMPLES, len(a)))].mean(1) - b[
+        rng.integers(0, len(b), size=(RESAMPLES, len(b)))
+    ].mean(1)
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return Estimate(float(a.mean() - b.mean()), float(low), float(high), len(a) + len(b))
+
+
+def _crossover_layer(curves: np.ndarray, layers: np.ndarray) -> float:
+    """The first layer from which curve a stays above curve b at every later layer (the last excluded); inf if never."""
+    above = curves[0, :-1] > curves[1, :-1]
+    for k in range(len(above)):
+        if above[k:].all():
+            return float(layers[k])
+    return float("inf")
+
+
+def _crossover(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int) -> Estimate:
+    column, by, unit, x = stat["column"], stat["by"], stat.get("unit", "example"), stat.get("x", "layer")
+    _need(frame, column, by, unit, x)
+    part = frame[frame[by].isin([stat["a"], stat["b"]])]
+    cube = part.pivot_table(index=unit, columns=[by, x], values=column, aggfunc="mean")
+    layers = np.array(sorted(part[x].unique()))
+    try:
+        values = np.stack([cube[level][layers].to_numpy(float) for level in (stat["a"], stat["b"])], axis=1)
+    except KeyError as missing:
+        raise ClaimsError(f"crossover needs every {x} for both {stat['a']!r} and {stat['b']!r}; missing {missing}") from None
+    scale = float(stat.get("per_depth", 1.0))
+    point = _crossover_layer(values.mean(0), layers) / scale
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(values), size=(RESAMPLES, len(values)))
+    draws = np.array([_crossover_layer(values[p].mean(0), layers) for p in picks]) / scale
+    low, high = np.quantile(draws, [0.025, 0.975], method="inverted_cdf")  # a draw may be inf (never crosses)
+    return Estimate(point, float(low), float(high), len(values))
+
+
+def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Estimate:
+    """The statistic ``stat`` of ``frame`` (a result file's rows) with its 95% bootstrap interval.
+
+    Kinds: ``mean`` of ``column`` (units: ``cluster``, default every row); ``paired_difference`` of
+    ``column`` between levels ``a`` and ``b`` of ``by``, paired on the columns ``pair`` (units: ``cluster``,
+    default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``group_difference``:
+    mean of ``column`` in level ``a`` of ``by`` minus level ``b``, two independent groups of units
+    (``cluster``), bootstrapped within each group; ``crossover``: the
+    first ``x`` (layer) from which ``a``'s mean stays above ``b``'s, divided by ``per_depth`` (units: ``unit``).
+    ``where`` keeps the rows whose columns hold the given values.
+    """
+    kind = stat.get("kind")
+    frame = _select(frame, stat.get("where"))
+    if kind == "mean":
+        _need(frame, stat["column"], *([stat["cluster"]] if stat.get("cluster") else []))
+        return _mean(frame, stat["column"], stat.get("cluster"), seed)
+    if kind == "paired_difference":
+        pairs = _paired(frame, stat)
+        return _mean(pairs, "difference", stat.get("cluster"), seed)
+    if kind == "group_difference":
+        return _group_difference(frame, stat, seed)
+    if kind == "crossover":
+        return _crossover(frame, stat, seed)
+    raise ClaimsError(f"unknown statistic kind {kind!r}; use mean, paired_difference, group_difference or crossover")
