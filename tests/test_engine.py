@@ -197,3 +197,25 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others():
     assert [f.generated for f in fast] == [p.generated for p in plain] == [a.generated for a in alone]
     lengths = {len(a.generated) for a in alone}
     assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, others ran to the end
+
+
+def test_blocks_that_skip_themselves_keep_the_fast_engine_exact():
+    """Mllama's cross-attention blocks skip themselves on text-only input; from transformers 5.25 on their
+    cache layers stay empty (keys None). The fast engine leaves such a block in place and replays nothing
+    for it: the self-check passes and waves patched around it equal the plain engine."""
+    from arch_coverage import build
+    from patchscopes.engine import fast_engine_problem
+    from patchscopes.models.loading import from_model
+    from tiny import tiny_tokenizer
+
+    lm = from_model(build("mllama"), tiny_tokenizer(), name="tiny-mllama")  # block 1 is a cross-attention block
+    assert fast_engine_problem(lm) is None
+    target = lm.tokenize("cat -> cat\n1135 -> 1135\nhello -> hello\n?").ids
+    source = lm.tokenize("The capital of France is Paris").ids
+    layers = [layer for layer in range(lm.n_layers) if layer != 1]
+    [states] = capture(lm, [source], [[len(source) - 1]], layers)
+    runs = [PatchedRun(target, [Patch(layer, [len(target) - 1], state)]) for layer, state in zip(layers, states)]
+    fast = run_patched_fast(lm, runs, max_new_tokens=3, batch_size=1)
+    for f, p in zip(fast, _one_by_one(lm, runs, 3)):
+        assert (f.logits - p.logits).abs().max() <= ATOL
+        assert f.generated == p.generated

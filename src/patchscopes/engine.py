@@ -57,7 +57,7 @@ class _TargetState:
 
     prefix_cache: Any  # cache after T[:i*] (None when i* == 0)
     suffix_hidden: dict[int, torch.Tensor]  # layer → [S, d] unpatched block output at T[i*:]
-    suffix_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer → keys, values [1, h, S, hd]
+    suffix_kv: dict[int, tuple[torch.Tensor, torch.Tensor] | None]  # layer → keys, values [1, h, S, hd]; None: wrote none
     output_template: dict[int, Any]  # layer → an output of that block (to mimic its structure)
 
 
@@ -146,8 +146,11 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
     finally:
         for h in handles:
             h.remove()
-    kv = {}
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
     for index, layer in enumerate(compat.cache_layers(compat.output_cache(out))):
+        if getattr(layer, "keys", None) is None:  # a block that skipped itself (mllama's cross-attention on text)
+            kv[index] = None
+            continue
         kv[index] = (layer.keys[..., -len(suffix) :, :].clone(), layer.values[..., -len(suffix) :, :].clone())
     return _TargetState(prefix_cache, hidden, kv, templates)
 
@@ -168,7 +171,7 @@ class _WaveBlock(nn.Module):
         index: int,
         active: int,
         stored: torch.Tensor,
-        kv: tuple[torch.Tensor, torch.Tensor],
+        kv: tuple[torch.Tensor, torch.Tensor] | None,
         template: Any,
         keep_cache: bool = True,
     ):
@@ -189,6 +192,8 @@ class _WaveBlock(nn.Module):
             return getattr(self._modules["original"], name)
 
     def _replay(self, cache: Any, rows: int) -> None:
+        if self.kv is None:  # the block wrote no keys and values in the unpatched run, so its replay writes none
+            return
         keys, values = self.kv
         compat.append_kv(cache, keys.expand(rows, *keys.shape[1:]), values.expand(rows, *values.shape[1:]), self.index)
 
@@ -239,6 +244,8 @@ def _stand_ins(
     n_suffix = state.suffix_hidden[0].shape[0]
     stand_ins = {}
     for index in range(max(layers) + 1):
+        if index not in state.suffix_hidden:  # the block skipped itself in the unpatched run (mllama's cross-attention
+            continue  # on text); it stays as it is, and patching there is refused as a block that did not run
         active = sum(1 for layer in layers if layer < index)
         stored = state.suffix_hidden[index].to(device).expand(rows - active, n_suffix, -1)
         patched_here = [row for row in range(active, rows) if layers[row] == index]
@@ -302,7 +309,7 @@ def wave_rows(lm: ModelHandle, state: _TargetState, tokens: int, batch_size: int
     positions in every layer at the size the target's own cache has, and one row of next-token logits; the
     cap of 1,024 rows is past the point where the matmuls reach full speed.
     """
-    per_token = sum(keys[0, ..., :1, :].nbytes + values[0, ..., :1, :].nbytes for keys, values in state.suffix_kv.values())
+    per_token = sum(kv[0][0, ..., :1, :].nbytes + kv[1][0, ..., :1, :].nbytes for kv in state.suffix_kv.values() if kv)
     per_row = per_token * tokens + 4 * lm.vocab_size
     return max(batch_size, min(1024, budget_bytes // max(1, per_row)))
 

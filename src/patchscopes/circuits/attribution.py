@@ -36,6 +36,7 @@ from patchscopes.circuits.tasks import Encoded
 from patchscopes.hooks import at_locations
 from patchscopes.layers import EMBEDDINGS
 from patchscopes.models.adapters import BlockLayout
+from patchscopes.models.gradients import frozen
 
 
 def _module(root: nn.Module, path: str) -> nn.Module:
@@ -257,11 +258,8 @@ def attribute(lm, data: Encoded, method: str = "eap", steps: int = 5, batch_size
     graph = Graph.build(lm.n_layers, n_heads_of(lm))
     total = torch.zeros(len(graph.senders), len(graph.receivers))
     rec = _Recorder(lm, graph, layout)
-    saved = [(p, p.requires_grad) for p in lm.model.parameters()]
     try:
-        for p, _ in saved:
-            p.requires_grad_(False)
-        with rec.hooks():
+        with frozen(lm.model), rec.hooks():
             for start in range(0, len(data), batch_size):
                 sub = data.subset(list(range(start, min(start + batch_size, len(data)))))
                 with torch.no_grad():
@@ -294,8 +292,6 @@ def attribute(lm, data: Encoded, method: str = "eap", steps: int = 5, batch_size
                 total += torch.einsum("btsd,btrd->sr", delta, grads)
     finally:
         rec.track_grads, rec.replace_input = False, None
-        for p, flag in saved:
-            p.requires_grad_(flag)
     scores = torch.where(graph.valid, total / len(data), torch.zeros_like(total))
     return EdgeScores(graph, scores, method, len(data))
 

@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from patchscopes.circuits.circuit import Circuit, CircuitError
-from patchscopes.circuits.forward import frozen, last_logits
+from patchscopes.circuits.forward import last_logits
 from patchscopes.circuits.tasks import Encoded
+from patchscopes.models.gradients import frozen
 
 #: The name given to a single, unnamed locality set.
 DEFAULT_LOCALITY = "known"

@@ -59,20 +59,3 @@ def choice_logits(
     rows = torch.arange(len(ids))
     pair = torch.stack([logits[rows, torch.tensor(list(target_ids))], logits[rows, torch.tensor(list(foil_ids))]], dim=1)
     return pair, torch.log_softmax(logits, dim=-1)
-
-
-class frozen:  # noqa: N801 - used as a context manager
-    """Turn off ``requires_grad`` on a model's parameters for a block, then restore it (weights untouched)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.saved: list[tuple[torch.nn.Parameter, bool]] = []
-
-    def __enter__(self) -> None:
-        self.saved = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self.saved:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc: object) -> None:
-        for p, flag in self.saved:
-            p.requires_grad_(flag)

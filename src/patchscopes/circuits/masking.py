@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from patchscopes.circuits.circuit import Circuit, CircuitError
-from patchscopes.circuits.forward import choice_logits, frozen
+from patchscopes.circuits.forward import choice_logits
 from patchscopes.circuits.tasks import Encoded
+from patchscopes.models.gradients import frozen
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from patchscopes import compat
 from patchscopes.errors import LayerError, SpecError
 from patchscopes.hooks import at_locations
+from patchscopes.models.gradients import frozen
 from patchscopes.models.loading import ModelHandle
 from patchscopes.relations.prompts import Located
 
@@ -80,7 +81,7 @@ def prompt_jacobian(
     ids = torch.tensor([located.ids[: predicting[-1] + 1]], device=lm.device)
     rel = [p - start for p in predicting]
     deepest = layers[-1]
-    with eager_attention(lm):
+    with eager_attention(lm), frozen(lm.model):  # gradients w.r.t. s only: no weight gradients built
         past = None
         if start > 0:
             with torch.no_grad():
