@@ -149,3 +149,18 @@ def _table(out: Path, name: str) -> pd.DataFrame:
     """A result store's table, read from its JSON-lines file (one unit per line, its rows under "rows")."""
     units = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines() if line.strip()]
     return pd.DataFrame([row for unit in units for row in unit["rows"]])
+
+
+def test_both_relation_evaluations_refuse_an_unknown_relation_by_name(data_root: Path) -> None:
+    """One lookup serves the LRC and the LRE evaluations; each names the unknown relation and the known ones
+    in its own error class."""
+    from patchscopes.relations import lre_eval
+    from patchscopes.relations.evaluate import LrcEvalError
+
+    cfg = replace(PROFILES["paper"], relations=("person native language", "no such relation"))
+    with pytest.raises(LrcEvalError, match=r"unknown relation\(s\) \['no such relation'\]; available: .*person native"):
+        select_relations(cfg)
+    lre_cfg = replace(lre_eval.PROFILES["quick"], relations=("no such relation",))
+    with pytest.raises(lre_eval.LreEvalError, match=r"unknown relation\(s\) \['no such relation'\]"):
+        lre_eval.select_relations(lre_cfg)
+    assert [r.name for r in select_relations(replace(cfg, relations=("person native language",)))] == ["person native language"]

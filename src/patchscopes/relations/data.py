@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,15 @@ def load_relations(directory: str | Path | None = None) -> dict[str, Relation]:
     if not files:
         raise DataFormatError(f"no relation JSON files under {root}; set PATCHSCOPES_DATA or run `patchscopes data download`")
     return {rel.name: rel for rel in (load_relation(f) for f in files)}
+
+
+def relations_named(
+    names: Sequence[str], directory: str | Path | None = None, error: type[Exception] = DataFormatError
+) -> list[Relation]:
+    """The relations called ``names`` (their ``name`` field), in that order; an unknown name raises ``error``
+    listing the available ones."""
+    available = load_relations(directory)
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise error(f"unknown relation(s) {missing}; available: {', '.join(sorted(available))}")
+    return [available[name] for name in names]

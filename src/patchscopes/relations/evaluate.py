@@ -32,7 +32,7 @@ from patchscopes.layers import resolve_block
 from patchscopes.models.loading import ModelHandle
 from patchscopes.progress import progress_bar
 from patchscopes.relations.baselines import averaging_concepts, svm_concepts
-from patchscopes.relations.data import Relation, RelationSample, load_relations
+from patchscopes.relations.data import Relation, RelationSample, relations_named
 from patchscopes.relations.jcache import JacobianCache
 from patchscopes.relations.lrc import ConceptSet, lrc_concepts, subject_states
 from patchscopes.relations.lre import estimate_lre
@@ -141,11 +141,7 @@ class SplitData:
 
 def select_relations(cfg: LrcConfig) -> list[Relation]:
     """The configured relations (by their ``name`` field), from the data directory or ``relations_dir``."""
-    available = load_relations(cfg.relations_dir)
-    missing = [r for r in cfg.relations if r not in available]
-    if missing:
-        raise LrcEvalError(f"unknown relation(s) {missing}; available: {', '.join(sorted(available))}")
-    return [available[r] for r in cfg.relations]
+    return relations_named(cfg.relations, cfg.relations_dir, LrcEvalError)
 
 
 def correct_samples(lm: ModelHandle, relation: Relation, cfg: LrcConfig, store: ResultStore | None) -> list[RelationSample]:

@@ -34,7 +34,7 @@ from patchscopes.errors import PatchscopeError
 from patchscopes.layers import resolve_block
 from patchscopes.models.loading import ModelHandle
 from patchscopes.progress import progress_bar
-from patchscopes.relations.data import Relation, RelationSample, load_relations
+from patchscopes.relations.data import Relation, RelationSample, relations_named
 from patchscopes.relations.jcache import JacobianCache
 from patchscopes.relations.lre import LinearRelationalEmbedding, estimate_lre, from_jacobians
 from patchscopes.relations.lre_measures import LreMeasure, lre_causality_grid, lre_faithfulness_grid
@@ -103,11 +103,7 @@ PROFILES: dict[str, LreEvalConfig] = {
 
 def select_relations(cfg: LreEvalConfig) -> list[Relation]:
     """The configured relations (by their ``name`` field), from the data directory or ``relations_dir``."""
-    available = load_relations(cfg.relations_dir)
-    missing = [r for r in cfg.relations if r not in available]
-    if missing:
-        raise LreEvalError(f"unknown relation(s) {missing}; available: {', '.join(sorted(available))}")
-    return [available[r] for r in cfg.relations]
+    return relations_named(cfg.relations, cfg.relations_dir, LreEvalError)
 
 
 def correct_samples(lm: ModelHandle, relation: Relation, cfg: LreEvalConfig, store: ResultStore) -> list[RelationSample]:
