@@ -122,6 +122,7 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
             input_ids=torch.tensor([list(ids[:start])], device=device),
             position_ids=torch.arange(start, device=device)[None],
             use_cache=True,
+            **compat.logits_to_keep_kwargs(lm.model, 1),  # only the cache is kept: no full-vocabulary logits per position
         )
         prefix_cache = compat.output_cache(out)
     suffix = list(ids[start:])
@@ -142,6 +143,7 @@ def _prepare_target(lm: ModelHandle, ids: Sequence[int], start: int) -> _TargetS
             position_ids=torch.arange(start, len(ids), device=device)[None],
             use_cache=True,
             **compat.cache_kwargs(lm.model, cache),
+            **compat.logits_to_keep_kwargs(lm.model, 1),
         )
     finally:
         for h in handles:
