@@ -162,3 +162,22 @@ def test_paired_difference_of_two_columns_of_a_wide_file() -> None:
     wide = pd.DataFrame({"query": range(6), "x": [1, 1, 1, 0, 1, None], "y": [0, 1, 0, 0, 0, 1]})
     got = estimate(wide, {"kind": "paired_difference", "a": "x", "b": "y"})
     assert got.value == pytest.approx(3 / 5) and got.n == 5  # the row without x is not a pair
+
+
+def test_held_out_best_chooses_on_half_the_units_and_scores_on_the_other() -> None:
+    """Twenty cells of pure noise: the best cell on the same data looks far above the truth (0.5), the
+    held-out estimate does not; and the chosen cell is scored on the other half exactly as by hand."""
+    rng = np.random.default_rng(0)
+    noise = pd.DataFrame(
+        [{"example": e, "cell": c, "hit": float(rng.random() < 0.5), "floor": 0.5} for e in range(40) for c in range(20)]
+    )
+    in_sample = noise.groupby("cell")["hit"].mean().max()
+    spec = {"kind": "held_out_best", "column": "hit", "cells": ["cell"], "cluster": "example"}
+    got = estimate(noise, spec)
+    assert in_sample > 0.6 and got.low <= 0.5 <= got.high and got.n == 20
+    chosen = noise[noise.example % 2 == 0].groupby("cell")["hit"].mean().idxmax()
+    odd = noise[(noise.example % 2 == 1) & (noise.cell == chosen)]
+    assert got.value == pytest.approx(odd.hit.mean())
+    assert estimate(noise, {**spec, "minus": "floor"}).value == pytest.approx(odd.hit.mean() - 0.5)
+    with pytest.raises(ClaimsError, match="at least two units"):
+        estimate(noise[noise.example == 0], spec)

@@ -142,6 +142,29 @@ def _crossover(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int) -> Estim
     return Estimate(point, float(low), float(high), len(values))
 
 
+def _held_out_best(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int) -> Estimate:
+    """The mean of ``column`` at the best cell, chosen on one half of the units and measured on the other.
+
+    A cell is a combination of the ``cells`` columns (e.g. a layer pair). The units (``cluster``, sorted)
+    alternate between the halves: the cell with the highest mean on the even-ranked units (the first of equal
+    maxima) is scored on the odd-ranked ones, so the number carries no selection bias. With ``minus`` (a
+    column) the scored value at that cell is ``column − minus`` (e.g. a patched hit against an unpatched one)."""
+    column, cells, cluster = stat["column"], list(stat["cells"]), stat["cluster"]
+    minus = stat.get("minus")
+    _need(frame, column, cluster, *cells, *([minus] if minus else []))
+    units = np.sort(frame[cluster].unique())
+    if len(units) < 2:
+        raise ClaimsError(f"held_out_best needs at least two units of {cluster!r}, got {len(units)}")
+    choosing = frame[cluster].isin(units[0::2])
+    best = frame[choosing].groupby(cells)[column].mean().idxmax()
+    scored = frame[~choosing]
+    for name, value in zip(cells, best if isinstance(best, tuple) else (best,)):
+        scored = scored[scored[name] == value]
+    if minus:
+        scored = scored.assign(**{column: scored[column].astype(float) - scored[minus].astype(float)})
+    return _mean(scored, column, cluster, seed)
+
+
 def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Estimate:
     """The statistic ``stat`` of ``frame`` (a result file's rows) with its 95% bootstrap interval.
 
@@ -150,8 +173,14 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
     default the pairs), or without ``by`` of the columns ``a`` and ``b`` row by row; ``group_difference``:
     mean of ``column`` in level ``a`` of ``by`` minus level ``b``, two independent groups of units
     (``cluster``), bootstrapped within each group; ``crossover``: the
-    first ``x`` (layer) from which ``a``'s mean stays above ``b``'s, divided by ``per_depth`` (units: ``unit``).
+    first ``x`` (layer) from which ``a``'s mean stays above ``b``'s, divided by ``per_depth`` (units: ``unit``);
+    ``held_out_best``: the mean of ``column`` at the best cell of ``cells``, chosen on half of the units
+    (``cluster``) and measured on the other half (see :func:`_held_out_best`).
     ``where`` keeps the rows whose columns hold the given values.
+
+    >>> grid = pd.DataFrame({"example": [0, 0, 1, 1, 2, 2, 3, 3], "layer": [0, 1] * 4, "hit": [0, 1, 0, 1, 1, 1, 0, 0]})
+    >>> estimate(grid, {"kind": "held_out_best", "column": "hit", "cells": ["layer"], "cluster": "example"}).value
+    0.5
     """
     kind = stat.get("kind")
     frame = _select(frame, stat.get("where"))
@@ -165,4 +194,8 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
         return _group_difference(frame, stat, seed)
     if kind == "crossover":
         return _crossover(frame, stat, seed)
-    raise ClaimsError(f"unknown statistic kind {kind!r}; use mean, paired_difference, group_difference or crossover")
+    if kind == "held_out_best":
+        return _held_out_best(frame, stat, seed)
+    raise ClaimsError(
+        f"unknown statistic kind {kind!r}; use mean, paired_difference, group_difference, crossover or held_out_best"
+    )
