@@ -181,3 +181,14 @@ def test_held_out_best_chooses_on_half_the_units_and_scores_on_the_other() -> No
     assert estimate(noise, {**spec, "minus": "floor"}).value == pytest.approx(odd.hit.mean() - 0.5)
     with pytest.raises(ClaimsError, match="at least two units"):
         estimate(noise[noise.example == 0], spec)
+
+
+def test_a_claim_names_the_model_of_its_run_or_both_models_of_a_cross_model_run(tmp_path: Path) -> None:
+    from patchscopes.evals.claims import _model
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"config": {"model": "tiny"}}))
+    assert _model(run / "rows.csv") == "tiny"
+    (run / "config.json").write_text(json.dumps({"config": {"source": "A", "target": "B", "eval": "cross-model"}}))
+    assert _model(run / "rows.csv") == "A → B"

@@ -66,7 +66,10 @@ def _model(result: Path) -> str:
         config = directory / "config.json"
         if config.is_file():
             saved = json.loads(config.read_text(encoding="utf-8"))
-            return str(saved.get("config", saved).get("model") or "?")  # a run's config.json nests it
+            run = saved.get("config", saved)  # a run's config.json nests it
+            if run.get("source") and run.get("target"):  # a cross-model run reads one model and patches another
+                return f"{run['source']} → {run['target']}"
+            return str(run.get("model") or "?")
     return "?"
 
 
