@@ -58,6 +58,12 @@ def test_quick_profile_end_to_end(smol, data_root, tmp_path):
     assert "2->2" in summary["map_r2"] and len(list((tmp_path / "maps").rglob("map.json"))) == len(summary["map_r2"])
     again = run_cross_model(QUICK, tmp_path / "run", maps_root=tmp_path / "maps")  # resumes: maps reused, nothing recomputed
     assert again == summary
+    from patchscopes.evals.cross_model import plot_results
+    from patchscopes.results import ResultStore
+
+    figures = plot_results(ResultStore.reopen(tmp_path / "run"), "SmolLM2-135M", "Gemma-3-270M")
+    assert {p.name for p in figures} == {"precision_at_1.png", "same_text_precision_at_1.png", "entity_rougeL.png"}
+    assert all(p.stat().st_size > 1000 for p in figures)
 
 
 def test_same_text_variant_with_identity_maps_gives_back_the_models_own_prediction(smol, data_root):

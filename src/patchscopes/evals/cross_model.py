@@ -496,6 +496,14 @@ def plot_results(store: ResultStore, source: str, target: str) -> list[Path]:
         nt["hit"] = nt["hit"].astype(float)
         fig = plots.heatmap(nt, value="hit", title=f"Precision@1\n{source} → {target}")
         written.append(plots.save(fig, store.directory / "precision_at_1.png"))
+    same = store.frame("same_text")
+    if len(same):
+        same["hit"] = same["hit"].astype(float)
+        floor = float(same.drop_duplicates("example")["floor_hit"].astype(float).mean())
+        title = f"Precision@1, same text (B unpatched: {floor:.2f})\n{source} → {target}"
+        written.append(
+            plots.save(plots.heatmap(same, value="hit", title=title), store.directory / "same_text_precision_at_1.png")
+        )
     ent = store.frame("entities")
     if len(ent):
         ent["curve"] = ent["setting"] + " (" + ent["popularity"] + ")"
