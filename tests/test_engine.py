@@ -203,11 +203,15 @@ def test_blocks_that_skip_themselves_keep_the_fast_engine_exact():
     """Mllama's cross-attention blocks skip themselves on text-only input; from transformers 5.25 on their
     cache layers stay empty (keys None). The fast engine leaves such a block in place and replays nothing
     for it: the self-check passes and waves patched around it equal the plain engine."""
+    import transformers
+
     from arch_coverage import build
     from patchscopes.engine import fast_engine_problem
     from patchscopes.models.loading import from_model
     from tiny import tiny_tokenizer
 
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("Mllama skips its cross-attention blocks on text-only input from transformers 5 on")
     lm = from_model(build("mllama"), tiny_tokenizer(), name="tiny-mllama")  # block 1 is a cross-attention block
     assert fast_engine_problem(lm) is None
     target = lm.tokenize("cat -> cat\n1135 -> 1135\nhello -> hello\n?").ids
