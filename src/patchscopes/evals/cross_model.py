@@ -384,8 +384,18 @@ def run_cross_model(
         for (s, t), m in sorted(maps.items())
     ]
     store.append("maps", "all", map_rows)
-    log(f"next-token Precision@1: {len(eval_texts)} texts × {len(src_layers)}×{len(tgt_layers)} layer pairs")
     chunk = 10
+    # the official variant first (the notebook's prompt_target = prompt): a run cut short still has it
+    for start in range(0, len(eval_texts), chunk) if config.same_text else ():
+        if store.done("same_text", start):
+            continue
+        batch = eval_texts[start : start + chunk]
+        rows = same_text_rows(source, target, maps, batch, src_layers, tgt_layers, config.seed + start, config.batch_size)
+        for row in rows:
+            row["example"] += start
+        store.append("same_text", start, rows)
+        log(f"  same-text variant: texts {start + len(batch)}/{len(eval_texts)}")
+    log(f"next-token Precision@1: {len(eval_texts)} texts × {len(src_layers)}×{len(tgt_layers)} layer pairs")
     for start in range(0, len(eval_texts), chunk):
         if store.done("next_token", start):
             continue
@@ -403,15 +413,6 @@ def run_cross_model(
             row["example"] += start
         store.append("next_token", start, rows)
         log(f"  texts {start + len(rows) // max(1, len(src_layers) * len(tgt_layers))}/{len(eval_texts)}")
-    for start in range(0, len(eval_texts), chunk) if config.same_text else ():
-        if store.done("same_text", start):
-            continue
-        batch = eval_texts[start : start + chunk]
-        rows = same_text_rows(source, target, maps, batch, src_layers, tgt_layers, config.seed + start, config.batch_size)
-        for row in rows:
-            row["example"] += start
-        store.append("same_text", start, rows)
-        log(f"  same-text variant: texts {start + len(batch)}/{len(eval_texts)}")
     entities = pick_entities(config.n_entities, config.seed)
     settings = [
         (f"{source.name}→{source.name}", source, source, None),
