@@ -255,3 +255,44 @@ def test_norm_filter_drops_outlying_positions_like_a_plain_reference():
     assert unfiltered.maps[(1, 2)].metadata["n_excluded_fit"] == 0
     with pytest.raises(MappingError, match="max_norm_ratio must be above 1"):
         fit_maps(a, b, texts, pairs=[(1, 2)], max_norm_ratio=0.5)
+
+
+def test_an_interrupted_fit_resumes_from_its_checkpoint_to_the_same_maps(tmp_path, monkeypatch):
+    import patchscopes.crossmodel.fit as fit_module
+
+    a, b = tiny_model("llama"), tiny_model("llama", hidden=48)
+    settings = dict(pairs=[(1, 2), (3, 0)], heldout=0.25, chunk_texts=3, max_norm_ratio=5.0)
+    whole = fit_maps(a, b, TEXTS, **settings)  # 18 fit texts in 6 chunks, then 6 held-out texts in 2
+    real_collect, calls = fit_module._collect, []
+
+    def collect(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(len(args[2]))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a user's Ctrl-C during the third chunk
+        return real_collect(*args, **kwargs)
+
+    checkpoint = tmp_path / "partial" / "fit.pt"
+    monkeypatch.setattr(fit_module, "_collect", collect)
+    with pytest.raises(KeyboardInterrupt):
+        fit_maps(a, b, TEXTS, checkpoint=checkpoint, checkpoint_every=0, **settings)
+    assert checkpoint.is_file()
+    calls.clear()
+    monkeypatch.setattr(fit_module, "_collect", lambda *args, **kwargs: calls.append(0) or real_collect(*args, **kwargs))
+    resumed = fit_maps(a, b, TEXTS, checkpoint=checkpoint, checkpoint_every=0, **settings)
+    assert len(calls) == 4 + 2  # the 4 fit chunks left and the held-out ones, not the 2 already folded in
+    assert not checkpoint.exists() and resumed.n_fit_positions == whole.n_fit_positions
+    for pair, amap in whole.maps.items():
+        again = resumed.maps[pair]
+        assert torch.equal(again.weight, amap.weight) and torch.equal(again.bias, amap.bias)
+        for key in ("n_fit", "fit_data_hash", "n_excluded_fit", "r2"):
+            assert again.metadata[key] == amap.metadata[key], key
+    with pytest.raises(KeyboardInterrupt):  # a checkpoint of this fit ...
+        monkeypatch.setattr(fit_module, "_collect", collect)
+        calls.clear()
+        fit_maps(a, b, TEXTS, checkpoint=checkpoint, checkpoint_every=0, **settings)
+    monkeypatch.setattr(fit_module, "_collect", real_collect)
+    with pytest.raises(MappingError, match="belongs to another fit.*delete it"):  # ... is refused for another one
+        fit_maps(a, b, TEXTS, checkpoint=checkpoint, **{**settings, "pairs": [(1, 2)]})
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(MappingError, match="cannot be read.*delete it"):
+        fit_maps(a, b, TEXTS, checkpoint=checkpoint, **settings)

@@ -58,7 +58,7 @@ class AffineFitter:
         self.y_sum = torch.zeros(d_out, dtype=torch.float64)
         self.yy = 0.0  # Σ‖y‖²: with y_sum, the in-sample R² of the solution comes from the same statistics
         self.n = 0
-        self._digest = hashlib.sha256()
+        self._digest = ""  # chained: sha256(previous digest + the batch's first bytes), so a state can be saved
 
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if x.shape[-1] != self.d_in or y.shape[-1] != self.d_out or x.shape[0] != y.shape[0]:
@@ -72,11 +72,31 @@ class AffineFitter:
         self.y_sum += yd.sum(0)
         self.yy += float((yd * yd).sum())
         self.n += int(x.shape[0])
-        self._digest.update(x.detach().float().cpu().numpy().tobytes()[:4096])
+        head = x.detach().float().cpu().numpy().tobytes()[:4096]
+        self._digest = hashlib.sha256(self._digest.encode("ascii") + head).hexdigest()
 
     @property
     def data_hash(self) -> str:
-        return self._digest.hexdigest()[:16]
+        return self._digest[:16]
+
+    def state(self) -> dict[str, Any]:
+        """The sufficient statistics so far, to save and :meth:`restore` (e.g. a checkpoint of a long fit)."""
+        return {"xtx": self.xtx, "xty": self.xty, "y_sum": self.y_sum, "yy": self.yy, "n": self.n, "digest": self._digest}
+
+    @classmethod
+    def restore(cls, state: dict[str, Any], ridge: float = 0.0) -> AffineFitter:
+        """A fitter that continues from a :meth:`state`.
+
+        >>> a = AffineFitter(3, 2); a.update(torch.ones(4, 3), torch.ones(4, 2))
+        >>> b = AffineFitter.restore(a.state())
+        >>> b.n, b.data_hash == a.data_hash, bool(torch.equal(b.xtx, a.xtx))
+        (4, True, True)
+        """
+        xtx, xty = state["xtx"], state["xty"]
+        fitter = cls(xtx.shape[0] - 1, xty.shape[1], ridge)
+        fitter.xtx, fitter.xty, fitter.y_sum = xtx.clone(), xty.clone(), state["y_sum"].clone()
+        fitter.yy, fitter.n, fitter._digest = float(state["yy"]), int(state["n"]), str(state["digest"])
+        return fitter
 
     def solve(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.n == 0:

@@ -21,11 +21,13 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from patchscopes.capture import capture
 from patchscopes.crossmodel.align import aligned_positions
+from patchscopes.crossmodel.checkpoint import FitCheckpoint
 from patchscopes.errors import MappingError
 from patchscopes.layers import LayerSpec, resolve_block
 from patchscopes.mappings import AffineFitter, AffineMap, r2_score
@@ -118,6 +120,8 @@ def fit_maps(
     progress: bool = False,
     ridge_grid: Sequence[float] = (),
     max_norm_ratio: float | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: float = 300.0,
 ) -> FitReport:
     """One affine map per ``(ℓ, ℓ*)`` in ``pairs`` from ``source`` layer ℓ to ``target`` layer ℓ*.
 
@@ -134,6 +138,11 @@ def fit_maps(
     a hundred times the median norm that act as attention sinks. A handful of them dominate a least-squares fit
     and a pooled R²; ``10`` removes them (about 1 % of WikiText positions for Qwen2.5-Coder) and ``None`` keeps
     every position.
+
+    ``checkpoint`` (a file path) makes a long fit resumable: every ``checkpoint_every`` seconds the fit's
+    statistics are saved there, a fit started again with the same settings continues after the last saved
+    chunk, and the file is deleted when the fit finishes. The result is bitwise the same as an uninterrupted
+    fit. The held-out positions are collected again on resuming (they are not saved).
     """
     if max_norm_ratio is not None and max_norm_ratio <= 1:
         raise MappingError(f"max_norm_ratio must be above 1 (a multiple of the median norm), got {max_norm_ratio}")
@@ -157,10 +166,19 @@ def fit_maps(
     fit_texts, held_texts = list(texts[: len(texts) - n_held]), list(texts[len(texts) - n_held :])
     fitters = {pair: AffineFitter(source.hidden_size, target.hidden_size, ridge) for pair in resolved}
     started = time.perf_counter()
-    n_fit = 0
+    n_fit, first_chunk = 0, 0
     excluded = {pair: 0 for pair in resolved}
+    saved = _checkpoint(checkpoint, source, target, fit_texts, len(held_texts), resolved, skip_first, chunk_texts,
+                        batch_size, max_norm_ratio)  # fmt: skip
+    resumed = saved.load() if saved else None
+    if resumed is not None:
+        first_chunk, n_fit, excluded, fitters = resumed.next_chunk, resumed.n_fit, resumed.excluded, resumed.fitters
+        for fitter in fitters.values():
+            fitter.ridge = ridge
+    last_save = time.perf_counter()
     with progress_bar(len(fit_texts) + len(held_texts), f"fit {source.name}→{target.name}", enabled=progress) as advance:
-        for start in range(0, len(fit_texts), chunk_texts):
+        advance(min(first_chunk, len(fit_texts)))
+        for start in range(first_chunk, len(fit_texts), chunk_texts):
             chunk = fit_texts[start : start + chunk_texts]
             xs, ys = _collect(source, target, chunk, src_layers, tgt_layers, skip_first, batch_size)
             if xs:
@@ -171,6 +189,9 @@ def fit_maps(
                     excluded[(s, t)] += int((~rows).sum())
                     fitters[(s, t)].update(xs[s][rows], ys[t][rows])
             advance(len(chunk))
+            if saved and time.perf_counter() - last_save >= checkpoint_every:
+                saved.save(start + chunk_texts, n_fit, excluded, fitters)
+                last_save = time.perf_counter()
         hx: dict[int, list[torch.Tensor]] = {s: [] for s in src_layers}
         hy: dict[int, list[torch.Tensor]] = {t: [] for t in tgt_layers}
         n_heldout = 0
@@ -241,4 +262,31 @@ def fit_maps(
         maps[(s, t)] = best[1]
         if held is not None:
             r2[(s, t)] = best[0]
+    if saved:
+        saved.remove()
     return FitReport(maps, n_fit, min(n_heldout, max_heldout_positions), corpus, time.perf_counter() - started, r2)
+
+
+def _checkpoint(
+    path: str | Path | None,
+    source: ModelHandle,
+    target: ModelHandle,
+    fit_texts: Sequence[str],
+    n_held: int,
+    pairs: Sequence[tuple[int, int]],
+    skip_first: int,
+    chunk_texts: int,
+    batch_size: int,
+    max_norm_ratio: float | None,
+) -> FitCheckpoint | None:
+    """The checkpoint of this fit at ``path``, keyed by everything that decides its statistics."""
+    if path is None:
+        return None
+    key = {
+        "source": [source.name, source.weights_sha256, str(source.dtype)],
+        "target": [target.name, target.weights_sha256, str(target.dtype)],
+        "corpus": corpus_sha256(fit_texts), "n_fit_texts": len(fit_texts), "n_heldout_texts": n_held,
+        "pairs": [list(p) for p in pairs], "skip_first": skip_first, "chunk_texts": chunk_texts,
+        "batch_size": batch_size, "max_norm_ratio": max_norm_ratio,
+    }  # fmt: skip
+    return FitCheckpoint(path, key)

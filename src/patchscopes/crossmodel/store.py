@@ -14,8 +14,10 @@ override it) holding one sub-directory per map name (``/`` in a name nests direc
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -98,6 +100,12 @@ class MapStore:
         if source is not None and target is not None:
             check_provenance(amap, source, target, source_layer, target_layer)
         return amap
+
+    def checkpoint_path(self, source: str, target: str, tag: str, pairs: Sequence[tuple[int, int]]) -> Path:
+        """Where an unfinished fit of ``pairs`` between two models keeps its checkpoint (under ``partial/``)."""
+        group = pair_name(source, target, 0, 0, tag).split("/")[0]
+        pairs_id = hashlib.sha256(repr(sorted(pairs)).encode()).hexdigest()[:12]
+        return self.root / "partial" / f"{group}-{pairs_id}.pt"
 
     def names(self) -> list[str]:
         if not self.root.is_dir():

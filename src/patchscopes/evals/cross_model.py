@@ -160,9 +160,11 @@ def get_maps(
                 continue
         missing.append((s, t))
     if missing:
+        # an interrupted fit continues from its last checkpoint (deleted once the maps are fitted)
+        checkpoint = store.checkpoint_path(source.name, target.name, tag, missing)
         report = fit_maps(
             source, target, texts, missing, ridge, heldout, skip_first,
-            progress=progress, ridge_grid=ridge_grid, max_norm_ratio=max_norm_ratio,
+            progress=progress, ridge_grid=ridge_grid, max_norm_ratio=max_norm_ratio, checkpoint=checkpoint,
         )  # fmt: skip
         for (s, t), amap in report.maps.items():
             store.save(pair_name(source.name, target.name, s, t, tag), amap, overwrite=True)

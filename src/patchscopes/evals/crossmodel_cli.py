@@ -79,7 +79,7 @@ def cross_model(
         config = replace(
             config, layer_step=14, n_fit_texts=60, n_eval_texts=4, n_entities=2, entity_layers=(2,), ridge=1.0, max_new_tokens=8
         )
-    summary = run_cross_model(config, out, maps_root, log=console.print, device=device, device_map=device_map)
+    summary = run_cross_model(config, out, maps_root, progress=True, log=console.print, device=device, device_map=device_map)
     plots = plot_results(_store(out), source, target)
     nt = summary.get("next_token", {})
     if nt:
