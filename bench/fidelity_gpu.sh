@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The papers' experiments at the scale a GPU allows, in one command, largest first: cross-model Qwen2.5-Coder
-# 0.5B -> 1.5B (the official same-text variant, >= 50k fit positions, 1,000 evaluation texts, the 5-step grid),
+# 0.5B -> 1.5B (the official same-text variant, ~60k fit positions with the CPU run's ridge grid and norm filter,
+# 1,000 evaluation texts, the 5-step grid),
 # multi-hop over every buildable query (Gemma-3-270M), and attribute extraction on every sample with a grid of
 # every 2nd layer. Every run directory is resumable: run the script again and each step continues where it
 # stopped. Small result files are copied to ${OUT:-fidelity-results}/ (a log per step).
@@ -46,7 +47,7 @@ keep() {  # run directory, destination name: copy its small tables and summaries
 
 pair="${CM_SOURCE:-Qwen2.5-Coder-0.5B}-${CM_TARGET:-Qwen2.5-Coder-1.5B}"
 step "cross-model-$pair" patchscopes eval cross-model --source "${CM_SOURCE:-Qwen2.5-Coder-0.5B}" --target "${CM_TARGET:-Qwen2.5-Coder-1.5B}" \
-  --layer-step 5 --n-fit-texts 5000 --n-eval-texts 1000 --device "$device" --out "$runs/cross-model-$pair" "${quick[@]}"
+  --layer-step 5 --n-fit-texts 6300 --n-eval-texts 1000 --ridge-grid 0.01,0.1,1,10 --max-norm-ratio 10 --device "$device" --out "$runs/cross-model-$pair" "${quick[@]}"
 keep "$runs/cross-model-$pair" "cross-model-$pair"
 
 step multihop-gemma patchscopes eval multihop --model Gemma-3-270M --max-per-combo 0 --device "$device" \
