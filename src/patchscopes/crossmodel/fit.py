@@ -173,8 +173,6 @@ def fit_maps(
     resumed = saved.load() if saved else None
     if resumed is not None:
         first_chunk, n_fit, excluded, fitters = resumed.next_chunk, resumed.n_fit, resumed.excluded, resumed.fitters
-        for fitter in fitters.values():
-            fitter.ridge = ridge
     last_save = time.perf_counter()
     with progress_bar(len(fit_texts) + len(held_texts), f"fit {source.name}→{target.name}", enabled=progress) as advance:
         advance(min(first_chunk, len(fit_texts)))
