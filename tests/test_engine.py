@@ -22,7 +22,7 @@ from patchscopes.capture import capture
 from patchscopes.engine import run_patched_fast
 from patchscopes.errors import EngineError, SpecError
 from patchscopes.patching import Patch, PatchedRun, run_patched
-from tiny import ARCHS, tiny_model
+from tiny import ARCHS, MLLAMA_BLOCKS_SKIP_THEMSELVES, tiny_model
 
 ATOL = 1e-4  # fp32, tiny models; the fast path changes only the shapes of the matmuls
 REAL_ATOL = 5e-4  # fp32, SmolLM2-135M (see test_fast_equals_plain_real)
@@ -199,19 +199,16 @@ def test_rows_that_stop_early_leave_the_batch_without_changing_the_others():
     assert min(lengths) < 8 and max(lengths) == 8  # some rows stopped early, others ran to the end
 
 
+@MLLAMA_BLOCKS_SKIP_THEMSELVES
 def test_blocks_that_skip_themselves_keep_the_fast_engine_exact():
     """Mllama's cross-attention blocks skip themselves on text-only input; from transformers 5.25 on their
     cache layers stay empty (keys None). The fast engine leaves such a block in place and replays nothing
     for it: the self-check passes and waves patched around it equal the plain engine."""
-    import transformers
-
     from arch_coverage import build
     from patchscopes.engine import fast_engine_problem
     from patchscopes.models.loading import from_model
     from tiny import tiny_tokenizer
 
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("Mllama skips its cross-attention blocks on text-only input from transformers 5 on")
     lm = from_model(build("mllama"), tiny_tokenizer(), name="tiny-mllama")  # block 1 is a cross-attention block
     assert fast_engine_problem(lm) is None
     target = lm.tokenize("cat -> cat\n1135 -> 1135\nhello -> hello\n?").ids

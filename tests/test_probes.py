@@ -13,7 +13,7 @@ from patchscopes.errors import EngineError, ModelCheckError, PatchscopesWarning
 from patchscopes.models.adapters import ARCHITECTURES, ArchSpec
 from patchscopes.models.loading import from_model
 from patchscopes.models.probes import probe, report_of
-from tiny import tiny_model, tiny_tokenizer
+from tiny import MLLAMA_BLOCKS_SKIP_THEMSELVES, tiny_model, tiny_tokenizer
 
 
 def test_every_tiny_model_is_probed_and_discovered():
@@ -95,15 +95,12 @@ def test_a_cancellation_during_the_self_check_is_not_taken_as_an_engine_failure(
     assert len(fast) == lm.n_layers
 
 
+@MLLAMA_BLOCKS_SKIP_THEMSELVES
 def test_a_block_that_does_not_run_is_an_error_not_an_unpatched_answer():
     """Mllama's cross-attention blocks skip themselves on text-only input: reading or writing there must fail."""
-    import transformers
-
     from patchscopes import ENTITY_DESCRIPTION, run_many
     from patchscopes.errors import LayerError
 
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("Mllama skips its cross-attention blocks on text-only input from transformers 5 on")
     lm = from_model(build("mllama"), tiny_tokenizer(), name="tiny-mllama")  # block 1 is a cross-attention block
     with pytest.raises(LayerError, match=r"block\(s\) \[1\] did not run"):
         sweep(lm, ["cat"], TOKEN_IDENTITY, source_layers=[1], progress=False)

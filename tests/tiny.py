@@ -6,7 +6,9 @@ from __future__ import annotations
 import functools
 import os
 
+import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -14,6 +16,12 @@ from patchscopes.models.loading import ModelHandle, from_model
 
 #: Where the tiny models run: ``PATCHSCOPES_TEST_DEVICE=cuda`` runs the suite on a GPU (bench/gpu.sh).
 TEST_DEVICE = os.environ.get("PATCHSCOPES_TEST_DEVICE", "cpu")
+
+#: For tests of mllama's cross-attention blocks on text-only input: they skip themselves from transformers 5 on.
+MLLAMA_BLOCKS_SKIP_THEMSELVES = pytest.mark.skipif(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="Mllama skips its cross-attention blocks on text-only input from transformers 5 on",
+)
 
 CORPUS = [
     "The capital of France is Paris. The capital of Japan is Tokyo.",
