@@ -16,17 +16,20 @@ from patchscopes.evals.multihop import (
     blind_pi1,
     build_queries,
     cot_patchscope_rows,
+    greedy_texts,
     honest_accuracy,
     query_spans,
     random_donor,
     restricted_states,
     run_multihop,
+    single_hop_answers,
     summarize_run,
     versus_vanilla,
 )
 from patchscopes.hooks import at_locations
 from patchscopes.patching import Patch, PatchedRun, run_patched, trace
 from patchscopes.relations.data import load_relations
+from patchscopes.results import ResultStore
 from tiny import tiny_model
 
 QUERY = TwoHopQuery("product by company", "company CEO", "Visual Basic", "Microsoft", ("Satya Nadella",))
@@ -193,3 +196,22 @@ def test_random_patch_control_patches_the_donors_state(smol, data_root):
     assert control["text"] == smol.tokenizer.decode(reference.generated)
     [own_state] = restricted_states(smol, [(ids0, pi2_0, pi1_0)], [10])
     assert not torch.equal(own_state, state) and own["query"] == control["query"] == 0
+
+
+def test_single_hop_checks_ask_each_prompt_once_and_resume_by_chunk(smol, tmp_path, monkeypatch):
+    import patchscopes.evals.multihop as multihop
+
+    monkeypatch.setattr(multihop, "FILTER_CHUNK", 2)
+    prompts = ["The CEO of Microsoft is", "The capital city of France is", "The CEO of Microsoft is",
+               "The official currency of Japan is", "The capital city of France is"]  # fmt: skip
+    config = MultihopConfig(model="SmolLM2-135M", max_new_tokens=6)
+    store = ResultStore(tmp_path / "run", {"eval": "multihop-test"})
+    answers = single_hop_answers(smol, store, prompts, config)
+    # the reference: each distinct prompt alone, at batch size 1
+    assert answers == {p: greedy_texts(smol, [p], 6, 1)[0] for p in set(prompts)}
+    assert len(store.frame("single_hops")) == 3 and store.done_keys("single_hops") == {"0", "1"}
+
+    calls = []
+    monkeypatch.setattr(multihop, "greedy_texts", lambda *args, **kwargs: calls.append(args) or [])
+    assert single_hop_answers(smol, ResultStore.reopen(tmp_path / "run"), prompts, config) == answers
+    assert calls == []  # a rerun reads every chunk back and asks nothing again

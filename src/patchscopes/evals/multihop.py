@@ -270,6 +270,30 @@ def random_donor(query_id: int, kept: Sequence[int], queries: Sequence[TwoHopQue
     return random.Random(f"{seed}-{query_id}").choice(others) if others else None
 
 
+#: Distinct single-hop prompts answered per saved unit of the filter.
+FILTER_CHUNK = 64
+
+
+def single_hop_answers(
+    lm: ModelHandle,
+    store: ResultStore,
+    prompts: Sequence[str],
+    config: MultihopConfig,
+    log: Callable[[str], None] = lambda _: None,
+) -> dict[str, str]:
+    """Greedy answers to the single-hop checks, each distinct prompt once (queries share first hops and
+    bridges: 2,544 queries ask 1,333 distinct questions), saved in chunks so an interrupted filter resumes."""
+    unique = sorted(set(prompts))
+    for k, part in enumerate(chunks(unique, FILTER_CHUNK)):
+        if store.done("single_hops", k):
+            continue
+        texts = greedy_texts(lm, part, config.max_new_tokens, config.batch_size)
+        store.append("single_hops", k, [{"prompt": p, "text": t} for p, t in zip(part, texts)])
+        log(f"  single-hop checks: {min((k + 1) * FILTER_CHUNK, len(unique))}/{len(unique)} prompts")
+    frame = store.frame("single_hops")
+    return dict(zip(frame["prompt"], frame["text"]))
+
+
 def run_multihop(
     config: MultihopConfig,
     out: str | Path,
@@ -284,8 +308,9 @@ def run_multihop(
     queries = build_queries(relations, config.max_per_combo, config.seed)
     log(f"{len(queries)} two-hop queries over {len({q.combo for q in queries})} relation pairs")
     if not store.done("filter", "all"):
-        hop1 = greedy_texts(lm, [q.hop1_prompt for q in queries], config.max_new_tokens, config.batch_size)
-        hop2 = greedy_texts(lm, [q.hop2_prompt for q in queries], config.max_new_tokens, config.batch_size)
+        answers = single_hop_answers(lm, store, [p for q in queries for p in (q.hop1_prompt, q.hop2_prompt)], config, log)
+        hop1 = [answers[q.hop1_prompt] for q in queries]
+        hop2 = [answers[q.hop2_prompt] for q in queries]
         rows = [
             {"query": i, "combo": q.combo, "prompt": q.prompt, "bridge": q.bridge, "answers": list(q.answers),
              "hop1_text": h1, "hop2_text": h2, "hop1_ok": answered(h1, [q.bridge]), "hop2_ok": answered(h2, q.answers)}
