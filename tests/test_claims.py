@@ -81,6 +81,21 @@ def test_group_difference_of_two_independent_groups_matches_welchs_interval() ->
         estimate(frame, {"kind": "group_difference", "column": "score", "by": "group", "a": "p", "b": "x"})
 
 
+def test_mean_over_groups_weighs_groups_equally_and_matches_a_stratified_normal_interval() -> None:
+    rng = np.random.default_rng(3)
+    sizes, means = {"big": 400, "small": 40, "mid": 120}, {"big": 0.1, "small": 0.5, "mid": -0.2}
+    frame = pd.DataFrame(
+        [(task, rng.normal(means[task], 0.3)) for task, n in sizes.items() for _ in range(n)], columns=["task", "d"]
+    )
+    got = estimate(frame, {"kind": "mean_over_groups", "column": "d", "groups": "task"})
+    per = frame.groupby("task").d
+    assert got.value == pytest.approx(per.mean().mean()) and got.n == len(frame)
+    assert abs(got.value - frame.d.mean()) > 0.05  # not the pooled (row-weighted) mean
+    se = np.sqrt((per.var(ddof=1) / per.count()).sum()) / len(sizes)  # the variance of an equal-weight mean of means
+    assert got.low == pytest.approx(got.value - 1.96 * se, abs=0.01)
+    assert got.high == pytest.approx(got.value + 1.96 * se, abs=0.01)
+
+
 def test_crossover_finds_the_layer_from_which_a_stays_above_b() -> None:
     frame = _scores(seed=2, n=2000)
     got = estimate(frame, {"kind": "crossover", "column": "hit", "by": "method", "a": "a", "b": "b", "unit": "example"})

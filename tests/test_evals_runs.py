@@ -133,6 +133,41 @@ def test_attributes_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
     assert len(result.grid) == 3 * 2 * 2 and result.screen.source_position.tolist() != []
 
 
+def test_an_unfinished_attribute_run_packed_and_moved_resumes_exactly(tmp_path) -> None:  # noqa: ANN001
+    """A run stopped early holds samples of every task (the grid units are interleaved), and its packed
+    directory, copied elsewhere as a commit would carry it, resumes to the uninterrupted result."""
+    import shutil
+
+    from patchscopes.results import ResultStore
+    from tiny import tiny_model
+
+    rows = "".join(
+        f"{i}\tThe capital of x\t{s}\t{o}\tThe capital of {s} is {o}.\n"
+        for i, (s, o) in enumerate([("France", "Paris"), ("Japan", "Tokyo"), ("Wales", "Cardiff"), ("Peru", "Lima")])
+    )
+    header = "sample_id\tprompt_target\tsubject\tobject\tprompt_source\n"
+    files = [tmp_path / "capitals.tsv", tmp_path / "cities.tsv"]
+    for f in files:
+        f.write_text(header + rows)
+    lm = tiny_model("llama")
+    config = replace(_tiny_grid_config(files[0], snippets=1), task_files=tuple(str(f) for f in files))
+    full = run_attributes(lm, tmp_path / "full", config, progress=False)
+    units = full.grid.drop_duplicates(["task", "sample_id"]).task.tolist()
+    assert units != sorted(units) and len(units) == 8  # interleaved, not task after task
+    with pytest.raises(StopAfter):  # 2 tasks × (screen + probe), then 3 of the 8 grid units
+        run_attributes(lm, tmp_path / "cut", config, progress=False, stop_after=7)
+    packed = ResultStore.reopen(tmp_path / "cut").pack()
+    assert sorted(p.name for p in packed) == ["grid.jsonl.gz", "probe.jsonl.gz", "screen.jsonl.gz"]
+    assert not list((tmp_path / "cut").glob("*.jsonl"))
+    shutil.copytree(tmp_path / "cut", tmp_path / "elsewhere")
+    partial = ResultStore.reopen(tmp_path / "elsewhere").frame("grid")
+    assert partial.drop_duplicates(["task", "sample_id"]).task.tolist() == units[:3]
+    resumed = run_attributes(lm, tmp_path / "elsewhere", config, progress=False)
+    for table in ("screen", "probe", "grid"):
+        pd.testing.assert_frame_equal(getattr(full, table), getattr(resumed, table))
+    assert resumed.probe.scores.tolist() == full.probe.scores.tolist()  # per-sample dicts survive the round trip
+
+
 SNIPPET_TASK = (
     "sample_id\tprompt_target\tsubject\tobject\tprompt_source\n"
     "0\tThe capital of x\tFrance\te\tThe capital of France is Paris.\n"

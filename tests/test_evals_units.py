@@ -255,7 +255,7 @@ def test_probe_and_patchscope_are_compared_on_the_same_subjects() -> None:
     [row] = summarize(grid, probe, n_tasks=1, min_samples=15).to_dict("records")
     assert row["subject_difference"] == pytest.approx(100 / 6)  # mean of the three differences, in points
     assert row["subject_difference_low"] <= row["subject_difference"] <= row["subject_difference_high"]
-    assert not row["meets_min_samples"]  # 3 subjects < the paper's 15
+    assert row["data_points"] == 3 and not row["meets_min_samples"]  # 3 data points (one snippet each) < the paper's 15
 
 
 def test_probe_predictions_are_the_per_sample_form_of_the_accuracy() -> None:

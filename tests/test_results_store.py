@@ -111,3 +111,27 @@ def test_outputs_are_whole_or_absent(tmp_path: Path) -> None:
     assert path.read_text() == before
     atomic_write_text(tmp_path / "summary.json", "{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv", "summary.json"]  # no temporary left
+
+
+def test_a_packed_store_reads_resumes_and_packs_again(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path / "run", {"seed": 1})
+    rows = {k: [{"k": k, "scores": {"a": k / 3, "b": [1, 2]}, "text": "é\n"}] for k in range(4)}
+    for k in (0, 1):
+        store.append("t", k, rows[k])
+    with (tmp_path / "run" / "t.jsonl").open("a") as f:
+        f.write('{"key": "9", "rows": [')  # a torn last line: not packed, its unit redone
+    assert [p.name for p in store.pack()] == ["t.jsonl.gz"]
+    again = ResultStore(tmp_path / "run", {"seed": 1})
+    assert again.done("t", 1) and not again.done("t", 2) and not again.done("t", 9)
+    for k in (1, 2, 3):
+        again.append("t", k, rows[k])  # 1 is already packed: ignored
+    assert (tmp_path / "run" / "t.jsonl").is_file()
+    expected = pd.DataFrame([r for k in range(4) for r in rows[k]])
+    pd.testing.assert_frame_equal(again.frame("t"), expected)
+    again.pack()
+    assert not (tmp_path / "run" / "t.jsonl").exists()
+    final = ResultStore.reopen(tmp_path / "run")
+    pd.testing.assert_frame_equal(final.frame("t"), expected)
+    assert final.frame("t").scores.tolist() == [r[0]["scores"] for r in rows.values()]
+    with pytest.raises(ConfigMismatchError):
+        ResultStore(tmp_path / "run", {"seed": 2})

@@ -3,8 +3,10 @@
 A run directory holds ``config.json`` (every parameter, model and weight hash, package versions, seed)
 and one ``<table>.jsonl`` per table. Each line is one completed *unit* (say, one example) with all its
 rows, written with a single ``write`` and ``fsync``; a line torn by a crash does not parse and its unit
-is simply redone. Re-opening the directory with a different configuration is refused; processes that open one
-directory at once agree on its configuration under a lock. A unit whose rows lack a column the table's schema
+is simply redone. :meth:`ResultStore.pack` folds the units into ``<table>.jsonl.gz``: a compressed copy to
+commit or share that the store reads as it reads its own lines, so a packed run resumes where it stopped.
+Re-opening the directory with a different configuration is refused; processes that open one directory at
+once agree on its configuration under a lock. A unit whose rows lack a column the table's schema
 requires is redone too, with one warning line.
 
     >>> store = ResultStore("runs/demo", {"model": "SmolLM2-135M", "seed": 0})
@@ -18,6 +20,7 @@ requires is redone too, with one warning line.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import platform
@@ -116,12 +119,19 @@ class ResultStore:
     def _path(self, table: str) -> Path:
         return self.directory / f"{table}.jsonl"
 
+    def _packed_path(self, table: str) -> Path:
+        return self.directory / f"{table}.jsonl.gz"
+
     def _units(self, table: str) -> Iterable[dict[str, Any]]:
-        path = self._path(table)
+        """The valid units of ``table``: the packed ones first, then the lines appended since."""
+        yield from self._file_units(self._packed_path(table), table)
+        yield from self._file_units(self._path(table), table)
+
+    def _file_units(self, path: Path, table: str) -> Iterable[dict[str, Any]]:
         if not path.is_file():
             return
         bad: list[str] = []
-        with path.open() as f:
+        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
                 try:
                     unit = json.loads(line)
@@ -189,6 +199,36 @@ class ResultStore:
             seen.add(unit["key"])
             rows.extend(unit["rows"])
         return pd.DataFrame(rows)
+
+    def tables(self) -> list[str]:
+        """The names of the tables this directory holds, packed or not."""
+        names = {p.name.removesuffix(".gz").removesuffix(".jsonl") for p in self.directory.glob("*.jsonl*")}
+        return sorted(n for n in names if (self._path(n).is_file() or self._packed_path(n).is_file()))
+
+    def pack(self) -> list[Path]:
+        """Fold each table's units (each once, in the order written) into ``<table>.jsonl.gz`` and remove its
+        ``<table>.jsonl``; return the packed files. The directory stays a run directory: reopened with the same
+        configuration it resumes from the packed units. Pack only a run that no process is writing to.
+
+        >>> store = ResultStore("runs/demo-pack", {"seed": 0})
+        >>> store.append("rows", 0, [{"x": 1}])
+        >>> [p.name for p in store.pack()], ResultStore("runs/demo-pack", {"seed": 0}).done("rows", 0)
+        (['rows.jsonl.gz'], True)
+        """
+        packed = []
+        for table in self.tables():
+            seen: set[str] = set()
+            lines = []
+            for unit in self._units(table):
+                if unit["key"] not in seen:
+                    seen.add(unit["key"])
+                    lines.append(json.dumps(unit, default=_jsonable) + "\n")
+            target = self._packed_path(table)
+            with atomic_path(target) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as f:
+                f.writelines(lines)
+            self._path(table).unlink(missing_ok=True)
+            packed.append(target)
+        return packed
 
     def write_json(self, name: str, data: Any) -> Path:
         """Write ``name`` in the run directory, atomically."""

@@ -74,6 +74,20 @@ def _mean(frame: pd.DataFrame, column: str, cluster: str | None, seed: int) -> E
     return Estimate(float(sums.sum() / counts.sum()), low, high, len(sums))
 
 
+def _mean_over_groups(frame: pd.DataFrame, column: str, groups: str, seed: int) -> Estimate:
+    """The unweighted mean over the levels of ``groups`` of each level's mean of ``column`` (each row a unit).
+
+    The interval resamples the rows within each group (a stratified bootstrap), so every group keeps its
+    size and its weight: the statistic of a table that averages per-task accuracies over tasks."""
+    if frame.empty:
+        raise ClaimsError(f"no rows are left to average {column!r} over; check the claim's 'where'")
+    parts = [part.to_numpy(float) for _, part in frame[column].groupby(frame[groups], sort=True)]
+    rng = np.random.default_rng(seed)
+    draws = np.mean([part[rng.integers(0, len(part), size=(RESAMPLES, len(part)))].mean(1) for part in parts], axis=0)
+    low, high = np.quantile(draws, [0.025, 0.975])
+    return Estimate(float(np.mean([part.mean() for part in parts])), float(low), float(high), len(frame))
+
+
 def _paired(frame: pd.DataFrame, stat: Mapping[str, Any]) -> pd.DataFrame:
     """One row per pair: the difference a − b of ``column`` between the two levels of ``by`` (long files), or
     of the columns ``a`` and ``b`` of each row (wide files, without ``by``)."""
@@ -175,11 +189,16 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
     (``cluster``), bootstrapped within each group; ``crossover``: the
     first ``x`` (layer) from which ``a``'s mean stays above ``b``'s, divided by ``per_depth`` (units: ``unit``);
     ``held_out_best``: the mean of ``column`` at the best cell of ``cells``, chosen on half of the units
-    (``cluster``) and measured on the other half (see :func:`_held_out_best`).
+    (``cluster``) and measured on the other half (see :func:`_held_out_best`); ``mean_over_groups``: the
+    unweighted mean over the levels of ``groups`` of their means of ``column``, rows resampled within each
+    level (n counts the rows).
     ``where`` keeps the rows whose columns hold the given values.
 
     >>> grid = pd.DataFrame({"example": [0, 0, 1, 1, 2, 2, 3, 3], "layer": [0, 1] * 4, "hit": [0, 1, 0, 1, 1, 1, 0, 0]})
     >>> estimate(grid, {"kind": "held_out_best", "column": "hit", "cells": ["layer"], "cluster": "example"}).value
+    0.5
+    >>> tasks = pd.DataFrame({"task": ["a", "a", "a", "b"], "hit": [1, 1, 1, 0]})
+    >>> estimate(tasks, {"kind": "mean_over_groups", "column": "hit", "groups": "task"}).value
     0.5
     """
     kind = stat.get("kind")
@@ -196,6 +215,10 @@ def estimate(frame: pd.DataFrame, stat: Mapping[str, Any], seed: int = 0) -> Est
         return _crossover(frame, stat, seed)
     if kind == "held_out_best":
         return _held_out_best(frame, stat, seed)
+    if kind == "mean_over_groups":
+        _need(frame, stat["column"], stat["groups"])
+        return _mean_over_groups(frame, stat["column"], stat["groups"], seed)
     raise ClaimsError(
-        f"unknown statistic kind {kind!r}; use mean, paired_difference, group_difference, crossover or held_out_best"
+        f"unknown statistic kind {kind!r}; use mean, paired_difference, group_difference, crossover, held_out_best "
+        "or mean_over_groups"
     )

@@ -367,7 +367,8 @@ def summarize(
                 "probe_mean": float(probe_layers.mean()),
                 "probe_std": float(probe_layers.std(ddof=0)),
                 **_subject_difference(subjects[subjects.task == task]),
-                "meets_min_samples": part.sample_id.nunique() >= min_samples,
+                "data_points": data_points(part),
+                "meets_min_samples": data_points(part) >= min_samples,
                 "t": test.t,
                 "p_bonferroni": test.p_corrected,
                 "better": {"a": "patchscope", "b": "probe", None: ""}[test.winner],
@@ -385,6 +386,12 @@ def summarize(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def data_points(grid: pd.DataFrame) -> int:
+    """How many data points a task's grid rows hold: its (sample, snippet) pairs, each snippet a data point as
+    in the paper's released code (and its rule of dropping tasks with fewer than 15 of them)."""
+    return len(with_snippets(grid)[["sample_id", "snippet"]].drop_duplicates())
 
 
 def _subject_difference(subjects: pd.DataFrame) -> dict[str, float]:
@@ -420,7 +427,9 @@ def run_attributes(
     """Run (or resume) attribute extraction vs probing into ``out``.
 
     Units: one screening unit and one probe unit per task, one grid unit per (task, sample) holding the
-    rows of all its snippets. Writes ``summary.csv``, ``grid.csv`` and ``heatmaps.png`` (one panel per task).
+    rows of all its snippets; the grid units run in a seeded order across tasks, so a run stopped early
+    (``stop_after``, an interruption) has scored a random subset of each task's samples, not the first tasks.
+    Writes ``summary.csv``, ``grid.csv`` and ``heatmaps.png`` (one panel per task).
     """
     if not 1 <= config.snippets <= MAX_SNIPPETS:
         raise EvalError(f"snippets must be between 1 and {MAX_SNIPPETS} (the files hold up to five), got {config.snippets}")
@@ -451,6 +460,8 @@ def run_attributes(
         answered = _answered(screen, task.name, config.require_answer)
         kept = [s for s in samples if s.sample_id in answered]
         grid_units += kept[: config.grid_samples] if config.grid_samples is not None else kept
+    # tasks interleaved in a seeded order: an unfinished run holds a random subset of every task's samples
+    grid_units = seeded_sample(grid_units, None, config.seed)
     with progress_bar(
         len(grid_units), f"(ℓ, ℓ*) grid, {len(sources)}×{len(targets)} pairs per sample", enabled=progress
     ) as advance:
@@ -516,6 +527,9 @@ def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResul
         kept = screen.groupby("task", sort=False)["answered"].agg(["sum", "count"]).reset_index()
         kept.columns = ["task", "answered", "screened"]
         summary = kept.merge(summary, on="task", how="left") if not summary.empty else kept
+    if not summary.empty and "meets_min_samples" in summary.columns:  # the tasks the paper's rule keeps in its table
+        kept_tasks = set(summary.task[summary.meets_min_samples.fillna(False).astype(bool)])
+        subjects = subjects.assign(in_table=subjects.task.isin(kept_tasks))
     for name, frame in (("summary", summary), ("grid", grid), ("probe", probe), ("screen", screen), ("subjects", subjects)):
         store.write_csv(f"{name}.csv", frame)
     if not grid.empty:

@@ -1,4 +1,5 @@
-"""CLI for the evaluations: ``patchscopes eval next-token | attributes | entities`` and ``patchscopes report DIR``.
+"""CLI for the evaluations: ``patchscopes eval next-token | attributes | entities``, ``patchscopes report DIR`` and
+``patchscopes pack DIR``.
 
 The commands parse options and print; the computing is in :mod:`patchscopes.evals`.
 
@@ -166,6 +167,17 @@ def report(
     console.print(f"wrote {path}")
 
 
+def pack(
+    directory: Annotated[Path, typer.Argument(help="A run directory written by `patchscopes eval …` (no run writing to it).")],
+) -> None:
+    """Fold a run directory's tables into compressed <table>.jsonl.gz files, to commit or share; the same
+    command with the same --out resumes from them."""
+    from patchscopes.results import ResultStore
+
+    for path in ResultStore.reopen(directory).pack():
+        console.print(f"packed {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def claims(
     docs: Annotated[Path, typer.Argument(help="The docs directory holding results/claims.json and the pages.")] = Path("docs"),
     check: Annotated[bool, typer.Option(help="Change nothing; fail if a page's claim table is stale.")] = False,
@@ -182,9 +194,10 @@ def claims(
 
 
 def register(app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Add the evaluation commands under ``eval``, and ``report`` and ``claims`` at the top level."""
+    """Add the evaluation commands under ``eval``, and ``report``, ``pack`` and ``claims`` at the top level."""
     eval_app.command("next-token")(next_token)
     eval_app.command("attributes")(attributes)
     eval_app.command("entities")(entities)
     app.command("report")(report)
+    app.command("pack")(pack)
     app.command("claims")(claims)
