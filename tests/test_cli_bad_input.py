@@ -167,6 +167,11 @@ def _dist_prompts_file(tmp: Path) -> tuple[list[str], list[str]]:
     return ["distributed-sweep", "--prompts-file", str(missing), "--out", str(tmp / "d")], [str(missing)]
 
 
+def _pack_not_a_run(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "notes").mkdir()
+    return ["pack", str(tmp / "notes")], ["not a run directory", "--out"]
+
+
 CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "inspect-dtype-float64": _dtype,
     "inspect-csv-proc": _csv_proc,
@@ -192,6 +197,7 @@ CASES: dict[str, Callable[[Path], tuple[list[str], list[str]]]] = {
     "lrc-seeds-not-ints": _lrc_seeds,
     "distributed-shards-zero": _dist_shards,
     "distributed-prompts-file-missing": _dist_prompts_file,
+    "pack-not-a-run-directory": _pack_not_a_run,
 }
 
 

@@ -138,6 +138,7 @@ def test_an_unfinished_attribute_run_packed_and_moved_resumes_exactly(tmp_path) 
     directory, copied elsewhere as a commit would carry it, resumes to the uninterrupted result."""
     import shutil
 
+    from patchscopes.cli import app
     from patchscopes.results import ResultStore
     from tiny import tiny_model
 
@@ -156,9 +157,9 @@ def test_an_unfinished_attribute_run_packed_and_moved_resumes_exactly(tmp_path) 
     assert units != sorted(units) and len(units) == 8  # interleaved, not task after task
     with pytest.raises(StopAfter):  # 2 tasks × (screen + probe), then 3 of the 8 grid units
         run_attributes(lm, tmp_path / "cut", config, progress=False, stop_after=7)
-    packed = ResultStore.reopen(tmp_path / "cut").pack()
-    assert sorted(p.name for p in packed) == ["grid.jsonl.gz", "probe.jsonl.gz", "screen.jsonl.gz"]
-    assert not list((tmp_path / "cut").glob("*.jsonl"))
+    packed = CliRunner().invoke(app, ["pack", str(tmp_path / "cut")])
+    assert packed.exit_code == 0 and packed.output.count("packed ") == 3, packed.output
+    assert sorted(p.name for p in (tmp_path / "cut").glob("*.jsonl*")) == ["grid.jsonl.gz", "probe.jsonl.gz", "screen.jsonl.gz"]
     shutil.copytree(tmp_path / "cut", tmp_path / "elsewhere")
     partial = ResultStore.reopen(tmp_path / "elsewhere").frame("grid")
     assert partial.drop_duplicates(["task", "sample_id"]).task.tolist() == units[:3]
