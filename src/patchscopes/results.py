@@ -189,21 +189,22 @@ class ResultStore:
             os.fsync(f.fileno())
         self.done_keys(table).add(k)
 
+    def _unique_units(self, table: str) -> Iterable[dict[str, Any]]:
+        """The units of ``table``, each key once (its first record), in the order they were written."""
+        seen: set[str] = set()
+        for unit in self._units(table):
+            if unit["key"] not in seen:
+                seen.add(unit["key"])
+                yield unit
+
     def frame(self, table: str) -> pd.DataFrame:
         """All rows of a table, each unit once, in the order the units were written."""
-        seen: set[str] = set()
-        rows: list[dict[str, Any]] = []
-        for unit in self._units(table):
-            if unit["key"] in seen:
-                continue
-            seen.add(unit["key"])
-            rows.extend(unit["rows"])
-        return pd.DataFrame(rows)
+        return pd.DataFrame([row for unit in self._unique_units(table) for row in unit["rows"]])
 
     def tables(self) -> list[str]:
         """The names of the tables this directory holds, packed or not."""
-        names = {p.name.removesuffix(".gz").removesuffix(".jsonl") for p in self.directory.glob("*.jsonl*")}
-        return sorted(n for n in names if (self._path(n).is_file() or self._packed_path(n).is_file()))
+        files = [*self.directory.glob("*.jsonl"), *self.directory.glob("*.jsonl.gz")]
+        return sorted({p.name.removesuffix(".gz").removesuffix(".jsonl") for p in files})
 
     def pack(self) -> list[Path]:
         """Fold each table's units (each once, in the order written) into ``<table>.jsonl.gz`` and remove its
@@ -217,12 +218,7 @@ class ResultStore:
         """
         packed = []
         for table in self.tables():
-            seen: set[str] = set()
-            lines = []
-            for unit in self._units(table):
-                if unit["key"] not in seen:
-                    seen.add(unit["key"])
-                    lines.append(json.dumps(unit, default=_jsonable) + "\n")
+            lines = [json.dumps(unit, default=_jsonable) + "\n" for unit in self._unique_units(table)]
             target = self._packed_path(table)
             with atomic_path(target) as tmp, gzip.open(tmp, "wt", encoding="utf-8", compresslevel=9) as f:
                 f.writelines(lines)

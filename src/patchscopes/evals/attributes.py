@@ -356,6 +356,7 @@ def summarize(
         )
         probe_layers = probe_part.reindex(layers)
         test = paired_test(per_layer.tolist(), probe_layers.tolist(), n_tests=n_tasks)
+        points = data_points(part)
         rows.append(
             {
                 "task": task,
@@ -367,8 +368,8 @@ def summarize(
                 "probe_mean": float(probe_layers.mean()),
                 "probe_std": float(probe_layers.std(ddof=0)),
                 **_subject_difference(subjects[subjects.task == task]),
-                "data_points": data_points(part),
-                "meets_min_samples": data_points(part) >= min_samples,
+                "data_points": points,
+                "meets_min_samples": points >= min_samples,
                 "t": test.t,
                 "p_bonferroni": test.p_corrected,
                 "better": {"a": "patchscope", "b": "probe", None: ""}[test.winner],
@@ -380,7 +381,7 @@ def summarize(
             probe_any = [len(r["correct_ids"]) / r["n"] * 100 for r in probe_rows.to_dict("records") if r["layer"] in layers]
             rows[-1].update(
                 {
-                    "grid_snippets": int(snippets.sum()),
+                    "grid_snippets": points,
                     "patchscope_any_snippet_mean": float(_per_layer(part, "correct", "any").mean()),
                     "probe_any_snippet_mean": float(np.mean(probe_any)) if probe_any else float("nan"),
                 }
