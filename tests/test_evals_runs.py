@@ -101,6 +101,23 @@ def test_next_token_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
         run_next_token(lm, tmp_path / "full", replace(config, seed=9), texts=CORPUS, progress=False)
 
 
+def test_a_run_resumed_in_another_dtype_is_refused(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    from patchscopes.models.loading import from_model
+    from tiny import tiny_model
+
+    lm = tiny_model("llama")
+    config = NextTokenConfig(n_eval=2, unit_size=2, train_positions=50, layers=None)
+    with pytest.raises(StopAfter):
+        run_next_token(lm, tmp_path, config, texts=CORPUS, progress=False, stop_after=1)
+    # float32 records no dtype, so run directories made before the dtype was recorded resume unchanged
+    assert "dtype" not in json.loads((tmp_path / "config.json").read_text())["config"]
+    half = from_model(tiny_model("llama").model.to(torch.bfloat16), lm.tokenizer, name=lm.name)
+    with pytest.raises(ConfigMismatchError, match=r"differs in: dtype\)"):
+        run_next_token(half, tmp_path, config, texts=CORPUS, progress=False)
+
+
 def test_entities_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
     from tiny import tiny_model
 

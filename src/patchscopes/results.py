@@ -55,6 +55,24 @@ def package_versions(names: Iterable[str] = ("patchscopes", "torch", "transforme
     return versions
 
 
+def dtype_entry(dtype: object) -> dict[str, str]:
+    """What a run's configuration records of its numerics: ``{"dtype": name}``, left out for float32.
+
+    Run directories made before the dtype was recorded hold no entry and resume as float32 runs. A run
+    resumed in another dtype differs in ``dtype`` and is refused, so float32 and bfloat16 units never mix.
+
+    >>> dtype_entry("float32"), dtype_entry("torch.bfloat16")
+    ({}, {'dtype': 'bfloat16'})
+    """
+    name = str(dtype).removeprefix("torch.")
+    return {} if name == "float32" else {"dtype": name}
+
+
+def model_entry(lm: Any) -> dict[str, Any]:
+    """A loaded model's part of a run configuration: its weight hash and its :func:`dtype_entry`."""
+    return {"weights_sha256": lm.weights_sha256, **dtype_entry(lm.dtype)}
+
+
 def read_config(path: Path) -> dict[str, Any]:
     """The ``config`` a run's ``config.json`` records, or :class:`CorruptRunError` saying how to recover."""
     try:

@@ -32,7 +32,7 @@ from patchscopes.layers import LayerSpec
 from patchscopes.models.loading import ModelHandle, load_model
 from patchscopes.positions import PositionSpec
 from patchscopes.presets import Preset
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, dtype_entry
 from patchscopes.scope import Decoding
 
 TABLE = "rows"
@@ -175,7 +175,7 @@ def distributed_sweep(
         "batch_size": batch_size,
         **sweep_options,
     }
-    config = sweep_config(model, prompts, positions, {**sweep_kwargs, "preset": preset_name})
+    config = sweep_config(model, prompts, positions, {**sweep_kwargs, "preset": preset_name}) | dtype_entry(dtype)
     out = str(out_dir)
     store = ResultStore(out, config)
     pending = [e for e in range(len(prompts)) if not store.done(TABLE, unit_key(e))]

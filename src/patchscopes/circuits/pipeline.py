@@ -33,7 +33,7 @@ from patchscopes.circuits.editing import SELECTIONS, compare_edits
 from patchscopes.circuits.masking import MaskConfig, faithfulness, train_mask
 from patchscopes.circuits.tasks import PARAPHRASE_TEMPLATES, TASKS, Encoded, encode, make_task, new_facts, paraphrases
 from patchscopes.files import atomic_write_text
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, dtype_entry
 
 Log = Callable[[str], None]
 
@@ -107,7 +107,7 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
     """Mask training (circuits at every density + faithfulness) and EAP / EAP-IG, per task; resumable."""
     _check(cfg)
     out = Path(out)
-    store = ResultStore(out, cfg.store_config())
+    store = ResultStore(out, cfg.store_config() | dtype_entry(lm.dtype))
     mask_cfg = MaskConfig(layers=cfg.layers, init_logit=cfg.init_logit, hard=cfg.hard_mask)
     for task in cfg.tasks:
         train, held = _split(lm, cfg, task)
@@ -251,7 +251,7 @@ def edit(
     config = config or EditConfig()
     config.check()
     out = Path(out)
-    store = ResultStore(out, cfg.store_config())
+    store = ResultStore(out, cfg.store_config() | dtype_entry(lm.dtype))
     chosen = list(tasks) if tasks else discovered_tasks(out)
     unknown = [t for t in chosen if t not in TASKS]
     if unknown:

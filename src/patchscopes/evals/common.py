@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from patchscopes.errors import PatchscopeError
 from patchscopes.models.loading import ModelHandle
-from patchscopes.results import ResultStore, package_versions
+from patchscopes.results import ResultStore, model_entry, package_versions
 
 T = TypeVar("T")
 
@@ -66,12 +66,12 @@ def require(module: str) -> Any:
 
 
 def run_config(eval_name: str, lm: ModelHandle | None, seed: int, params: Any) -> dict[str, Any]:
-    """The configuration of one run: evaluation, model name and weight hash, seed and every parameter."""
+    """The configuration of one run: evaluation, model name, weight hash and dtype, seed and every parameter."""
     values = dataclasses.asdict(params) if dataclasses.is_dataclass(params) and not isinstance(params, type) else dict(params)
     return {
         "eval": eval_name,
         "model": None if lm is None else lm.name,
-        "weights_sha256": None if lm is None else lm.weights_sha256,
+        **({"weights_sha256": None} if lm is None else model_entry(lm)),
         "seed": seed,
         "params": values,
     }

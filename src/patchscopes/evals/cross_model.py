@@ -46,7 +46,7 @@ from patchscopes.patching import Patch, PatchedRun, trace
 from patchscopes.plan import DecodeGroup
 from patchscopes.plots import first_entry
 from patchscopes.presets import ENTITY_DESCRIPTION, TOKEN_IDENTITY
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, dtype_entry
 from patchscopes.scope import NextToken
 from patchscopes.sweep import sweep
 
@@ -367,8 +367,10 @@ def run_cross_model(
     ent_layers = [layer for layer in config.entity_layers if layer < min(source.n_layers, target.n_layers)]
     pairs = sorted({(s, t) for s in src_layers for t in tgt_layers} | {(layer, layer) for layer in ent_layers})
     store = ResultStore(
-        out, {"eval": "cross-model", **asdict(config), "source_sha": source.weights_sha256, "target_sha": target.weights_sha256}
-    )
+        out,  # both models load in config.dtype; dtype_entry records what "auto" became
+        {"eval": "cross-model", **asdict(config), "source_sha": source.weights_sha256, "target_sha": target.weights_sha256,
+         **dtype_entry(source.dtype)},
+    )  # fmt: skip
     maps_store = MapStore(maps_root)
     fit_texts = corpus_texts(config.n_fit_texts, config.seed)
     eval_texts = corpus_texts(config.n_eval_texts, config.seed, offset=config.n_fit_texts)

@@ -36,7 +36,7 @@ from patchscopes.models.loading import ModelHandle, load_model
 from patchscopes.patching import Patch, PatchedRun, run_patched, trace
 from patchscopes.positions import char_span_to_tokens
 from patchscopes.relations.data import Relation, load_relations
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, model_entry
 
 #: How each relation is phrased as a noun phrase around its subject; the project's own wording.
 HOP_PHRASES: dict[str, str] = {
@@ -303,7 +303,7 @@ def run_multihop(
 ) -> dict[str, Any]:
     """Build, filter and evaluate the queries; resumable per query; writes ``summary.json`` under ``out``."""
     lm = load_model(config.model, dtype=config.dtype, device=device, device_map=device_map)
-    store = ResultStore(out, {"eval": "multihop", **asdict(config), "weights_sha256": lm.weights_sha256})
+    store = ResultStore(out, {"eval": "multihop", **asdict(config), **model_entry(lm)})
     relations = load_relations(config.relations_dir or None)
     queries = build_queries(relations, config.max_per_combo, config.seed)
     log(f"{len(queries)} two-hop queries over {len({q.combo for q in queries})} relation pairs")

@@ -45,7 +45,7 @@ from patchscopes.relations.prompts import (
 )
 from patchscopes.relations.splits import balanced_choice, fold_split, hash_rank, split_by_object
 from patchscopes.relations.steering import ConceptEdit, causality, new_and_old_probs
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, model_entry
 
 METHODS = ("LRC", "LRC (first token, final layer)", "SVM", "input averaging")
 SINGLE_SAMPLE_METHODS = ("LRC (n_lre = 1, same object)", "LRC (n_lre = 1, different object)")
@@ -446,7 +446,7 @@ def run_lrc_eval(
     if not s_layer < o_layer:
         raise LrcEvalError(f"subject layer {s_layer} must come before object layer {o_layer}")
     out = Path(out_dir)
-    store = ResultStore(out, {**asdict(cfg), "weights_sha256": lm.weights_sha256})
+    store = ResultStore(out, {**asdict(cfg), **model_entry(lm)})
     jacobians = JacobianCache(out.parent / "jacobian-cache")
     relations = select_relations(cfg)
     samples = {relation.name: correct_samples(lm, relation, cfg, store) for relation in relations}

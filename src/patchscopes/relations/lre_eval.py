@@ -39,7 +39,7 @@ from patchscopes.relations.jcache import JacobianCache
 from patchscopes.relations.lre import LinearRelationalEmbedding, estimate_lre, from_jacobians
 from patchscopes.relations.lre_measures import LreMeasure, lre_causality_grid, lre_faithfulness_grid
 from patchscopes.relations.prompts import RelationPrompt, answers_correctly, few_shot_prompt, filter_correct
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, model_entry
 from patchscopes.statistics import estimate
 
 KINDS = ("faithfulness", "causality")
@@ -348,7 +348,7 @@ def run_lre_eval(cfg: LreEvalConfig, out_dir: str | Path, lm: ModelHandle | None
     if not s_layer < o_layer:
         raise LreEvalError(f"subject layer {s_layer} must come before object layer {o_layer}; lower --subject-layer")
     out = Path(out_dir)
-    store = ResultStore(out, {**asdict(cfg), "weights_sha256": lm.weights_sha256}, schemas={"rows": ROW_COLUMNS})
+    store = ResultStore(out, {**asdict(cfg), **model_entry(lm)}, schemas={"rows": ROW_COLUMNS})
     jacobians = JacobianCache(out / "jacobian-cache")
     relations = select_relations(cfg)
     with progress_bar(len(relations) * len(cfg.seeds), "LRE evaluation", progress) as advance:

@@ -36,7 +36,7 @@ from patchscopes.relations.jcache import JacobianCache
 from patchscopes.relations.lrc import lrc_from_objects, object_states, subject_states
 from patchscopes.relations.lre import from_jacobians
 from patchscopes.relations.splits import split_by_object
-from patchscopes.results import ResultStore
+from patchscopes.results import ResultStore, model_entry
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,7 @@ def run_lrc_sweep(lm: ModelHandle, sweep: SweepConfig, out_dir: str | Path, prog
     """Run (or resume) the sweep into ``out_dir``; returns and writes ``choice.json`` and the ``sweep`` table."""
     cfg = replace(sweep.base, n_lre=sweep.n_lre)
     out = Path(out_dir)
-    store = ResultStore(out, {**asdict(sweep), "weights_sha256": lm.weights_sha256})
+    store = ResultStore(out, {**asdict(sweep), **model_entry(lm)})
     jac = JacobianCache(out.parent / "jacobian-cache")
     splits = {r.name: d for r in select_relations(cfg) if (d := _validation_split(lm, r, cfg, store)) is not None}
     s0 = resolve_block(cfg.subject_layer, lm.n_layers, "an LRE")
