@@ -4,7 +4,10 @@ the resumable multi-task, multi-seed pipeline, on tiny random models."""
 from __future__ import annotations
 
 import copy
+import json
 import re
+import shutil
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -275,6 +278,44 @@ def test_resuming_a_finished_profile_does_no_new_work(lm, profile_run, monkeypat
     changed = Profile("test", _profile().run, EditConfig(steps=3), (0,))
     with pytest.raises(CircuitError, match="another profile"):
         run_profile(lm, changed, profile_run, log=lines.append)
+
+
+def test_a_packed_run_without_its_circuit_files_trains_them_again_to_edit(lm, profile_run, tmp_path):
+    """Circuits are too large to commit; a committed run carries its tables, so new edits retrain the masks."""
+    from patchscopes.results import ResultStore
+
+    packed = tmp_path / "profile" / "seed-0"
+    shutil.copytree(profile_run / "seed-0", packed, ignore=shutil.ignore_patterns("circuits", "masks", ".*lock"))
+    shutil.copy(profile_run / "profile.json", tmp_path / "profile")
+    ResultStore.reopen(packed).pack()
+    lines: list[str] = []
+    run_profile(lm, replace(_profile(), seeds=(0,)), tmp_path / "profile", log=lines.append)  # finished: nothing to redo
+    assert not [line for line in lines if "training" in line or "editing" in line]
+    more = EditConfig(steps=2, lr=1e-2, max_norm=0.01, n_facts=12, n_locality=6)  # a new edit setting: work to do
+    cfg = _profile().seed_config(0)
+    whole = shutil.copytree(profile_run / "seed-0", tmp_path / "whole", ignore=shutil.ignore_patterns(".*lock"))
+    original = pipeline.edit(lm, cfg, whole, more, log=lambda line: None).frame("edits")
+    restored = pipeline.edit(lm, cfg, packed, more, log=lines.append).frame("edits")
+    assert [line for line in lines if "training its mask again" in line] == [f"[{t}] its circuit files are absent: "
+            "training its mask again with the recorded settings and seed" for t in ("subj_verb", "hierarchy")]  # fmt: skip
+    for task in ("subj_verb", "hierarchy"):
+        for name in ("circuit.json", "circuit.safetensors"):
+            here, there = (d / "circuits" / f"{task}@0.3" / name for d in (whole, packed))
+            assert here.read_bytes() == there.read_bytes()
+    new = [c for c in original if c != "seconds"]
+    pd.testing.assert_frame_equal(
+        original[original.n_facts == 12][new].reset_index(drop=True), restored[restored.n_facts == 12][new].reset_index(drop=True)
+    )
+    # a discovery this platform does not reproduce is refused, not edited
+    tampered = tmp_path / "tampered"
+    shutil.copytree(profile_run / "seed-0", tampered, ignore=shutil.ignore_patterns("circuits", "masks", ".*lock"))
+    rows = [json.loads(line) for line in (tampered / "faithfulness.jsonl").read_text().splitlines()]
+    for unit in rows:
+        for row in unit["rows"]:
+            row["kept"] = row.get("kept") and row["kept"] / 2
+    (tampered / "faithfulness.jsonl").write_text("".join(json.dumps(unit) + "\n" for unit in rows))
+    with pytest.raises(CircuitError, match="not the recorded ones"):
+        pipeline.edit(lm, cfg, tampered, more, log=lambda line: None)
 
 
 def test_report_aggregates_seeds_and_facts(profile_run, tmp_path):

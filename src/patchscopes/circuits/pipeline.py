@@ -30,7 +30,7 @@ from patchscopes.circuits import analysis
 from patchscopes.circuits.attribution import attribute, faithfulness_curve
 from patchscopes.circuits.circuit import Circuit, CircuitError
 from patchscopes.circuits.editing import SELECTIONS, compare_edits
-from patchscopes.circuits.masking import MaskConfig, faithfulness, train_mask
+from patchscopes.circuits.masking import MaskConfig, MaskResult, faithfulness, train_mask
 from patchscopes.circuits.tasks import PARAPHRASE_TEMPLATES, TASKS, Encoded, encode, make_task, new_facts, paraphrases
 from patchscopes.files import atomic_write_text
 from patchscopes.results import ResultStore, dtype_entry
@@ -103,25 +103,32 @@ def circuit_dir(out: Path, task: str, density: float) -> Path:
     return out / "circuits" / f"{task}@{density:g}"
 
 
+def _train_circuits(lm, cfg: RunConfig, out: Path, task: str, train: Encoded, log: Log) -> MaskResult:  # noqa: ANN001
+    """Train the task's weight mask with the run's settings and seed, and save the mask and its circuits."""
+    result = train_mask(
+        lm, train, MaskConfig(layers=cfg.layers, init_logit=cfg.init_logit, hard=cfg.hard_mask), cfg.densities,
+        cfg.steps_per_stage, cfg.batch_size, cfg.lr, cfg.penalty, cfg.seed, metadata={"task": task},
+        on_step=lambda r: log(f"  step {r['step']}: density {r['expected_density']:.3f} "
+                              f"(target {r['target']:.3f}) loss {r['task_loss']:.3f}"),
+    )  # fmt: skip
+    result.mask.save(out / "masks" / task, {"task": task, "model": lm.name, "seconds": result.seconds})
+    for d, circuit in result.circuits.items():
+        circuit.save(circuit_dir(out, task, d))
+    return result
+
+
 def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultStore:  # noqa: ANN001
     """Mask training (circuits at every density + faithfulness) and EAP / EAP-IG, per task; resumable."""
     _check(cfg)
     out = Path(out)
     store = ResultStore(out, cfg.store_config() | dtype_entry(lm.dtype))
-    mask_cfg = MaskConfig(layers=cfg.layers, init_logit=cfg.init_logit, hard=cfg.hard_mask)
     for task in cfg.tasks:
         train, held = _split(lm, cfg, task)
         if "mask" in cfg.methods and not store.done("faithfulness", task):
             log(f"[{task}] training a weight mask: {len(train)} train / {len(held)} held-out examples")
-            result = train_mask(
-                lm, train, mask_cfg, cfg.densities, cfg.steps_per_stage, cfg.batch_size, cfg.lr, cfg.penalty, cfg.seed,
-                metadata={"task": task}, on_step=lambda r: log(f"  step {r['step']}: density {r['expected_density']:.3f} "
-                                                             f"(target {r['target']:.3f}) loss {r['task_loss']:.3f}"),
-            )  # fmt: skip
-            result.mask.save(out / "masks" / task, {"task": task, "model": lm.name, "seconds": result.seconds})
+            result = _train_circuits(lm, cfg, out, task, train, log)
             rows = [{"task": task, "circuit": "full", "density": 1.0, **faithfulness(lm, None, held)}]
             for d, circuit in result.circuits.items():
-                circuit.save(circuit_dir(out, task, d))
                 rows.append(
                     {"task": task, "circuit": "mask", "density": d, "kept": circuit.density, **faithfulness(lm, circuit, held)}
                 )
@@ -204,6 +211,24 @@ class EditConfig:
         return asdict(self)
 
 
+def restore_circuits(lm, cfg: RunConfig, out: Path, store: ResultStore, task: str, log: Log = print) -> None:  # noqa: ANN001
+    """Train again the mask of a task whose discovery is recorded but whose circuit files are absent (a
+    packed or committed run keeps its tables, not its circuits), and check each circuit's size against the
+    recorded one: mask training is deterministic for a seed on one platform, not across platforms."""
+    recorded = store.frame("faithfulness")
+    kept = recorded[(recorded.task == task) & (recorded.circuit == "mask")].set_index("density")["kept"].to_dict()
+    log(f"[{task}] its circuit files are absent: training its mask again with the recorded settings and seed")
+    result = _train_circuits(lm, cfg, out, task, _split(lm, cfg, task)[0], log)
+    differ = [f"{task}@{d:g} keeps {c.density!r} of the weights, recorded {kept.get(d)!r}"
+              for d, c in result.circuits.items() if c.density != kept.get(d)]  # fmt: skip
+    if differ:
+        raise CircuitError(
+            f"the circuits trained again in {out} are not the recorded ones ({'; '.join(differ)}): this platform does "
+            "not reproduce the discovery, so edits here would not be of the recorded circuits; run the discovery and "
+            "its edits together in a new --out"
+        )
+
+
 def discovered_tasks(out: str | Path) -> list[str]:
     """The tasks with at least one saved circuit in a run directory, in :data:`tasks.TASKS` order."""
     root = Path(out) / "circuits"
@@ -247,49 +272,53 @@ def edit(
 
     ``tasks``: whose circuits take the edit (default: every task with circuits in ``out``). The same facts
     are inserted into every task's circuits. Tables: ``edits`` (one row per selection) and ``edit_items``
-    (one row per fact, paraphrase and locality example)."""
+    (one row per fact, paraphrase and locality example). A task whose discovery is recorded but whose circuit
+    files are absent (a packed or committed run) first has them trained again (:func:`restore_circuits`)."""
     config = config or EditConfig()
     config.check()
     out = Path(out)
     store = ResultStore(out, cfg.store_config() | dtype_entry(lm.dtype))
-    chosen = list(tasks) if tasks else discovered_tasks(out)
+    recorded = [t for t in TASKS if store.done("faithfulness", t)]  # mask discoveries, circuit files or not
+    chosen = list(tasks) if tasks else [t for t in TASKS if t in set(discovered_tasks(out)) | set(recorded)]
     unknown = [t for t in chosen if t not in TASKS]
     if unknown:
         raise CircuitError(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     if not chosen:
         raise CircuitError(f"no circuits in {out}; run `patchscopes circuits discover --out {out}` first")
     densities = config.densities or cfg.densities
-    missing = [f"{t}@{d:g}" for t in chosen for d in densities if not (circuit_dir(out, t, d) / "circuit.json").is_file()]
+    keys = {(t, d): config.key(t, d) for t in chosen for d in densities}
+    todo = [unit for unit, key in keys.items() if not (store.done("edits", key) and store.done("edit_items", key))]
+    absent = [(t, d) for t, d in todo if not (circuit_dir(out, t, d) / "circuit.json").is_file()]
+    missing = [f"{t}@{d:g}" for t, d in absent if t not in recorded]
     if missing:
         raise CircuitError(f"no circuit {', '.join(missing)} in {out}; run `patchscopes circuits discover` for those first")
+    for task in dict.fromkeys(t for t, _ in absent):
+        restore_circuits(lm, cfg, out, store, task, log)
     data: EditData | None = None
-    for task in chosen:
-        for d in densities:
-            key = config.key(task, d)
-            if store.done("edits", key) and store.done("edit_items", key):
-                continue
-            circuit = Circuit.load(circuit_dir(out, task, d))
-            circuit.check_model(lm.model)
-            if data is None:  # only when some unit is left to do
-                data = edit_data(lm, cfg, config)
-            n_para = len(data.paraphrases) if data.paraphrases is not None else 0
-            sizes = ", ".join(f"{k} {len(v)}" for k, v in data.locality.items())
-            log(f"[{task}@{d:g}] editing {len(data.facts)} facts ({n_para} paraphrases; locality: {sizes})")
-            rows = compare_edits(
-                lm, circuit, data.facts, data.locality, steps=config.steps, lr=config.lr, seed=cfg.seed,
-                paraphrases=data.paraphrases, max_norm=config.max_norm, per_item=True,
-            )  # fmt: skip
-            items = []
-            for r in rows:
-                r["task"], r["seed"], r["target_density"] = task, cfg.seed, d
-                unit = {"seed": cfg.seed, "task": task, "density": d, "selection": r["selection"]}
-                items += [{**unit, **item} for item in r.pop("items")]
-                para = f", paraphrases {r['paraphrase_success']:.2f}" if "paraphrase_success" in r else ""
-                log(f"  {r['selection']:>10}: success {r['success']:.2f}{para}, ΔNLL new {r['delta_nll_new']:+.2f}, "
-                    f"ΔNLL old {r['delta_nll_old']:+.2f}, locality {r['locality_unchanged']:.2f}, "
-                    f"‖δ‖ {r['delta_norm']:.4g}")  # fmt: skip
-            store.append("edit_items", key, items)  # items first: a unit counts as done once its rows are written
-            store.append("edits", key, rows)
+    for task, d in todo:
+        key = keys[task, d]
+        circuit = Circuit.load(circuit_dir(out, task, d))
+        circuit.check_model(lm.model)
+        if data is None:  # once, for the first unit left to do
+            data = edit_data(lm, cfg, config)
+        n_para = len(data.paraphrases) if data.paraphrases is not None else 0
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in data.locality.items())
+        log(f"[{task}@{d:g}] editing {len(data.facts)} facts ({n_para} paraphrases; locality: {sizes})")
+        rows = compare_edits(
+            lm, circuit, data.facts, data.locality, steps=config.steps, lr=config.lr, seed=cfg.seed,
+            paraphrases=data.paraphrases, max_norm=config.max_norm, per_item=True,
+        )  # fmt: skip
+        items = []
+        for r in rows:
+            r["task"], r["seed"], r["target_density"] = task, cfg.seed, d
+            unit = {"seed": cfg.seed, "task": task, "density": d, "selection": r["selection"]}
+            items += [{**unit, **item} for item in r.pop("items")]
+            para = f", paraphrases {r['paraphrase_success']:.2f}" if "paraphrase_success" in r else ""
+            log(f"  {r['selection']:>10}: success {r['success']:.2f}{para}, ΔNLL new {r['delta_nll_new']:+.2f}, "
+                f"ΔNLL old {r['delta_nll_old']:+.2f}, locality {r['locality_unchanged']:.2f}, "
+                f"‖δ‖ {r['delta_norm']:.4g}")  # fmt: skip
+        store.append("edit_items", key, items)  # items first: a unit counts as done once its rows are written
+        store.append("edits", key, rows)
     return store
 
 
