@@ -291,6 +291,16 @@ def test_a_packed_run_without_its_circuit_files_trains_them_again_to_edit(lm, pr
     lines: list[str] = []
     run_profile(lm, replace(_profile(), seeds=(0,)), tmp_path / "profile", log=lines.append)  # finished: nothing to redo
     assert not [line for line in lines if "training" in line or "editing" in line]
+    # the composition was recorded at discovery, so the packed run reports it; the overlap needs the files
+    circuits = pipeline.load_circuits(profile_run / "seed-0")
+    from_files = pd.concat([pipeline._composition(label, c) for label, c in circuits.items()])
+    packed_tables = report(packed)
+
+    def by_circuit(df: pd.DataFrame) -> pd.DataFrame:
+        return df.sort_values(["circuit", "module_type"]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(by_circuit(packed_tables["composition"]), by_circuit(from_files))
+    assert "overlap" not in packed_tables and "overlap" in report(profile_run / "seed-0")
     more = EditConfig(steps=2, lr=1e-2, max_norm=0.01, n_facts=12, n_locality=6)  # a new edit setting: work to do
     cfg = _profile().seed_config(0)
     whole = shutil.copytree(profile_run / "seed-0", tmp_path / "whole", ignore=shutil.ignore_patterns(".*lock"))

@@ -2,15 +2,15 @@
 model and seed, one unit of work per (task, method) or (task, density, edit setting), results in a
 :class:`ResultStore`.
 
-Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, eap, eap_edges, edits,
-edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits),
+Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, composition, eap, eap_edges,
+edits, edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits),
 ``figures/``. A profile run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
 ``profile.json`` and one such directory per seed, ``seed-<k>/``; :func:`report` aggregates them.
 
 >>> cfg = RunConfig.quick_profile(model="SmolLM2-135M", tasks=("subj_verb",))
 >>> store = discover(lm, cfg, "runs/circuits/quick", log=lambda line: None)
 >>> sorted(p.name for p in Path("runs/circuits/quick").glob("*.jsonl"))
-['eap.jsonl', 'eap_edges.jsonl', 'faithfulness.jsonl', 'history.jsonl']
+['composition.jsonl', 'eap.jsonl', 'eap_edges.jsonl', 'faithfulness.jsonl', 'history.jsonl']
 """
 
 from __future__ import annotations
@@ -103,6 +103,22 @@ def circuit_dir(out: Path, task: str, density: float) -> Path:
     return out / "circuits" / f"{task}@{density:g}"
 
 
+def _composition(label: str, circuit: Circuit) -> pd.DataFrame:
+    """:func:`analysis.composition` of one circuit, labelled (``task@density``) with its kept share."""
+    df = analysis.composition(circuit)
+    df.insert(0, "circuit", label)
+    df.insert(1, "density", circuit.density)
+    return df
+
+
+def _record_composition(store: ResultStore, out: Path, task: str, densities: Sequence[float]) -> None:
+    """Record the composition of the task's circuits once, while their files are here: a packed run keeps it."""
+    paths = [circuit_dir(out, task, d) for d in densities]
+    if not store.done("composition", task) and all((p / "circuit.json").is_file() for p in paths):
+        frames = [_composition(p.name, Circuit.load(p)) for p in paths]
+        store.append("composition", task, pd.concat(frames, ignore_index=True).to_dict("records"))  # type: ignore[arg-type]
+
+
 def _train_circuits(lm, cfg: RunConfig, out: Path, task: str, train: Encoded, log: Log) -> MaskResult:  # noqa: ANN001
     """Train the task's weight mask with the run's settings and seed, and save the mask and its circuits."""
     result = train_mask(
@@ -118,7 +134,8 @@ def _train_circuits(lm, cfg: RunConfig, out: Path, task: str, train: Encoded, lo
 
 
 def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultStore:  # noqa: ANN001
-    """Mask training (circuits at every density + faithfulness) and EAP / EAP-IG, per task; resumable."""
+    """Mask training (circuits at every density, their faithfulness and composition) and EAP / EAP-IG, per
+    task; resumable."""
     _check(cfg)
     out = Path(out)
     store = ResultStore(out, cfg.store_config() | dtype_entry(lm.dtype))
@@ -140,6 +157,8 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
             for r in rows:
                 r["train_seconds"] = result.seconds
             store.append("faithfulness", task, rows)
+        if "mask" in cfg.methods:
+            _record_composition(store, out, task, cfg.densities)
         for method in [m for m in cfg.methods if m != "mask"]:
             key = {"task": task, "method": method}
             if store.done("eap", key):
@@ -227,6 +246,7 @@ def restore_circuits(lm, cfg: RunConfig, out: Path, store: ResultStore, task: st
             "not reproduce the discovery, so edits here would not be of the recorded circuits; run the discovery and "
             "its edits together in a new --out"
         )
+    _record_composition(store, out, task, cfg.densities)
 
 
 def discovered_tasks(out: str | Path) -> list[str]:
@@ -551,14 +571,12 @@ def _single_report(out: Path) -> dict[str, pd.DataFrame]:
     store = ResultStore.reopen(out)
     circuits = load_circuits(out)
     tables: dict[str, pd.DataFrame] = {}
-    comp = []
-    for label, c in circuits.items():
-        df = analysis.composition(c)
-        df.insert(0, "circuit", label)
-        df.insert(1, "density", c.density)
-        comp.append(df)
-    if comp:
-        tables["composition"] = pd.concat(comp, ignore_index=True)
+    recorded = store.frame("composition")  # recorded at discovery; runs made before have only the files
+    known = set(recorded["circuit"]) if len(recorded) else set()
+    comp = [recorded] + [_composition(label, c) for label, c in circuits.items() if label not in known]
+    if any(len(df) for df in comp):
+        tables["composition"] = pd.concat([df for df in comp if len(df)], ignore_index=True)
+    if circuits:  # overlap needs the circuit files
         tables["overlap"] = analysis.overlap(circuits)
     for name in ("faithfulness", "eap", "edits", "history", "eap_edges", "edit_items"):
         df = store.frame(name)
