@@ -102,6 +102,7 @@ def test_next_token_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_a_run_resumed_in_another_dtype_is_refused(tmp_path) -> None:  # noqa: ANN001
+    import copy
     import json
 
     from patchscopes.models.loading import from_model
@@ -113,9 +114,10 @@ def test_a_run_resumed_in_another_dtype_is_refused(tmp_path) -> None:  # noqa: A
         run_next_token(lm, tmp_path, config, texts=CORPUS, progress=False, stop_after=1)
     # float32 records no dtype, so run directories made before the dtype was recorded resume unchanged
     assert "dtype" not in json.loads((tmp_path / "config.json").read_text())["config"]
-    half = from_model(tiny_model("llama").model.to(torch.bfloat16), lm.tokenizer, name=lm.name)
+    half = from_model(copy.deepcopy(lm.model).to(torch.bfloat16), lm.tokenizer, name=lm.name)  # tiny models are shared
     with pytest.raises(ConfigMismatchError, match=r"differs in: dtype\)"):
         run_next_token(half, tmp_path, config, texts=CORPUS, progress=False)
+    assert lm.dtype == torch.float32  # the shared tiny model is left as it was
 
 
 def test_entities_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
