@@ -2,7 +2,9 @@
 # What is left of the papers' experiments, in the order a short GPU loan should take them:
 #   1. Table 2 on Qwen2.5-Coder-0.5B: continues the packed run committed under docs/results/attributes/
 #      (every sample, every 3rd layer on both axes, five snippets, float32 like its CPU part), then packs it;
-#   2. the circuits knowledge-edit experiment (`patchscopes circuits run --profile paper`, float32).
+#   2. the circuits knowledge-edit experiment (`patchscopes circuits run --profile paper`, float32), in a new
+#      directory: the pieces committed from a CPU run cannot continue here, because a GPU does not retrain their
+#      circuits exactly (the edit step refuses to), so this run replaces them as a whole.
 # Every step is resumable: run the script again and each continues where it stopped. What to commit lands in
 # ${OUT:-fidelity-results}/ (packed run directories, summaries, a log per step).
 #   bash bench/fidelity_gpu.sh                  # from the repository root, in a venv with a CUDA build of torch
