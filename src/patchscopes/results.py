@@ -238,8 +238,9 @@ class ResultStore:
         for table in self.tables():
             lines = [json.dumps(unit, default=_jsonable) + "\n" for unit in self._unique_units(table)]
             target = self._packed_path(table)
-            with atomic_path(target) as tmp, open(tmp, "wb") as raw:  # no name or time in the header: same
-                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:  # units, same bytes
+            # no file name or time in the gzip header: the same units always pack to the same bytes
+            with atomic_path(target) as tmp, open(tmp, "wb") as raw:
+                with gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=9, mtime=0) as f:
                     f.write("".join(lines).encode("utf-8"))
             self._path(table).unlink(missing_ok=True)
             packed.append(target)

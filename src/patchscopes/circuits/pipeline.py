@@ -573,9 +573,9 @@ def _single_report(out: Path) -> dict[str, pd.DataFrame]:
     tables: dict[str, pd.DataFrame] = {}
     recorded = store.frame("composition")  # recorded at discovery; runs made before have only the files
     known = set(recorded["circuit"]) if len(recorded) else set()
-    comp = [recorded] + [_composition(label, c) for label, c in circuits.items() if label not in known]
-    if any(len(df) for df in comp):
-        tables["composition"] = pd.concat([df for df in comp if len(df)], ignore_index=True)
+    comp = [df for df in (recorded, *(_composition(k, c) for k, c in circuits.items() if k not in known)) if len(df)]
+    if comp:
+        tables["composition"] = pd.concat(comp, ignore_index=True)
     if circuits:  # overlap needs the circuit files
         tables["overlap"] = analysis.overlap(circuits)
     for name in ("faithfulness", "eap", "edits", "history", "eap_edges", "edit_items"):
