@@ -7,7 +7,9 @@ import copy
 import json
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -316,16 +318,38 @@ def test_a_packed_run_without_its_circuit_files_trains_them_again_to_edit(lm, pr
     pd.testing.assert_frame_equal(
         original[original.n_facts == 12][new].reset_index(drop=True), restored[restored.n_facts == 12][new].reset_index(drop=True)
     )
-    # a discovery this platform does not reproduce is refused, not edited
-    tampered = tmp_path / "tampered"
-    shutil.copytree(profile_run / "seed-0", tampered, ignore=shutil.ignore_patterns("circuits", "masks", ".*lock"))
-    rows = [json.loads(line) for line in (tampered / "faithfulness.jsonl").read_text().splitlines()]
-    for unit in rows:
-        for row in [r for r in unit["rows"] if r["circuit"] == "mask"]:
+    # a discovery this platform does not reproduce is refused, not edited: checked bit for bit by the digests,
+    # or by the kept shares in a run made before digests were recorded
+    assert sorted(ResultStore.reopen(packed).frame("digests").digest) == sorted(c.digest for c in circuits.values())
+
+    def tampered(name: str, table: str, change: Callable[[dict], None], drop: str | None = None) -> Path:
+        where = tmp_path / name
+        shutil.copytree(profile_run / "seed-0", where, ignore=shutil.ignore_patterns("circuits", "masks", ".*lock"))
+        units = [json.loads(line) for line in (where / f"{table}.jsonl").read_text().splitlines()]
+        for unit in units:
+            for row in unit["rows"]:
+                change(row)
+        (where / f"{table}.jsonl").write_text("".join(json.dumps(unit) + "\n" for unit in units))
+        if drop:
+            (where / drop).unlink()
+        return where
+
+    def halve_kept(row: dict) -> None:
+        if row["circuit"] == "mask":
             row["kept"] /= 2
-    (tampered / "faithfulness.jsonl").write_text("".join(json.dumps(unit) + "\n" for unit in rows))
-    with pytest.raises(CircuitError, match="not the recorded ones"):
-        pipeline.edit(lm, cfg, tampered, more, log=lambda line: None)
+
+    def flip_digest(row: dict) -> None:
+        row["digest"] = row["digest"][::-1]
+
+    for where, what in (
+        (tampered("digest", "digests", flip_digest), "digest"),
+        (tampered("kept", "faithfulness", halve_kept, drop="digests.jsonl"), "kept share"),
+    ):
+        with pytest.raises(CircuitError, match=f"not the recorded ones.*{what}"):
+            pipeline.edit(lm, cfg, where, more, log=lambda line: None)
+    older = tampered("older", "faithfulness", lambda row: None, drop="digests.jsonl")
+    pipeline.edit(lm, cfg, older, more, log=lambda line: None)  # no digests: the kept shares agree, so it edits
+    assert ResultStore.reopen(older).frame("digests").equals(ResultStore.reopen(packed).frame("digests"))
 
 
 def test_report_aggregates_seeds_and_facts(profile_run, tmp_path):

@@ -4,10 +4,13 @@
 >>> c = Circuit({"w": torch.tensor([True, False, True, False])}, {"task": "demo"})
 >>> c.n_kept, c.n_total, c.density
 (2, 4, 0.5)
+>>> c.digest == Circuit({"w": torch.tensor([True, False, True, False])}).digest != c.complement().digest
+True
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -44,6 +47,17 @@ class Circuit:
     @property
     def density(self) -> float:
         return self.n_kept / max(self.n_total, 1)
+
+    @property
+    def digest(self) -> str:
+        """SHA-256 of the kept bits, parameter by parameter (names, shapes and bits; not the metadata): two
+        circuits with the same digest keep the same weights."""
+        h = hashlib.sha256()
+        for name in sorted(self.masks):
+            m = self.masks[name]
+            h.update(f"{name}:{list(m.shape)};".encode())
+            h.update(np.packbits(m.flatten().numpy()).tobytes())
+        return h.hexdigest()
 
     def complement(self) -> Circuit:
         """The masked parameters *not* in the circuit (same scope)."""

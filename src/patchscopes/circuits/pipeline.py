@@ -2,15 +2,15 @@
 model and seed, one unit of work per (task, method) or (task, density, edit setting), results in a
 :class:`ResultStore`.
 
-Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, composition, eap, eap_edges,
-edits, edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits),
+Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, composition, digests, eap,
+eap_edges, edits, edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits),
 ``figures/``. A profile run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
 ``profile.json`` and one such directory per seed, ``seed-<k>/``; :func:`report` aggregates them.
 
 >>> cfg = RunConfig.quick_profile(model="SmolLM2-135M", tasks=("subj_verb",))
 >>> store = discover(lm, cfg, "runs/circuits/quick", log=lambda line: None)
 >>> sorted(p.name for p in Path("runs/circuits/quick").glob("*.jsonl"))
-['composition.jsonl', 'eap.jsonl', 'eap_edges.jsonl', 'faithfulness.jsonl', 'history.jsonl']
+['composition.jsonl', 'digests.jsonl', 'eap.jsonl', 'eap_edges.jsonl', 'faithfulness.jsonl', 'history.jsonl']
 """
 
 from __future__ import annotations
@@ -111,12 +111,19 @@ def _composition(label: str, circuit: Circuit) -> pd.DataFrame:
     return df
 
 
-def _record_composition(store: ResultStore, out: Path, task: str, densities: Sequence[float]) -> None:
-    """Record the composition of the task's circuits once, while their files are here: a packed run keeps it."""
-    paths = [circuit_dir(out, task, d) for d in densities]
-    if not store.done("composition", task) and all((p / "circuit.json").is_file() for p in paths):
-        frames = [_composition(p.name, Circuit.load(p)) for p in paths]
+def _record_circuits(store: ResultStore, out: Path, task: str, densities: Sequence[float]) -> None:
+    """Record the composition and the digest of the task's circuits once, while their files are here: a packed
+    run keeps both, and a mask trained again is checked bit for bit against the digests."""
+    paths = {d: circuit_dir(out, task, d) for d in densities}
+    missing = [t for t in ("composition", "digests") if not store.done(t, task)]
+    if not missing or not all((p / "circuit.json").is_file() for p in paths.values()):
+        return
+    circuits = {d: Circuit.load(p) for d, p in paths.items()}
+    if "composition" in missing:
+        frames = [_composition(paths[d].name, c) for d, c in circuits.items()]
         store.append("composition", task, pd.concat(frames, ignore_index=True).to_dict("records"))  # type: ignore[arg-type]
+    if "digests" in missing:
+        store.append("digests", task, [{"task": task, "density": d, "digest": c.digest} for d, c in circuits.items()])
 
 
 def _train_circuits(lm, cfg: RunConfig, out: Path, task: str, train: Encoded, log: Log) -> MaskResult:  # noqa: ANN001
@@ -158,7 +165,7 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
                 r["train_seconds"] = result.seconds
             store.append("faithfulness", task, rows)
         if "mask" in cfg.methods:
-            _record_composition(store, out, task, cfg.densities)
+            _record_circuits(store, out, task, cfg.densities)
         for method in [m for m in cfg.methods if m != "mask"]:
             key = {"task": task, "method": method}
             if store.done("eap", key):
@@ -232,21 +239,27 @@ class EditConfig:
 
 def restore_circuits(lm, cfg: RunConfig, out: Path, store: ResultStore, task: str, log: Log = print) -> None:  # noqa: ANN001
     """Train again the mask of a task whose discovery is recorded but whose circuit files are absent (a
-    packed or committed run keeps its tables, not its circuits), and check each circuit's size against the
-    recorded one: mask training is deterministic for a seed on one platform, not across platforms."""
-    recorded = store.frame("faithfulness")
-    kept = recorded[(recorded.task == task) & (recorded.circuit == "mask")].set_index("density")["kept"].to_dict()
+    packed or committed run keeps its tables, not its circuits), and check each circuit against the recorded
+    one: bit for bit by its digest, or by its kept share in runs made before digests were recorded. Mask
+    training is deterministic for a seed on one platform, not across platforms."""
+    if store.done("digests", task):
+        digests = store.frame("digests")
+        recorded, what = digests[digests.task == task].set_index("density")["digest"].to_dict(), "digest"
+    else:
+        shares = store.frame("faithfulness")
+        shares = shares[(shares.task == task) & (shares.circuit == "mask")]
+        recorded, what = shares.set_index("density")["kept"].to_dict(), "kept share"
     log(f"[{task}] its circuit files are absent: training its mask again with the recorded settings and seed")
     result = _train_circuits(lm, cfg, out, task, _split(lm, cfg, task)[0], log)
-    differ = [f"{task}@{d:g} keeps {c.density!r} of the weights, recorded {kept.get(d)!r}"
-              for d, c in result.circuits.items() if c.density != kept.get(d)]  # fmt: skip
+    found = {d: c.digest if what == "digest" else c.density for d, c in result.circuits.items()}
+    differ = [f"{task}@{d:g}: {what} {v!r}, recorded {recorded.get(d)!r}" for d, v in found.items() if v != recorded.get(d)]
     if differ:
         raise CircuitError(
             f"the circuits trained again in {out} are not the recorded ones ({'; '.join(differ)}): this platform does "
             "not reproduce the discovery, so edits here would not be of the recorded circuits; run the discovery and "
             "its edits together in a new --out"
         )
-    _record_composition(store, out, task, cfg.densities)
+    _record_circuits(store, out, task, cfg.densities)
 
 
 def discovered_tasks(out: str | Path) -> list[str]:
