@@ -3,8 +3,8 @@ model and seed, one unit of work per (task, method) or (task, density, edit sett
 :class:`ResultStore`.
 
 Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, composition, digests, eap,
-eap_edges, edits, edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits),
-``figures/``. A profile run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
+eap_edges, edits, edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed
+circuits), ``figures/``. A profile run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
 ``profile.json`` and one such directory per seed, ``seed-<k>/``; :func:`report` aggregates them.
 
 >>> cfg = RunConfig.quick_profile(model="SmolLM2-135M", tasks=("subj_verb",))
