@@ -25,6 +25,11 @@ class CircuitError(PatchscopeError, ValueError):
     """A circuit or mask file that does not fit the model or the other circuit it is used with."""
 
 
+def _packed(mask: torch.Tensor) -> np.ndarray:
+    """A boolean mask as bytes, eight weights a byte: the form saved to disk and hashed by the digest."""
+    return np.packbits(mask.flatten().numpy())
+
+
 class Circuit:
     """Kept weights per parameter name (``True`` = in the circuit) with free-form metadata."""
 
@@ -56,7 +61,7 @@ class Circuit:
         for name in sorted(self.masks):
             m = self.masks[name]
             h.update(f"{name}:{list(m.shape)};".encode())
-            h.update(np.packbits(m.flatten().numpy()).tobytes())
+            h.update(_packed(m).tobytes())
         return h.hexdigest()
 
     def complement(self) -> Circuit:
@@ -96,7 +101,7 @@ class Circuit:
 
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        packed = {n: torch.from_numpy(np.packbits(m.flatten().numpy())) for n, m in self.masks.items()}
+        packed = {n: torch.from_numpy(_packed(m)) for n, m in self.masks.items()}
         save_file(packed, str(path / "circuit.safetensors"))
         info = {
             "shapes": {n: list(m.shape) for n, m in self.masks.items()},
