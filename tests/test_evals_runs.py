@@ -348,5 +348,16 @@ def test_quick_attributes_cli_with_three_snippets(smol, data_root, tmp_path) -> 
             end = sample.prompt_source.lower().rfind(sample.subject.lower()) + len(sample.subject)
             start, stop = smol.tokenize(sample.prompt_source).offsets[row["source_position"]]
             assert start < end <= stop
+    # the single-answer rule, recomputed plainly: the object appears, no other screened object of the task does
+    screened = pd.read_csv(out / "screen.csv")
+    squeezed = lambda s: "".join(str(s).lower().split())  # noqa: E731
+    answers = {t: {squeezed(o) for o in p.object} for t, p in screened.groupby("task")}
+    for row in grid.to_dict("records"):
+        text = "" if pd.isna(row["text"]) else squeezed(row["text"])
+        obj = squeezed(row["object"])
+        others = [a for a in answers[row["task"]] if a not in obj]
+        assert row["correct_single_answer"] == (obj in text and not any(a in text for a in others)), row["text"]
+    summary = pd.read_csv(out / "summary.csv")
+    assert (summary.patchscope_single_answer_mean <= summary.patchscope_mean).all()
     bad = runner.invoke(app, ["eval", "attributes", "--quick", "--snippets", "6", "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2

@@ -9,7 +9,14 @@ import pytest
 from scipy import stats
 
 from patchscopes.evals.attribute_data import AttributeSample, load_attribute_task
-from patchscopes.evals.attributes import fill_placeholder, first_line, first_snippets, is_correct, summarize
+from patchscopes.evals.attributes import (
+    fill_placeholder,
+    first_line,
+    first_snippets,
+    is_correct,
+    is_single_answer,
+    summarize,
+)
 from patchscopes.evals.entities import load_entities, select_entities
 from patchscopes.evals.next_token import read_corpus
 from patchscopes.evals.probing import paired_test, probe_accuracy
@@ -39,6 +46,53 @@ def test_correctness_rule_case_sensitive_and_first_line() -> None:
     assert is_correct(" is the Dollar", "Dollar", case_sensitive=True)
     text = " is a liquid.\n\nThe transition from solid to liquid"
     assert is_correct(text, "solid") and not is_correct(first_line(text), "solid")
+
+
+@pytest.mark.parametrize(
+    ("generated", "obj", "expected"),
+    [
+        (" is a fish.", "fish", True),
+        (" is one of animal, bird, fish, fruit", "fish", False),  # an echo of the prompt's options
+        (" is a liquid. The transition from solid to liquid", "liquid", False),  # names another phase
+        (" is New York City", "New York", True),  # "York" is inside the object, not another answer
+        (" is the bird", "fish", False),  # the rule of is_correct first
+    ],
+)
+def test_single_answer_rule(generated: str, obj: str, expected: bool) -> None:
+    answers = ["animal", "bird", "fish", "fruit", "solid", "liquid", "gas", "New York", "York"]
+    assert is_single_answer(generated, obj, answers) is expected
+
+
+def test_single_answer_rule_follows_case_sensitivity() -> None:
+    assert is_single_answer(" is Fish, not Bird", "Fish", ["Fish", "bird"], case_sensitive=True)
+    assert not is_single_answer(" is Fish, not Bird", "Fish", ["Fish", "bird"])
+
+
+def test_single_answer_columns_of_the_summary_and_subject_table() -> None:
+    """A sample right only by listing every option scores under the paper's rule and not under the
+    single-answer rule; the answers are the screened objects, so an option no grid sample has still counts."""
+    import pandas as pd
+
+    from patchscopes.evals.attributes import subject_table, with_single_answer
+
+    texts = {"1": " is a fish", "2": " is animal, bird, fish"}
+    grid = pd.DataFrame(
+        [
+            {"task": "t", "sample_id": sid, "object": obj, "source_layer": 0, "target_layer": 0, "text": texts[sid]}
+            for sid, obj in (("1", "fish"), ("2", "bird"))
+        ]
+    )
+    grid = grid.assign(correct=[is_correct(t, o) for t, o in zip(grid.text, grid.object)], correct_first_line=False)
+    screen = pd.DataFrame([{"task": "t", "sample_id": "9", "object": "animal", "answered": False}])
+    grid = with_single_answer(grid, screen)
+    assert grid.correct.tolist() == [True, True] and grid.correct_single_answer.tolist() == [True, False]
+    assert with_single_answer(grid.assign(text=" is a bird"), pd.DataFrame()).correct_single_answer.tolist() == [False, True]
+    probe = pd.DataFrame([{"task": "t", "layer": 0, "probe_accuracy": 0.5, "n": 2, "correct_ids": ["2"]}])
+    table = subject_table(grid, probe).set_index("sample_id")
+    assert table.patchscope_single_answer.to_dict() == {"1": 1.0, "2": 0.0}
+    assert table.difference_single_answer.to_dict() == {"1": 1.0, "2": -1.0}
+    [row] = summarize(grid, probe, n_tasks=1).to_dict("records")
+    assert row["patchscope_mean"] == pytest.approx(100.0) and row["patchscope_single_answer_mean"] == pytest.approx(50.0)
 
 
 def test_fill_placeholder_only_whole_word() -> None:

@@ -32,7 +32,7 @@ to liquid…" counts for "solid"), so a stricter variant on the first generated 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -115,10 +115,54 @@ QUICK_ATTRIBUTES = AttributesConfig(
 
 def is_correct(generated: str, obj: str, case_sensitive: bool = False) -> bool:
     """The paper's rule: the object, spaces removed, occurs in the generated text, spaces removed."""
-    text, target = re.sub(r"\s+", "", generated), re.sub(r"\s+", "", obj)
-    if not case_sensitive:
-        text, target = text.lower(), target.lower()
-    return bool(target) and target in text
+    target = _normalised(obj, case_sensitive)
+    return bool(target) and target in _normalised(generated, case_sensitive)
+
+
+def _normalised(text: str, case_sensitive: bool) -> str:
+    """``text`` as the correctness rule compares it: spaces removed, lower case unless ``case_sensitive``."""
+    text = re.sub(r"\s+", "", text)
+    return text if case_sensitive else text.lower()
+
+
+def is_single_answer(generated: str, obj: str, answers: Iterable[str], case_sensitive: bool = False) -> bool:
+    """The paper's rule, and the text names no other answer of the task (``answers``: the task's objects).
+
+    A stricter reading than :func:`is_correct`: a text that lists several answers, as when the model
+    repeats a prompt's list of options, does not count. An answer the object itself contains ("York" for
+    "New York") is not another answer.
+
+    >>> classes = ["animal", "bird", "fish", "fruit"]
+    >>> is_single_answer(" is a fish.", "fish", classes)
+    True
+    >>> is_single_answer(" is one of animal, bird, fish, fruit", "fish", classes)
+    False
+    """
+    normalised = {_normalised(a, case_sensitive) for a in answers}
+    return _names_only(_normalised(generated, case_sensitive), _normalised(obj, case_sensitive), normalised)
+
+
+def _names_only(text: str, target: str, answers: set[str]) -> bool:
+    """Normalised ``text`` names ``target`` and none of ``answers`` but those ``target`` contains."""
+    return bool(target) and target in text and not any(a and a not in target and a in text for a in answers)
+
+
+def with_single_answer(grid: pd.DataFrame, screen: pd.DataFrame, case_sensitive: bool = False) -> pd.DataFrame:
+    """``grid`` with ``correct_single_answer`` (:func:`is_single_answer`), each task's answers being the
+    objects of its screened samples (and of its grid rows)."""
+    if grid.empty or "text" not in grid.columns:
+        return grid
+    answers: dict[str, set[str]] = {}
+    for frame in (screen, grid):
+        if {"task", "object"} <= set(frame.columns):
+            for task, objects in frame.groupby("task")["object"]:
+                answers.setdefault(str(task), set()).update(str(o) for o in objects)
+    normalised = {task: {_normalised(a, case_sensitive) for a in objects} for task, objects in answers.items()}
+    single = [
+        _names_only(_normalised(str(text), case_sensitive), _normalised(str(obj), case_sensitive), normalised[str(task)])
+        for task, obj, text in zip(grid.task, grid.object, grid.text)
+    ]
+    return grid.assign(correct_single_answer=single)
 
 
 def first_line(text: str) -> str:
@@ -321,19 +365,27 @@ def _probe_scores(record: Mapping[Any, Any]) -> dict[str, float]:
 def subject_table(grid: pd.DataFrame, probe: pd.DataFrame) -> pd.DataFrame:
     """One row per grid sample (subject): the Patchscope's and the probe's accuracy over the grid's source
     layers (0–1) and their difference, on the same samples and the same layers (the unit of a paired test).
-    With several snippets per sample, each side scores a sample by the share of its snippets it gets right."""
+    With several snippets per sample, each side scores a sample by the share of its snippets it gets right.
+    When ``grid`` has ``correct_single_answer`` (:func:`with_single_answer`), the same under that rule:
+    ``patchscope_single_answer`` and ``difference_single_answer``."""
     if grid.empty or probe.empty or "correct_ids" not in probe.columns:
         return pd.DataFrame(columns=["task", "sample_id", "patchscope", "probe", "difference"])
     ours = sample_scores(grid).rename("correct").reset_index()
+    single = "correct_single_answer" in grid.columns
+    if single:
+        ours["single"] = sample_scores(grid, "correct_single_answer").to_numpy()
     right: dict[tuple[str, int], dict[str, float]] = {
         (str(r["task"]), int(r["layer"])): _probe_scores(r) for r in probe.to_dict("records")
     }
     ours["probe"] = [
         right.get((str(t), int(layer)), {}).get(str(s), 0.0) for t, s, layer in zip(ours.task, ours.sample_id, ours.source_layer)
     ]
-    table = ours.groupby(["task", "sample_id"], sort=False).agg(patchscope=("correct", "mean"), probe=("probe", "mean"))
-    table = table.reset_index()
+    by_subject = ours.groupby(["task", "sample_id"], sort=False)
+    table = by_subject.agg(patchscope=("correct", "mean"), probe=("probe", "mean")).reset_index()
     table["difference"] = table.patchscope - table.probe
+    if single:
+        table["patchscope_single_answer"] = by_subject["single"].mean().to_numpy()
+        table["difference_single_answer"] = table.patchscope_single_answer - table.probe
     return table
 
 
@@ -350,6 +402,7 @@ def summarize(
     for task, part in grid.groupby("task", sort=False):
         per_layer = _per_layer(part, "correct")
         strict = _per_layer(part, "correct_first_line")
+        single = _per_layer(part, "correct_single_answer") if "correct_single_answer" in part else None
         layers = list(per_layer.index)
         probe_part = (
             probe[probe.task == task].set_index("layer")["probe_accuracy"] * 100 if len(probe) else pd.Series(dtype=float)
@@ -365,6 +418,7 @@ def summarize(
                 "patchscope_mean": float(per_layer.mean()),
                 "patchscope_std": float(per_layer.std(ddof=0)),
                 "patchscope_first_line_mean": float(strict.mean()),
+                "patchscope_single_answer_mean": float(single.mean()) if single is not None else float("nan"),
                 "probe_mean": float(probe_layers.mean()),
                 "probe_std": float(probe_layers.std(ddof=0)),
                 **_subject_difference(subjects[subjects.task == task]),
@@ -521,7 +575,9 @@ def finish(model_name: str, store: ResultStore, n_tasks: int) -> AttributesResul
     """Summaries, CSVs and heatmaps from whatever ``store`` holds."""
     out = store.directory
     screen, probe, grid = store.frame("screen"), store.frame("probe"), store.frame("grid")
-    min_samples = int(store.config.get("params", {}).get("min_samples", 15))
+    params = store.config.get("params", {})
+    min_samples = int(params.get("min_samples", 15))
+    grid = with_single_answer(grid, screen, bool(params.get("case_sensitive", False)))
     subjects = subject_table(grid, probe)
     summary = summarize(grid, probe, n_tasks, min_samples, subjects) if not grid.empty else pd.DataFrame()
     if not screen.empty:
