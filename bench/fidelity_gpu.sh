@@ -1,10 +1,8 @@
 #!/usr/bin/env bash
-# What is left of the papers' experiments, in the order a short GPU loan should take them:
-#   1. Table 2 on Qwen2.5-Coder-0.5B: continues the packed run committed under docs/results/attributes/
-#      (every sample, every 3rd layer on both axes, five snippets, float32 like its CPU part), then packs it;
-#   2. the circuits knowledge-edit experiment (`patchscopes circuits run --profile paper`, float32), in a new
-#      directory: the pieces committed from a CPU run cannot continue here, because a GPU does not retrain their
-#      circuits exactly (the edit step refuses to), so this run replaces them as a whole.
+# What is left of the papers' experiments for a GPU loan: the circuits knowledge-edit experiment
+# (`patchscopes circuits run --profile paper`, float32), in a new directory. The pieces committed from a CPU
+# run cannot continue here, because a GPU does not retrain their circuits exactly (the edit step refuses to),
+# so this run replaces them as a whole.
 # Every step is resumable: run the script again and each continues where it stopped. What to commit lands in
 # ${OUT:-fidelity-results}/ (packed run directories, summaries, a log per step).
 #   bash bench/fidelity_gpu.sh                  # from the repository root, in a venv with a CUDA build of torch
@@ -22,15 +20,11 @@ if [ "$device" = cuda ]; then
 fi
 if [ -z "${SKIP_INSTALL:-}" ]; then
   pip install -q -e ".[test]" >"$out/install.log" 2>&1
-  for model in SmolLM2-135M Qwen2.5-Coder-0.5B; do
-    patchscopes models install "$model" >>"$out/install.log" 2>&1
-  done
+  patchscopes models install SmolLM2-135M >>"$out/install.log" 2>&1
 fi
 patchscopes data where | tee "$out/data.txt"
 python -c "from patchscopes.datasets import data_dir; import sys; sys.exit(0 if (data_dir() / 'patchscopes').is_dir() else 1)" \
   || patchscopes data download >>"$out/install.log" 2>&1 || { echo "the papers' data is missing and could not be downloaded: set PATCHSCOPES_DATA"; exit 2; }
-quick=()
-if [ -n "${QUICK:-}" ]; then quick=(--quick); fi
 
 step() {  # name, then the command; its log and exit status go to $out
   local name=$1; shift
@@ -45,19 +39,8 @@ keep() {  # run directory, destination name: pack it, then copy its packed table
   patchscopes pack "$1" >>"$out/steps.txt" 2>&1
   mkdir -p "$out/$2"
   find "$1" -maxdepth 1 \( -name '*.jsonl.gz' -o -name '*.csv' -o -name '*.csv.gz' -o -name '*.json' -o -name '*.png' \) \
-    ! -name 'grid.csv' ! -name 'screen.csv' ! -name 'probe.csv' -exec cp {} "$out/$2/" \;
+    -exec cp {} "$out/$2/" \;
 }
-
-qwen=Qwen2.5-Coder-0.5B
-attributes="$runs/attributes-$qwen"
-if [ -z "${QUICK:-}" ] && [ ! -d "$attributes" ] && [ -d "docs/results/attributes/$qwen" ]; then
-  cp -r "docs/results/attributes/$qwen" "$attributes"  # the committed, packed part: the run continues from it
-fi
-grid=(--screen 1000000 --grid-samples 1000000 --layer-step 3 --target-layer-step 3 --snippets 5)
-if [ -n "${QUICK:-}" ]; then grid=(); fi
-step "attributes-$qwen" patchscopes eval attributes --model "$qwen" "${grid[@]}" --no-progress --device "$device" \
-  --dtype float32 --out "$attributes" "${quick[@]}"
-keep "$attributes" "attributes-$qwen"
 
 circuits="$runs/circuits-paper"
 if [ -n "${QUICK:-}" ]; then
