@@ -352,6 +352,56 @@ def test_a_packed_run_without_its_circuit_files_trains_them_again_to_edit(lm, pr
     assert ResultStore.reopen(older).frame("digests").equals(ResultStore.reopen(packed).frame("digests"))
 
 
+def test_balanced_agreement_is_recorded_and_filled_in_for_older_runs(lm, profile_run, tmp_path):
+    """Faithfulness records the balanced agreement; a run recorded before it existed gets it measured from its
+    circuit files (at discovery, or when an edit trains a mask again), with the values a new run records."""
+    from patchscopes.circuits.forward import choice_logits
+    from patchscopes.results import ResultStore
+
+    cfg = _profile().seed_config(0)
+    seed0 = profile_run / "seed-0"
+    recorded = ResultStore.reopen(seed0).frame("faithfulness").set_index(["task", "circuit", "density"])
+    # a plain reference: each held-out example on its own, the two choices compared, then the mean per class
+    _, held = pipeline._split(lm, cfg, "subj_verb")
+    circuit = Circuit.load(pipeline.circuit_dir(seed0, "subj_verb", 0.3))
+    for kind, selection in (("mask", circuit), ("random", circuit.random_like(cfg.seed))):
+        overrides = selection.overrides(lm.model)
+        pairs = []
+        for i in range(len(held)):
+            one = held.subset([i])
+            full = choice_logits(lm, one.ids, one.target_ids, one.foil_ids)[0][0]
+            masked = choice_logits(lm, one.ids, one.target_ids, one.foil_ids, overrides)[0][0]
+            pairs.append((bool(full[0] > full[1]), bool(masked[0] > masked[1])))
+        rates = [sum(m == f for f, m in pairs if f == c) / sum(f == c for f, _ in pairs) for c in (True, False)
+                 if any(f == c for f, _ in pairs)]  # fmt: skip
+        assert recorded.loc[("subj_verb", kind, 0.3), "balanced_agreement"] == pytest.approx(sum(rates) / len(rates))
+
+    def older(name: str, files: bool) -> Path:
+        where = tmp_path / name
+        ignore = ("circuits", "masks") if not files else ()
+        shutil.copytree(seed0, where, ignore=shutil.ignore_patterns(*ignore, ".*lock"))
+        units = [json.loads(line) for line in (where / "faithfulness.jsonl").read_text().splitlines()]
+        for unit in units:
+            for row in unit["rows"]:
+                del row["balanced_agreement"]
+        (where / "faithfulness.jsonl").write_text("".join(json.dumps(unit) + "\n" for unit in units))
+        return where
+
+    def reported(where: Path) -> pd.Series:
+        return report(where)["faithfulness"].set_index(["task", "circuit", "density"]).balanced_agreement
+
+    with_files = older("with-files", files=True)
+    assert reported(with_files).isna().all()
+    pipeline.discover(lm, cfg, with_files, log=lambda line: None)  # nothing to train; the files are measured
+    pd.testing.assert_series_equal(reported(with_files), recorded.balanced_agreement, check_exact=False)
+    without = older("without-files", files=False)
+    pipeline.discover(lm, cfg, without, log=lambda line: None)  # no files, nothing to measure yet
+    assert reported(without).isna().all()
+    more = EditConfig(steps=2, lr=1e-2, max_norm=0.01, n_facts=12, n_locality=6)
+    pipeline.edit(lm, cfg, without, more, log=lambda line: None)  # trains the masks again, then measures them
+    pd.testing.assert_series_equal(reported(without), recorded.balanced_agreement, check_exact=False)
+
+
 def test_report_aggregates_seeds_and_facts(profile_run, tmp_path):
     tables = report(profile_run, tmp_path / "figures")
     items, summary = tables["edit_items"], tables["edit_summary"]

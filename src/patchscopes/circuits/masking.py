@@ -289,11 +289,28 @@ def train_mask(
     return MaskResult(mask, circuits, history, time.perf_counter() - started)
 
 
+def balanced_agreement(full: torch.Tensor, masked: torch.Tensor) -> float:
+    """Agreement with the full model's two-way choices, averaged over its two choices (booleans per example).
+
+    Plain agreement rewards a circuit that always gives the answer the full model gives most often; this one
+    scores such a circuit 0.5 however unbalanced the full model's choices are.
+
+    >>> full = torch.tensor([True, True, True, False])
+    >>> balanced_agreement(full, torch.tensor([True, True, True, True]))  # plain agreement: 0.75
+    0.5
+    >>> balanced_agreement(full, full)
+    1.0
+    """
+    rates = [float((masked[full == c] == c).float().mean()) for c in (True, False) if bool((full == c).any())]
+    return sum(rates) / len(rates) if rates else math.nan
+
+
 @torch.no_grad()
 def faithfulness(lm, circuit: Circuit | None, held_out: Encoded, batch_size: int = 32, seed: int = 0) -> dict[str, float]:  # noqa: ANN001
     """How well the circuit alone (masked-out weights zeroed) keeps the full model's behaviour on held-out examples.
 
-    ``agreement``: same two-way choice as the full model; ``accuracy`` / ``full_accuracy``: right answer;
+    ``agreement``: same two-way choice as the full model; ``balanced_agreement``: the same averaged over the
+    full model's two choices (:func:`balanced_agreement`); ``accuracy`` / ``full_accuracy``: right answer;
     ``logit_diff_recovered``: mean masked logit difference / mean full one; ``kl``: mean full-vocabulary
     KL(full ‖ masked) at the answer position. ``circuit=None`` evaluates the full model against itself.
     """
@@ -311,6 +328,7 @@ def faithfulness(lm, circuit: Circuit | None, held_out: Encoded, batch_size: int
     return {
         "n": len(held_out),
         "agreement": float(((fd > 0) == (md > 0)).float().mean()),
+        "balanced_agreement": balanced_agreement(fd > 0, md > 0),
         "accuracy": float((md > 0).float().mean()),
         "full_accuracy": float((fd > 0).float().mean()),
         "logit_diff": float(md.mean()),

@@ -3,8 +3,9 @@ model and seed, one unit of work per (task, method) or (task, density, edit sett
 :class:`ResultStore`.
 
 Layout of ``out/``: ``config.json``, ``*.jsonl`` tables (history, faithfulness, composition, digests, eap,
-eap_edges, edits, edit_items), ``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed
-circuits), ``figures/``. A profile run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
+eap_edges, edits, edit_items; balance in runs recorded before faithfulness had its balanced agreement),
+``masks/<task>/`` (mask logits), ``circuits/<task>@<density>/`` (bit-packed circuits), ``figures/``. A profile
+run (:func:`run_profile`, ``patchscopes circuits run --profile paper``) holds
 ``profile.json`` and one such directory per seed, ``seed-<k>/``; :func:`report` aggregates them.
 
 >>> cfg = RunConfig.quick_profile(model="SmolLM2-135M", tasks=("subj_verb",))
@@ -126,6 +127,42 @@ def _record_circuits(store: ResultStore, out: Path, task: str, densities: Sequen
         store.append("digests", task, [{"task": task, "density": d, "digest": c.digest} for d, c in circuits.items()])
 
 
+def _record_balance(lm, cfg: RunConfig, out: Path, store: ResultStore, task: str, held: Encoded) -> None:  # noqa: ANN001
+    """For a discovery recorded before faithfulness measured the balanced agreement: measure it for the task's
+    circuits, their random sets and the full model, while the circuit files are here, as the ``balance`` table
+    (the report fills the faithfulness table's column from it)."""
+    recorded = store.frame("faithfulness")
+    recorded = recorded[recorded.task == task] if len(recorded) else recorded
+    if store.done("balance", task) or ("balanced_agreement" in recorded and recorded.balanced_agreement.notna().all()):
+        return
+    paths = {d: circuit_dir(out, task, d) for d in cfg.densities}
+    if not all((p / "circuit.json").is_file() for p in paths.values()):
+        return
+    measured: list[tuple[str, float, Circuit | None]] = [("full", 1.0, None)]
+    for d, path in paths.items():
+        circuit = Circuit.load(path)
+        measured += [("mask", d, circuit), ("random", d, circuit.random_like(cfg.seed))]
+    rows = [
+        {"task": task, "circuit": kind, "density": d, "balanced_agreement": faithfulness(lm, c, held)["balanced_agreement"]}
+        for kind, d, c in measured
+    ]
+    store.append("balance", task, rows)  # type: ignore[arg-type]
+
+
+def _with_balance(faith: pd.DataFrame, balance: pd.DataFrame) -> pd.DataFrame:
+    """``faith`` with ``balanced_agreement`` filled in from the ``balance`` table where its rows lack it (NaN
+    where neither has it: a run recorded before the column, whose circuit files were never measured)."""
+    if "balanced_agreement" not in faith:
+        faith = faith.assign(balanced_agreement=float("nan"))
+    if balance.empty:
+        return faith
+    keys = ["task", "circuit", "density"]
+    extra = balance[[*keys, "balanced_agreement"]].rename(columns={"balanced_agreement": "_balanced"})
+    merged = faith.merge(extra, on=keys, how="left")
+    merged["balanced_agreement"] = merged["balanced_agreement"].fillna(merged["_balanced"])
+    return merged.drop(columns="_balanced")
+
+
 def _train_circuits(lm, cfg: RunConfig, out: Path, task: str, train: Encoded, log: Log) -> MaskResult:  # noqa: ANN001
     """Train the task's weight mask with the run's settings and seed, and save the mask and its circuits."""
     result = train_mask(
@@ -166,6 +203,7 @@ def discover(lm, cfg: RunConfig, out: str | Path, log: Log = print) -> ResultSto
             store.append("faithfulness", task, rows)
         if "mask" in cfg.methods:
             _record_circuits(store, out, task, cfg.densities)
+            _record_balance(lm, cfg, out, store, task, held)
         for method in [m for m in cfg.methods if m != "mask"]:
             key = {"task": task, "method": method}
             if store.done("eap", key):
@@ -250,7 +288,8 @@ def restore_circuits(lm, cfg: RunConfig, out: Path, store: ResultStore, task: st
         shares = shares[(shares.task == task) & (shares.circuit == "mask")]
         recorded, what = shares.set_index("density")["kept"].to_dict(), "kept share"
     log(f"[{task}] its circuit files are absent: training its mask again with the recorded settings and seed")
-    result = _train_circuits(lm, cfg, out, task, _split(lm, cfg, task)[0], log)
+    train, held = _split(lm, cfg, task)
+    result = _train_circuits(lm, cfg, out, task, train, log)
     found = {d: c.digest if what == "digest" else c.density for d, c in result.circuits.items()}
     differ = [f"{task}@{d:g}: {what} {v!r}, recorded {recorded.get(d)!r}" for d, v in found.items() if v != recorded.get(d)]
     if differ:
@@ -260,6 +299,7 @@ def restore_circuits(lm, cfg: RunConfig, out: Path, store: ResultStore, task: st
             "its edits together in a new --out"
         )
     _record_circuits(store, out, task, cfg.densities)
+    _record_balance(lm, cfg, out, store, task, held)
 
 
 def discovered_tasks(out: str | Path) -> list[str]:
@@ -595,6 +635,8 @@ def _single_report(out: Path) -> dict[str, pd.DataFrame]:
         df = store.frame(name)
         if len(df):
             tables[name] = df
+    if "faithfulness" in tables:  # the balance table: measured later for runs recorded before the column
+        tables["faithfulness"] = _with_balance(tables["faithfulness"], store.frame("balance"))
     return tables
 
 
