@@ -290,18 +290,20 @@ def train_mask(
 
 
 def balanced_agreement(full: torch.Tensor, masked: torch.Tensor) -> float:
-    """Agreement with the full model's two-way choices, averaged over its two choices (booleans per example).
+    """Agreement with the full model's answers, averaged over the answers it gives (token ids per example).
 
-    Plain agreement rewards a circuit that always gives the answer the full model gives most often; this one
-    scores such a circuit 0.5 however unbalanced the full model's choices are.
+    Plain agreement rewards a circuit that always gives the answer the full model gives most often (a
+    sentiment model that says " positive" on 80 % of the examples: 0.80 for a circuit that always does).
+    Averaged over the full model's answers, a circuit that always gives one answer of a two-way task scores
+    0.5, however unbalanced the full model's answers are.
 
-    >>> full = torch.tensor([True, True, True, False])
-    >>> balanced_agreement(full, torch.tensor([True, True, True, True]))  # plain agreement: 0.75
+    >>> full = torch.tensor([7, 7, 7, 9])  # the full model says token 7 three times, token 9 once
+    >>> balanced_agreement(full, torch.tensor([7, 7, 7, 7]))  # plain agreement: 0.75
     0.5
     >>> balanced_agreement(full, full)
     1.0
     """
-    rates = [float((masked[full == c] == c).float().mean()) for c in (True, False) if bool((full == c).any())]
+    rates = [float((masked[full == a] == a).float().mean()) for a in torch.unique(full)]
     return sum(rates) / len(rates) if rates else math.nan
 
 
@@ -310,7 +312,7 @@ def faithfulness(lm, circuit: Circuit | None, held_out: Encoded, batch_size: int
     """How well the circuit alone (masked-out weights zeroed) keeps the full model's behaviour on held-out examples.
 
     ``agreement``: same two-way choice as the full model; ``balanced_agreement``: the same averaged over the
-    full model's two choices (:func:`balanced_agreement`); ``accuracy`` / ``full_accuracy``: right answer;
+    answers the full model gives (:func:`balanced_agreement`); ``accuracy`` / ``full_accuracy``: right answer;
     ``logit_diff_recovered``: mean masked logit difference / mean full one; ``kl``: mean full-vocabulary
     KL(full ‖ masked) at the answer position. ``circuit=None`` evaluates the full model against itself.
     """
@@ -325,10 +327,11 @@ def faithfulness(lm, circuit: Circuit | None, held_out: Encoded, batch_size: int
         kls.append((flp.exp() * (flp - mlp)).sum(-1))
     fp, mp, kl = torch.cat(full_pairs), torch.cat(masked_pairs), torch.cat(kls)
     fd, md = fp[:, 0] - fp[:, 1], mp[:, 0] - mp[:, 1]
+    targets, foils = torch.tensor(held_out.target_ids), torch.tensor(held_out.foil_ids)
     return {
         "n": len(held_out),
         "agreement": float(((fd > 0) == (md > 0)).float().mean()),
-        "balanced_agreement": balanced_agreement(fd > 0, md > 0),
+        "balanced_agreement": balanced_agreement(torch.where(fd > 0, targets, foils), torch.where(md > 0, targets, foils)),
         "accuracy": float((md > 0).float().mean()),
         "full_accuracy": float((fd > 0).float().mean()),
         "logit_diff": float(md.mean()),
