@@ -70,6 +70,9 @@ def _model(result: Path) -> str:
             if run.get("source") and run.get("target"):  # a cross-model run reads one model and patches another
                 return f"{run['source']} → {run['target']}"
             return str(run.get("model") or "?")
+        profile = directory / "profile.json"  # a profile run (circuits): one config per seed below it
+        if profile.is_file():
+            return str(json.loads(profile.read_text(encoding="utf-8")).get("run", {}).get("model") or "?")
     return "?"
 
 
