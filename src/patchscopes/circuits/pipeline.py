@@ -112,12 +112,18 @@ def _composition(label: str, circuit: Circuit) -> pd.DataFrame:
     return df
 
 
+def _saved_circuits(out: Path, task: str, densities: Sequence[float]) -> dict[float, Path] | None:
+    """The task's circuit directories by density, or None when any of their files is absent (a packed run)."""
+    paths = {d: circuit_dir(out, task, d) for d in densities}
+    return paths if all((p / "circuit.json").is_file() for p in paths.values()) else None
+
+
 def _record_circuits(store: ResultStore, out: Path, task: str, densities: Sequence[float]) -> None:
     """Record the composition and the digest of the task's circuits once, while their files are here: a packed
     run keeps both, and a mask trained again is checked bit for bit against the digests."""
-    paths = {d: circuit_dir(out, task, d) for d in densities}
     missing = [t for t in ("composition", "digests") if not store.done(t, task)]
-    if not missing or not all((p / "circuit.json").is_file() for p in paths.values()):
+    paths = _saved_circuits(out, task, densities) if missing else None
+    if paths is None:
         return
     circuits = {d: Circuit.load(p) for d, p in paths.items()}
     if "composition" in missing:
@@ -135,8 +141,8 @@ def _record_balance(lm, cfg: RunConfig, out: Path, store: ResultStore, task: str
     recorded = recorded[recorded.task == task] if len(recorded) else recorded
     if store.done("balance", task) or ("balanced_agreement" in recorded and recorded.balanced_agreement.notna().all()):
         return
-    paths = {d: circuit_dir(out, task, d) for d in cfg.densities}
-    if not all((p / "circuit.json").is_file() for p in paths.values()):
+    paths = _saved_circuits(out, task, cfg.densities)
+    if paths is None:
         return
     measured: list[tuple[str, float, Circuit | None]] = [("full", 1.0, None)]
     for d, path in paths.items():
