@@ -162,7 +162,11 @@ def test_locality_equals_a_hand_written_reference(lm, sets):
         assert [i["kl"] for i in items] == pytest.approx(kl, rel=1e-4, abs=1e-7)
         assert [i["unchanged"] for i in items] == [float(s) for s in same]
         assert max(kl) > 1e-4  # the edit did move these prompts, so the check is not vacuous
-    assert row["locality_unchanged"] == row["locality_hierarchy_unchanged"]  # the first set keeps the old column names
+    every = [i for i in row["items"] if i["set"].startswith("locality:")]  # the unprefixed columns pool every set
+    assert row["n_locality"] == len(every) == sum(len(data) for data in locality.values())
+    for metric in ("unchanged", "kl", "delta_nll"):
+        assert row[f"locality_{metric}"] == pytest.approx(sum(i[metric] for i in every) / len(every), rel=1e-5, abs=1e-7)
+    assert row["locality_unchanged"] != row["locality_hierarchy_unchanged"]  # so the pooled value is not one set's
     assert any(i["unchanged"] == 0.0 for i in row["items"] if i["set"].startswith("locality"))  # some choice flipped
 
 
@@ -262,6 +266,25 @@ def test_the_edit_step_edits_every_tasks_circuit(profile_run):
     # the same facts go into each task's circuit
     facts = items[(items.set == "facts") & (items.selection == "circuit") & (items.seed == 0)]
     assert sorted(facts[facts.task == "subj_verb"].hyponym) == sorted(facts[facts.task == "hierarchy"].hyponym)
+
+
+def test_the_report_pools_locality_over_every_set_for_rows_stored_with_the_first_sets(profile_run, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(profile_run, old)
+    for path in old.rglob("edits.jsonl"):  # rows as stored before the pooled columns: the first set's values
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in (row for line in lines for row in line["rows"]):
+            for metric in ("unchanged", "kl", "delta_nll"):
+                row[f"locality_{metric}"] = row[f"locality_hierarchy_{metric}"]
+            del row["n_locality"]
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    edits, items = (report(old)[name] for name in ("edits", "edit_items"))
+    local = items[items.set.str.startswith("locality:")]
+    for (seed, task, selection), part in local.groupby(["seed", "task", "selection"]):
+        row = edits[(edits.seed == seed) & (edits.task == task) & (edits.selection == selection)].iloc[0]
+        assert row["n_locality"] == len(part)
+        assert row["locality_unchanged"] == pytest.approx(part.unchanged.mean(), abs=1e-9)
+        assert row["locality_kl"] == pytest.approx(part.kl.mean(), rel=1e-5, abs=1e-7)
 
 
 def test_resuming_a_finished_profile_does_no_new_work(lm, profile_run, monkeypatch):

@@ -142,6 +142,32 @@ def locality_metrics(
     return {f"{prefix}{name}": float(values.mean()) for name, values in items.items()}
 
 
+LOCALITY_METRICS = ("unchanged", "kl", "delta_nll")
+
+
+def pool_locality(row: Mapping[str, Any]) -> dict[str, float]:
+    """``n_locality`` and ``locality_{unchanged,kl,delta_nll}`` over every example of the named locality sets in
+    ``row`` (the means of the ``locality_<name>_...`` columns, weighted by ``n_locality_<name>``); ``{}`` when
+    the row has no named set. Rows stored before these columns were pooled held the first set's values.
+
+    >>> pool_locality({"n_locality_a": 3, "locality_a_unchanged": 1.0, "locality_a_kl": 0.0, "locality_a_delta_nll": 0.0,
+    ...                "n_locality_b": 1, "locality_b_unchanged": 0.0, "locality_b_kl": 4.0, "locality_b_delta_nll": 2.0})
+    {'n_locality': 4, 'locality_unchanged': 0.75, 'locality_kl': 1.0, 'locality_delta_nll': 0.5}
+    """
+    sizes = {
+        key.removeprefix("n_locality_"): int(value)
+        for key, value in row.items()
+        if key.startswith("n_locality_") and value == value and value is not None  # NaN: a set this row lacks
+    }
+    total = sum(sizes.values())
+    if not total:
+        return {}
+    pooled: dict[str, Any] = {"n_locality": total}
+    for metric in LOCALITY_METRICS:
+        pooled[f"locality_{metric}"] = sum(n * float(row[f"locality_{name}_{metric}"]) for name, n in sizes.items()) / total
+    return pooled
+
+
 @dataclass
 class Update:
     """A trained edit: δ per parameter (float32, zero outside the selection) and how training went."""
@@ -269,8 +295,8 @@ def edit_facts(
     ``locality``: known facts that should not change, one set or several by name. ``max_norm``: the update
     budget (see :func:`train_delta`). ``before``: the unedited :func:`evaluate` snapshot, to share it between
     edits. Returns one row of metrics: :func:`fact_metrics` of the trained prompts (no prefix) and of the
-    paraphrases (``paraphrase_``); ``locality_unchanged`` / ``locality_kl`` / ``locality_delta_nll`` of the
-    first locality set, and ``locality_<name>_...`` of every named set; ``delta_norm`` (final ‖δ‖₂),
+    paraphrases (``paraphrase_``); ``locality_unchanged`` / ``locality_kl`` / ``locality_delta_nll`` over every
+    locality example (:func:`pool_locality`), and ``locality_<name>_...`` of every named set; ``delta_norm`` (final ‖δ‖₂),
     ``budget_binds`` and ``n_projected``. With ``per_item`` the row also holds ``items``: one dict per fact,
     paraphrase and locality example (set, item, metrics).
     """
@@ -289,17 +315,18 @@ def edit_facts(
         row.update(fact_metrics(before.paraphrases, after.paraphrases, prefix="paraphrase_"))
         if per_item:
             items += _item_rows("paraphrases", paraphrases, _fact_items(before.paraphrases, after.paraphrases))
-    for k, (name, data) in enumerate(sets.items()):
+    for name, data in sets.items():
         if name not in before.locality:
             raise CircuitError(f"the 'before' snapshot has no locality set {name!r}; evaluate it with the same sets")
         scores = (*before.locality[name], *after.locality[name])
-        if k == 0:
+        if name == DEFAULT_LOCALITY:
             row.update(locality_metrics(*scores))
-        if name != DEFAULT_LOCALITY:
+        else:
             row[f"n_locality_{name}"] = len(data)
             row.update(locality_metrics(*scores, prefix=f"locality_{name}_"))
         if per_item:
             items += _item_rows(f"locality:{name}", data, locality_items(*scores), names=("hyponym",))
+    row.update(pool_locality(row))
     row.update(
         {
             "max_norm": max_norm,

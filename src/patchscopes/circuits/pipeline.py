@@ -30,7 +30,7 @@ import pandas as pd
 from patchscopes.circuits import analysis
 from patchscopes.circuits.attribution import attribute, faithfulness_curve
 from patchscopes.circuits.circuit import Circuit, CircuitError
-from patchscopes.circuits.editing import SELECTIONS, compare_edits
+from patchscopes.circuits.editing import SELECTIONS, compare_edits, pool_locality
 from patchscopes.circuits.masking import MaskConfig, MaskResult, faithfulness, train_mask
 from patchscopes.circuits.tasks import PARAPHRASE_TEMPLATES, TASKS, Encoded, encode, make_task, new_facts, paraphrases
 from patchscopes.files import atomic_write_text
@@ -641,6 +641,12 @@ def _single_report(out: Path) -> dict[str, pd.DataFrame]:
         df = store.frame(name)
         if len(df):
             tables[name] = df
+    if "edits" in tables:  # rows stored before the pooled locality columns held the first set's values
+        edits = tables["edits"]
+        records = [{str(k): v for k, v in row.items()} for row in edits.to_dict("records")]
+        pooled = pd.DataFrame([pool_locality(row) for row in records], index=edits.index)
+        for column in map(str, pooled.columns):
+            edits[column] = pooled[column].combine_first(edits[column]) if column in edits else pooled[column]
     if "faithfulness" in tables:  # the balance table: measured later for runs recorded before the column
         tables["faithfulness"] = _with_balance(tables["faithfulness"], store.frame("balance"))
     return tables
