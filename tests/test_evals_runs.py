@@ -101,6 +101,25 @@ def test_next_token_resume_is_exact(tmp_path) -> None:  # noqa: ANN001
         run_next_token(lm, tmp_path / "full", replace(config, seed=9), texts=CORPUS, progress=False)
 
 
+def test_next_token_fits_its_lens_on_the_tokens_it_evaluates(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from patchscopes import lenses
+    from tiny import tiny_model
+
+    lm = tiny_model("llama")
+    documents = [f"{k}. " + " ".join(TEXTS) * 5 for k in range(12)]  # several hundred tokens each
+    seen: list[int] = []
+
+    def spy(model, ids, positions, layers, batch_size=16):  # noqa: ANN001, ANN202
+        seen.extend(len(i) for i in ids)
+        return lenses_capture(model, ids, positions, layers, batch_size)
+
+    lenses_capture = lenses.capture
+    monkeypatch.setattr(lenses, "capture", spy)
+    config = NextTokenConfig(n_eval=2, unit_size=2, train_positions=100, train_positions_per_text=1, layers=(1, -1))
+    run_next_token(lm, tmp_path, config, texts=documents, progress=False)
+    assert len(seen) == 10 and max(seen) <= config.max_tokens  # the 10 training texts, cut as the evaluation cuts
+
+
 def test_a_run_resumed_in_another_dtype_is_refused(tmp_path) -> None:  # noqa: ANN001
     import copy
     import json

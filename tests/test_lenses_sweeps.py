@@ -164,3 +164,36 @@ def test_affine_lens_fitted_on_one_position_per_text_as_the_paper():
     assert torch.allclose(one.maps[1](h).double(), x[:3] @ solution, atol=1e-3)
     every = AffineLens.fit(lm, texts, layers=[1], progress=False)
     assert every.maps[1].metadata["n_fit"] > 5 * len(texts)
+
+
+def test_affine_lens_fit_keeps_to_max_tokens_and_the_models_context(monkeypatch):
+    """Long texts: the fit runs only their first ``max_tokens`` tokens (else the context length, 128 here), and
+    the map equals a least-squares fit on every position of those first tokens."""
+    from patchscopes import lenses
+
+    lm = tiny_model("llama")
+    texts = [f"{k}: " + " ".join(TEXTS) * 6 for k in range(4)]  # each several hundred tokens
+    assert all(len(lm.tokenize(t).ids) > 300 for t in texts)
+    lengths: list[int] = []
+
+    def spy(model, ids, positions, layers, batch_size=16):  # noqa: ANN001, ANN202
+        lengths.extend(len(i) for i in ids)
+        assert all(max(p) < len(i) for i, p in zip(ids, positions, strict=True))
+        return capture(model, ids, positions, layers, batch_size)
+
+    monkeypatch.setattr(lenses, "capture", spy)
+    short = AffineLens.fit(lm, texts, layers=[1], max_tokens=12, progress=False)
+    assert lengths == [12] * len(texts) and short.maps[1].metadata["n_fit"] == 11 * len(texts)
+    lengths.clear()
+    AffineLens.fit(lm, texts, layers=[1], positions_per_text=1, progress=False)
+    assert max(lengths) <= 128  # cut to the context length, then to the drawn position
+    # the reference: every position after the first of each text's first 12 tokens, one text at a time
+    xs, ys = [], []
+    for text in texts:
+        ids = lm.tokenize(text).ids[:12]
+        [states] = capture(lm, [ids], [list(range(1, 12))], [1, lm.n_layers - 1])
+        xs.append(states[0])
+        ys.append(states[1])
+    x = torch.cat([torch.cat(xs), torch.ones(11 * len(texts), 1)], 1).double()
+    solution = torch.linalg.lstsq(x, torch.cat(ys).double(), driver="gelsd").solution
+    assert torch.allclose(short.maps[1](torch.cat(xs)[:5]).double(), x[:5] @ solution, atol=1e-3)

@@ -29,7 +29,7 @@ from patchscopes.errors import MappingError
 from patchscopes.hub import HubMixin
 from patchscopes.layers import LayerSpec, Location, depth, resolve_layer
 from patchscopes.mappings import AffineFitter, AffineMap
-from patchscopes.models.loading import ModelHandle
+from patchscopes.models.loading import ModelHandle, context_length
 from patchscopes.positions import PositionSpec
 from patchscopes.presets import LOGIT_LENS
 from patchscopes.progress import progress_bar
@@ -160,12 +160,19 @@ class AffineLens(Lens, HubMixin):
         progress: bool = True,
         positions_per_text: int | None = None,
         seed: int = 0,
+        max_tokens: int | None = None,
     ) -> AffineLens:
         """Fit one map per layer on the positions of ``texts`` (after ``skip_first`` tokens), up to ``max_positions``.
 
         ``positions_per_text=None`` takes every position; a number draws that many positions of each text
         (seeded, without replacement), as the paper's lens is fitted on one random position per text.
+        ``max_tokens`` keeps only each text's first tokens (as an evaluation that truncates its texts does);
+        a text longer than the model's context length is cut to it either way. Each text is run only up to
+        its last drawn position: a causal model's state there does not depend on the tokens after it.
         """
+        if max_tokens is not None and max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
+        limits = [n for n in (max_tokens, context_length(lm)) if n is not None]
         layer_list = sorted(
             {resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))}, key=depth
         )
@@ -177,8 +184,10 @@ class AffineLens(Lens, HubMixin):
         for text in texts:
             if seen >= max_positions:
                 break
-            ids = lm.tokenize(text).ids
+            ids = lm.tokenize(text).ids[: min(limits)] if limits else lm.tokenize(text).ids
             positions = _fit_positions(len(ids), skip_first, positions_per_text, rng)[: max_positions - seen]
+            if positions and positions[-1] >= 0:
+                ids = ids[: positions[-1] + 1]
             plan.append((ids, positions))
             seen += len(positions)
         by_length = sorted(range(len(plan)), key=lambda k: len(plan[k][0]))  # batches of like lengths pad little

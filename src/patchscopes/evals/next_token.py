@@ -151,6 +151,7 @@ def _fit_lens(
         progress=progress,
         positions_per_text=config.train_positions_per_text,
         seed=config.seed,
+        max_tokens=config.max_tokens,  # fitted on the positions the evaluation draws from
     )
     lens.save(path)
     return lens

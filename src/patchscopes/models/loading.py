@@ -255,3 +255,14 @@ def load_model(
 def _looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) in (1, 2) and all(p and not p.startswith(".") for p in parts) and " " not in name
+
+
+def context_length(model: Any) -> int | None:
+    """The most positions ``model`` (a :class:`~patchscopes.models.loading.ModelHandle`) attends over, if known."""
+    config = getattr(getattr(model, "model", None), "config", None)
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

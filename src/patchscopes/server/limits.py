@@ -50,14 +50,3 @@ def uvicorn_options(limits: Limits) -> dict[str, Any]:
         "proxy_headers": False,  # no proxy in front: the peer address is the client
         "server_header": False,
     }
-
-
-def context_length(model: Any) -> int | None:
-    """The most positions ``model`` (a :class:`~patchscopes.models.loading.ModelHandle`) attends over, if known."""
-    config = getattr(getattr(model, "model", None), "config", None)
-    config = getattr(config, "text_config", None) or config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

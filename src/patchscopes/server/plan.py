@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from patchscopes.errors import PatchscopeError
-from patchscopes.models.loading import ModelHandle
+from patchscopes.models.loading import ModelHandle, context_length
 from patchscopes.positions import Placeholder, resolve_positions
 from patchscopes.presets import ENTITY_DESCRIPTION, LOGIT_LENS, TOKEN_IDENTITY, Preset, attribute, custom
 from patchscopes.scope import SAME, Decoding, Generate, NextToken
 from patchscopes.server.errors import LimitError, ServerError
 from patchscopes.server.layers import parse_layers
-from patchscopes.server.limits import Limits, context_length
+from patchscopes.server.limits import Limits
 from patchscopes.server.pool import MapError, MapIndex, ModelPool
 from patchscopes.server.schemas import InspectRequest
 
