@@ -118,6 +118,9 @@ def test_next_token_fits_its_lens_on_the_tokens_it_evaluates(tmp_path, monkeypat
     config = NextTokenConfig(n_eval=2, unit_size=2, train_positions=100, train_positions_per_text=1, layers=(1, -1))
     run_next_token(lm, tmp_path, config, texts=documents, progress=False)
     assert len(seen) == 10 and max(seen) <= config.max_tokens  # the 10 training texts, cut as the evaluation cuts
+    examples, _ = split_examples(lm, documents, config)
+    for e in examples:  # the token-identity source run stops at the evaluated position, on the same tokens
+        assert lm.tokenize(e.text).ids == list(e.ids[: e.position + 1])
 
 
 def test_a_run_resumed_in_another_dtype_is_refused(tmp_path) -> None:  # noqa: ANN001

@@ -28,7 +28,7 @@ from patchscopes.capture import capture
 from patchscopes.datasets import data_dir
 from patchscopes.evals.common import EvalError, UnitCounter, chunks, open_store, run_config
 from patchscopes.lenses import AffineLens, LogitLens
-from patchscopes.models.loading import ModelHandle
+from patchscopes.models.loading import ModelHandle, Tokenized
 from patchscopes.presets import TOKEN_IDENTITY
 from patchscopes.progress import progress_bar
 from patchscopes.sweep import sweep
@@ -110,6 +110,15 @@ class Example:
     position: int
 
 
+def _prefix(lm: ModelHandle, tokens: Tokenized, n: int) -> str:
+    """The text of the first ``n`` tokens, so a source run stops at the evaluated position; the whole text when
+    that prefix does not tokenize back to exactly those ids (the position must index the same token)."""
+    if n >= len(tokens.ids):
+        return tokens.text
+    cut = tokens.text[: tokens.offsets[n - 1][1]]
+    return cut if cut.strip() and lm.tokenize(cut).ids == tokens.ids[:n] else tokens.text
+
+
 def split_examples(lm: ModelHandle, texts: Sequence[str], config: NextTokenConfig) -> tuple[list[Example], list[str]]:
     """Seeded split: ``n_eval`` texts with one random position each, and the disjoint rest for training."""
     order = list(dict.fromkeys(texts))
@@ -121,10 +130,12 @@ def split_examples(lm: ModelHandle, texts: Sequence[str], config: NextTokenConfi
         if len(examples) == config.n_eval:
             break
         used += 1
-        ids = lm.tokenize(text).ids[: config.max_tokens]
+        tokens = lm.tokenize(text)
+        ids = tokens.ids[: config.max_tokens]
         if len(ids) <= config.min_context:
             continue
-        examples.append(Example(len(examples), text, tuple(ids), rng.randrange(config.min_context, len(ids))))
+        position = rng.randrange(config.min_context, len(ids))
+        examples.append(Example(len(examples), _prefix(lm, tokens, position + 1), tuple(ids), position))
     if len(examples) < config.n_eval:
         raise EvalError(f"the corpus gives only {len(examples)} usable texts for n_eval={config.n_eval}; pass a larger corpus")
     train = order[used:]
