@@ -110,13 +110,15 @@ class Example:
     position: int
 
 
-def _prefix(lm: ModelHandle, tokens: Tokenized, n: int) -> str:
-    """The text of the first ``n`` tokens, so a source run stops at the evaluated position; the whole text when
-    that prefix does not tokenize back to exactly those ids (the position must index the same token)."""
-    if n >= len(tokens.ids):
-        return tokens.text
-    cut = tokens.text[: tokens.offsets[n - 1][1]]
-    return cut if cut.strip() and lm.tokenize(cut).ids == tokens.ids[:n] else tokens.text
+def _prefix(lm: ModelHandle, tokens: Tokenized, n: int, slack: int = 8) -> str:
+    """The text of the first ``n`` tokens, so a source run stops at the evaluated position. A cut inside a
+    character that spans several tokens does not tokenize back to the same ids, so up to ``slack`` more tokens
+    are tried; then the whole text (the position must index the same token)."""
+    for k in range(n, min(n + slack, len(tokens.ids))):
+        cut = tokens.text[: tokens.offsets[k - 1][1]]
+        if cut.strip() and lm.tokenize(cut).ids == tokens.ids[:k]:
+            return cut
+    return tokens.text
 
 
 def split_examples(lm: ModelHandle, texts: Sequence[str], config: NextTokenConfig) -> tuple[list[Example], list[str]]:
