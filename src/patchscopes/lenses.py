@@ -172,7 +172,7 @@ class AffineLens(Lens, HubMixin):
         """
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
-        limits = [n for n in (max_tokens, context_length(lm)) if n is not None]
+        limit = min((n for n in (max_tokens, context_length(lm)) if n is not None), default=None)
         layer_list = sorted(
             {resolve_layer(layer, lm.n_layers) for layer in (layers if layers is not None else range(lm.n_layers))}, key=depth
         )
@@ -184,7 +184,7 @@ class AffineLens(Lens, HubMixin):
         for text in texts:
             if seen >= max_positions:
                 break
-            ids = lm.tokenize(text).ids[: min(limits)] if limits else lm.tokenize(text).ids
+            ids = lm.tokenize(text).ids[:limit]
             positions = _fit_positions(len(ids), skip_first, positions_per_text, rng)[: max_positions - seen]
             if positions and positions[-1] >= 0:
                 ids = ids[: positions[-1] + 1]
