@@ -17,6 +17,7 @@ from patchscopes.evals.attributes import (
     is_single_answer,
     summarize,
 )
+from patchscopes.evals.common import EvalError
 from patchscopes.evals.entities import load_entities, select_entities
 from patchscopes.evals.next_token import read_corpus
 from patchscopes.evals.probing import paired_test, probe_accuracy
@@ -233,6 +234,22 @@ def test_read_corpus_text_and_tsv(tmp_path) -> None:  # noqa: ANN001
     (tmp_path / "c.tsv").write_text("text\n x\n")
     with pytest.raises(Exception, match="prompt_source"):
         read_corpus([tmp_path / "c.tsv"])
+
+
+def test_read_corpus_jsonl_keeps_whole_documents(tmp_path) -> None:  # noqa: ANN001
+    import gzip
+
+    docs = ["# Title\n\nA first paragraph.\n", "Second document,\nwith two lines."]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": d, "meta": 1}) + "\n" for d in docs) + "\n")
+    with gzip.open(tmp_path / "e.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": docs[0]}) + "\n" + json.dumps({"text": "third"}) + "\n")
+    assert read_corpus([tmp_path / "d.jsonl", tmp_path / "e.jsonl.gz"]) == [*docs, "third"]
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(EvalError, match=r"bad.jsonl, line 2: no string field 'text'"):
+        read_corpus([tmp_path / "bad.jsonl"])
+    (tmp_path / "cut.jsonl").write_text('{"text": "cut')
+    with pytest.raises(EvalError, match=r"cut.jsonl, line 1: not JSON"):
+        read_corpus([tmp_path / "cut.jsonl"])
 
 
 def test_changed_config_is_refused(tmp_path) -> None:  # noqa: ANN001

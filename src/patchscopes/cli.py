@@ -250,6 +250,28 @@ def data_download(force: Annotated[bool, typer.Option(help="Fetch again even whe
     console.print(f"downloaded into {download(force=force)}")
 
 
+@data_app.command("documents")
+def data_documents(
+    out: Annotated[
+        Optional[Path], typer.Option(help="JSON-lines file to write (default: <cache>/documents/pypi-descriptions.jsonl).")
+    ] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Fetch only the manifest's first N documents.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Fetch the pinned full-document corpus (12,000 PyPI project descriptions, sha256-checked) for `eval next-token --corpus`."""
+    from patchscopes.documents import build, manifest_entries
+
+    entries = manifest_entries()[:limit]
+    report = build(out, entries, progress=progress)
+    console.print(f"wrote {report.written} of {len(entries)} documents to {report.path}")
+    if report.missing:
+        shown = ", ".join(report.missing[:5]) + (" …" if len(report.missing) > 5 else "")
+        console.print(
+            f"warning: {len(report.missing)} pinned descriptions no longer verify and were left out ({shown}); "
+            "results on this corpus will differ slightly from the published ones"
+        )
+
+
 def _register_plugins() -> None:
     for module in PLUGINS:
         importlib.import_module(module).register(app, eval_app)

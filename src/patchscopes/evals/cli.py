@@ -52,7 +52,11 @@ def next_token(
     n_eval: Annotated[Optional[int], typer.Option(min=1, help="Evaluated positions (one per text).")] = None,
     layers: Annotated[Optional[str], typer.Option(help="Comma-separated layers (default: all).")] = None,
     corpus: Annotated[
-        Optional[list[Path]], typer.Option(help="Text files (one text per line) or TSVs with prompt_source.")
+        Optional[list[Path]],
+        typer.Option(help="Text files (one text per line), .jsonl files of {'text': document}, or TSVs with prompt_source."),
+    ] = None,
+    max_tokens: Annotated[
+        Optional[int], typer.Option(min=2, help="Keep each text's first N tokens; positions are drawn among them (default 64).")
     ] = None,
     progress: Progress = True,
     device: Device = DEFAULT_DEVICE,
@@ -77,6 +81,8 @@ def next_token(
         config = replace(config, layers=_layers(layers))
     if corpus:
         config = replace(config, corpus=tuple(str(p) for p in corpus))
+    if max_tokens is not None:
+        config = replace(config, max_tokens=max_tokens)
     result = run_next_token(load(model, device, dtype, device_map), out, config, progress=progress)
     _print_frame(summary_table(result.summary), f"next-token prediction, {model}")
     console.print(f"wrote {out}/summary.csv, {out}/next_token.png")

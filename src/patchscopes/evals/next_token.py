@@ -13,9 +13,11 @@ definition (the map from the last layer onto itself).
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import random
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -79,14 +81,38 @@ def default_corpus() -> list[str]:
     return read_corpus(files)
 
 
+def _jsonl_texts(path: Path) -> Iterator[str]:
+    """The ``text`` field of each line of a JSON-lines file (the Pile's layout), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}, line {number}: not JSON ({err.msg}); write one object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise EvalError(f"{path}, line {number}: no string field 'text'; write objects like {{\"text\": ...}}")
+            yield record["text"]
+
+
 def read_corpus(paths: Iterable[str | Path]) -> list[str]:
-    """Texts from files: a ``.tsv`` gives its ``prompt_source`` column, any other file one text per non-empty line."""
+    """Texts from files, each once in first-seen order.
+
+    A ``.jsonl`` (or ``.jsonl.gz``) file gives the ``text`` field of each line, newlines kept (the Pile's
+    layout: whole documents); a ``.tsv`` its ``prompt_source`` column; any other file one text per non-empty line.
+    """
     csv.field_size_limit(sys.maxsize)
     seen: dict[str, None] = {}
     for path in map(Path, paths):
         if not path.is_file():
             raise EvalError(f"corpus file {path} does not exist")
-        if path.suffix == ".tsv":
+        if path.name.endswith((".jsonl", ".jsonl.gz")):
+            for text in _jsonl_texts(path):
+                if text.strip():
+                    seen.setdefault(text, None)
+        elif path.suffix == ".tsv":
             with path.open(encoding="utf-8", newline="") as f:
                 reader = csv.DictReader(f, delimiter="\t")
                 if "prompt_source" not in (reader.fieldnames or []):
