@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import NamedTuple
+from typing import IO, NamedTuple
 
 from patchscopes.files import atomic_write
 from patchscopes.models.cache import cache_root
@@ -139,7 +139,7 @@ def build(
                 log.flush()
             advance(1)
 
-    def write(f: io.TextIOBase) -> None:
+    def write(f: IO[str]) -> None:
         for entry in entries:
             if entry.project in found:
                 record = {"project": entry.project, "version": entry.version, "text": found[entry.project]}
