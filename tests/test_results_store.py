@@ -140,3 +140,13 @@ def test_a_packed_store_reads_resumes_and_packs_again(tmp_path: Path) -> None:
     assert final.frame("t").scores.tolist() == [r[0]["scores"] for r in rows.values()]
     with pytest.raises(ConfigMismatchError):
         ResultStore(tmp_path / "run", {"seed": 2})
+
+
+def test_write_csv_round_trips_a_lone_carriage_return(tmp_path: Path) -> None:
+    """A token that is just "\r" must stay one field of one row, not split the row in two."""
+    frame = pd.DataFrame({"example": [0, 1, 2], "token": ["\r", "a\r\nb", "plain"], "p": [0.5, float("nan"), 1.0]})
+    back = pd.read_csv(write_csv(tmp_path / "rows.csv", frame))
+    assert back["token"].tolist() == frame["token"].tolist()
+    assert back["example"].tolist() == [0, 1, 2] and back["p"].isna().tolist() == [False, True, False]
+    plain = pd.DataFrame({"a": [1], "b": ["x"]})
+    assert write_csv(tmp_path / "plain.csv", plain).read_text() == "a,b\n1,x\n"  # unchanged format otherwise

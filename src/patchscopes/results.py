@@ -20,6 +20,7 @@ requires is redone too, with one warning line.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import os
@@ -255,10 +256,20 @@ class ResultStore:
         return write_csv(self.directory / name, frame, index=index)
 
 
+def _holds_carriage_return(frame: pd.DataFrame) -> bool:
+    text = frame.select_dtypes(exclude="number")
+    return any(text[column].astype(str).str.contains("\r", regex=False).any() for column in text.columns)
+
+
 def write_csv(path: str | Path, frame: pd.DataFrame, index: bool = False) -> Path:
-    """Write ``frame`` to ``path`` as CSV, atomically: a kill leaves the old file or the new one, never a torn one."""
+    """Write ``frame`` to ``path`` as CSV, atomically: a kill leaves the old file or the new one, never a torn one.
+
+    pandas quotes a field that holds ``"\n"`` but not one that holds a lone ``"\r"`` (a token of its own in
+    many vocabularies), which readers then take for a line break; a frame with one gets every text field quoted.
+    """
+    quoting = csv.QUOTE_NONNUMERIC if _holds_carriage_return(frame) else csv.QUOTE_MINIMAL
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index)
+        frame.to_csv(tmp, index=index, quoting=quoting)
     return Path(path)
 
 
