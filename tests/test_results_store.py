@@ -150,3 +150,14 @@ def test_write_csv_round_trips_a_lone_carriage_return(tmp_path: Path) -> None:
     assert back["example"].tolist() == [0, 1, 2] and back["p"].isna().tolist() == [False, True, False]
     plain = pd.DataFrame({"a": [1], "b": ["x"]})
     assert write_csv(tmp_path / "plain.csv", plain).read_text() == "a,b\n1,x\n"  # unchanged format otherwise
+
+
+def test_outputs_get_the_usual_permissions(tmp_path: Path) -> None:
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = write_csv(tmp_path / "shared.csv", pd.DataFrame({"a": [1]}))
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the group and others, like any file the user writes

@@ -25,6 +25,17 @@ from typing import IO, Any
 from filelock import FileLock
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (``os.umask`` would change it for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 @contextmanager
 def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     """A temporary path beside ``path``; it replaces ``path`` when the block ends without an error.
@@ -39,6 +50,7 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
         yield tmp
         with tmp.open("rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes the file private; outputs get the usual permissions
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
