@@ -267,9 +267,11 @@ def write_csv(path: str | Path, frame: pd.DataFrame, index: bool = False) -> Pat
     pandas quotes a field that holds ``"\n"`` but not one that holds a lone ``"\r"`` (a token of its own in
     many vocabularies), which readers then take for a line break; a frame with one gets every text field quoted.
     """
-    quoting = csv.QUOTE_NONNUMERIC if _holds_carriage_return(frame) else csv.QUOTE_MINIMAL
     with atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=index, quoting=quoting)
+        if _holds_carriage_return(frame):
+            frame.to_csv(tmp, index=index, quoting=csv.QUOTE_NONNUMERIC)
+        else:
+            frame.to_csv(tmp, index=index)
     return Path(path)
 
 
