@@ -264,8 +264,9 @@ def _holds_carriage_return(frame: pd.DataFrame) -> bool:
 def write_csv(path: str | Path, frame: pd.DataFrame, index: bool = False) -> Path:
     """Write ``frame`` to ``path`` as CSV, atomically: a kill leaves the old file or the new one, never a torn one.
 
-    pandas quotes a field that holds ``"\n"`` but not one that holds a lone ``"\r"`` (a token of its own in
-    many vocabularies), which readers then take for a line break; a frame with one gets every text field quoted.
+    pandas quotes a field that holds a newline but not one that holds a lone carriage return (a token of its
+    own in many vocabularies), which readers then take for a line break; a frame with one gets every text
+    field quoted.
     """
     with atomic_path(path) as tmp:
         if _holds_carriage_return(frame):
