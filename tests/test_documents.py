@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from patchscopes import documents
-from patchscopes.documents import DocumentEntry, build, manifest_entries
+from patchscopes.documents import DocumentEntry, DocumentsUnavailableError, build, manifest_entries
 from patchscopes.evals.next_token import read_corpus
 
 
@@ -46,6 +46,13 @@ def test_build_verifies_resumes_and_keeps_manifest_order(tmp_path: Path) -> None
     assert report.missing == () and not partial.exists()
     assert [json.loads(line)["project"] for line in out.read_text().splitlines()] == ["alpha", "beta", "gamma"]
     assert read_corpus([out]) == list(texts.values())
+
+
+def test_build_without_the_index_is_a_clear_error(tmp_path: Path) -> None:
+    out = tmp_path / "docs.jsonl"
+    with pytest.raises(DocumentsUnavailableError, match="none of the 2 pinned descriptions could be fetched"):
+        build(out, [_entry("alpha", "a"), _entry("beta", "b")], fetch=lambda e: None, progress=False)
+    assert list(tmp_path.iterdir()) == []  # no empty corpus left behind for an evaluation to read
 
 
 def _index_reachable() -> bool:

@@ -30,11 +30,16 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, NamedTuple
 
+from patchscopes.errors import PatchscopeError
 from patchscopes.files import atomic_write
 from patchscopes.models.cache import cache_root
 from patchscopes.progress import progress_bar
 
 INDEX = "https://pypi.org/pypi"
+
+
+class DocumentsUnavailableError(PatchscopeError, ConnectionError):
+    """Not one pinned description could be fetched (no access to the package index)."""
 
 
 class DocumentEntry(NamedTuple):
@@ -138,6 +143,13 @@ def build(
                 log.write(json.dumps({"project": entry.project, "version": entry.version, "text": text}) + "\n")
                 log.flush()
             advance(1)
+
+    if entries and not found:
+        partial.unlink(missing_ok=True)  # empty: nothing to resume from
+        raise DocumentsUnavailableError(
+            f"none of the {len(entries)} pinned descriptions could be fetched from {INDEX}: the package index is "
+            "unreachable from here (or serves other releases); run the command where pip can reach PyPI"
+        )
 
     def write(f: IO[str]) -> None:
         for entry in entries:
