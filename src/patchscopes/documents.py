@@ -20,9 +20,9 @@ import concurrent.futures
 import csv
 import gzip
 import hashlib
+import http.client
 import io
 import json
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,7 +80,7 @@ def fetch_description(entry: DocumentEntry, timeout: float = 30.0) -> str | None
         try:
             with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (fixed https host)
                 info = json.load(response)["info"]
-        except (urllib.error.URLError, TimeoutError, ValueError, KeyError):
+        except (OSError, http.client.HTTPException, ValueError, KeyError):  # OSError covers URLError and timeouts
             continue
         text = info.get("description") or ""
         if info.get("version") == entry.version and _sha256(text) == entry.sha256:
